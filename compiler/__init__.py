@@ -1,0 +1,20 @@
+"""attnforge: find attention in captured PyTorch graphs and rewrite it.
+
+Importing this package registers the ``attnforge::*`` ops, which programs saved by attnforge
+need before ``torch.export.load``.
+"""
+
+from compiler import ops  # noqa: F401  (registers torch.ops.attnforge.*)
+from compiler.api import CompiledModel, compile, compile_program
+from compiler.capture import capture
+from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError
+from compiler.policy import Policy, parse_policy
+from compiler.report import Report
+from compiler.site import AttentionSite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "InputError",
+    "Policy", "PolicyError", "Report", "capture", "compile", "compile_program", "parse_policy",
+]

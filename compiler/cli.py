@@ -1,0 +1,168 @@
+"""The ``attnforge`` command: rewrite exported programs, inspect reports, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+from compiler.errors import AttnforgeError, InputError
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"attnforge: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _parse_shape(spec: str):
+    """``name=2x16:int64`` or ``2x16`` (float32) -> (name or None, shape, dtype)."""
+    import torch
+
+    name = None
+    if "=" in spec:
+        name, spec = spec.split("=", 1)
+    dtype = "float32"
+    if ":" in spec:
+        spec, dtype = spec.split(":", 1)
+    try:
+        dims = [int(d) for d in spec.lower().split("x")]
+    except ValueError:
+        raise InputError(f"--example-shape {spec!r}: expected dims like 2x16, optionally name=2x16:int64") from None
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise InputError(f"--example-shape: unknown dtype {dtype!r}")
+    return name, dims, dt
+
+
+def _example(shapes: list[str]):
+    import torch
+
+    args, kwargs = [], {}
+    g = torch.Generator().manual_seed(0)
+    for s in shapes:
+        name, dims, dt = _parse_shape(s)
+        t = torch.randint(0, 2, dims, generator=g).to(dt) if not dt.is_floating_point else torch.randn(dims, generator=g, dtype=dt)
+        if name:
+            kwargs[name] = t
+        else:
+            args.append(t)
+    return tuple(args), kwargs
+
+
+def _load_pt2(path: Path):
+    import torch
+
+    import compiler  # noqa: F401  (registers our ops so rewritten programs load)
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .pt2 archive written by torch.export.save (not a zip file)")
+    try:
+        return torch.export.load(path)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: cannot be loaded by torch.export.load ({type(e).__name__}: {first[:200]})") from None
+
+
+def cmd_rewrite(a) -> int:
+    from compiler.api import compile_program
+    from compiler.policy import parse_policy
+
+    src, out = Path(a.input), Path(a.output)
+    if src.suffix != ".pt2":
+        raise InputError(f"{src}: expected a .pt2 file from torch.export.save")
+    if out.suffix != ".pt2":
+        raise InputError(f"{out}: the output of a .pt2 rewrite is a .pt2 file")
+    parse_policy(a.policy)  # fail on a bad policy before the slow load
+    ep = _load_pt2(src)
+    if a.example_shape:
+        args, kwargs = _example(a.example_shape)
+    elif ep.example_inputs is not None:
+        args, kwargs = ep.example_inputs
+    else:
+        raise InputError(f"{src} stores no example inputs; give --example-shape (e.g. input_ids=1x128:int64)")
+    cm = compile_program(ep, tuple(args), dict(kwargs), policy=a.policy, model_name=src.stem)
+    t = cm.report.totals
+    if t["sites_found"] == 0:
+        raise InputError(f"{src}: no attention found in this program; nothing to rewrite")
+    cm.save(out)
+    if a.report:
+        cm.report.save(a.report)
+    if not a.quiet:
+        cm.report.render()
+        print(f"wrote {out}" + (f" and {a.report}" if a.report else ""))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from compiler.report import Report
+
+    Report.load(a.report).render()
+    return 0
+
+
+def cmd_demo(a) -> int:
+    import torch
+
+    import compiler
+    from compiler.minilm import SENTENCES, load_minilm, sentence_embeddings
+
+    mini = load_minilm(a.attn_implementation)
+    inputs = mini.encode_inputs(SENTENCES)
+    cm = compiler.compile(mini.model, (), policy=a.policy, example_kwargs=inputs, dynamic_shapes=None)
+    with torch.no_grad():
+        before = sentence_embeddings(mini.model(**inputs).last_hidden_state, inputs["attention_mask"])
+    out = cm(**inputs)
+    after = sentence_embeddings(out["last_hidden_state"], inputs["attention_mask"])
+    cm.report.model = "all-MiniLM-L6-v2"
+    if a.report:
+        cm.report.save(a.report)
+    cm.report.render()
+    err = float((before - after).abs().max())
+    print(f"sentence embeddings before vs after the rewrite: max abs difference {err:.2e} over {len(SENTENCES)} sentences")
+    return 0 if err <= 1e-5 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnforge", description="Find and rewrite attention in exported PyTorch programs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("rewrite", help="rewrite the attention of a .pt2 program")
+    r.add_argument("input", help=".pt2 file written by torch.export.save")
+    r.add_argument("-o", "--output", required=True, help="where to write the rewritten .pt2")
+    r.add_argument("--policy", default="fused", help="variant per site (default: fused)")
+    r.add_argument("--report", help="also write the pass report as JSON here")
+    r.add_argument("--example-shape", action="append", help="example input, e.g. input_ids=1x128:int64 (repeatable)")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_rewrite)
+
+    i = sub.add_parser("inspect", help="show a JSON pass report")
+    i.add_argument("report")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="rewrite the embedded all-MiniLM-L6-v2 model and show the report")
+    d.add_argument("--policy", default="fused")
+    d.add_argument("--attn-implementation", default="eager", choices=["eager", "sdpa"])
+    d.add_argument("--report", help="also write the report as JSON here")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = getattr(args, "output", None)
+    try:
+        return args.func(args)
+    except AttnforgeError as e:
+        if out and Path(out).exists() and getattr(args, "_created", False):
+            Path(out).unlink()
+        return _die(str(e))
+    except KeyboardInterrupt:
+        return _die("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every error a user can cause (bad model, bad file, bad policy) is an ``AttnforgeError``
+whose message is one line naming the problem and what to do. The CLI prints it without a
+traceback; library callers can catch it.
+"""
+
+
+class AttnforgeError(Exception):
+    """Base class: the message is meant for a person, one line."""
+
+
+class CaptureError(AttnforgeError):
+    """torch.export could not capture the model."""
+
+
+class PolicyError(AttnforgeError):
+    """A policy string or dict could not be parsed or applied."""
+
+
+class InputError(AttnforgeError):
+    """A file or argument given to attnforge is unusable."""
+
+
+class BackendError(AttnforgeError):
+    """A backend cannot run here or cannot run this program."""

@@ -1,0 +1,125 @@
+"""Reading attention masks: which part is causal, which part must stay.
+
+Models build masks many ways (iota comparisons, ``tril``/``triu``, slices of a stored buffer,
+``where(mask, 0, finfo.min)``), usually combining a causal part with padding from an input.
+We flatten the mask's AND-tree and evaluate each conjunct that does not depend on input
+values: conjuncts equal to a top-left causal mask become ``is_causal=True``, all-true ones
+vanish, and the rest stays as a (smaller, usually ``[B, 1, 1, Sk]``) mask. Evaluation happens
+at the example sizes; the verification stage re-checks the rewrite numerically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+
+from compiler.graph import ConeEvaluator, aten, depends_on_user_values, dtype, is_op, overloads
+
+ANDS = overloads(aten.__and__, aten.bitwise_and, aten.logical_and)
+BOOL_PASSTHROUGH = overloads(aten.expand, aten.clone, aten.alias, aten.contiguous)
+CASTS = overloads(aten.to, aten._to_copy)
+WHERES = overloads(aten.where)
+
+# A fill at or below this is "absorbing": score + fill == fill for any realistic fp32 score,
+# so where(keep, s, fill) and s + where(keep, 0, fill) agree exactly.
+ABSORBING = -1e30
+
+
+def is_absorbing(x: float) -> bool:
+    return x == float("-inf") or x <= ABSORBING
+
+
+@dataclass
+class CausalSplit:
+    causal: bool = False
+    residual: list[fx.Node] = field(default_factory=list)  # bool conjuncts still needed
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_bool_cast(n: fx.Node) -> bool:
+    return is_op(n, CASTS) and dtype(n) == torch.bool and dtype(n.args[0]) == torch.bool
+
+
+def conjuncts(node: fx.Node) -> list[fx.Node]:
+    """Leaves of an AND-tree, looking through broadcasts and bool->bool casts."""
+    if is_op(node, ANDS) and dtype(node) == torch.bool:
+        return [c for a in node.args[:2] if isinstance(a, fx.Node) for c in conjuncts(a)]
+    if (is_op(node, BOOL_PASSTHROUGH) or _is_bool_cast(node)) and isinstance(node.args[0], fx.Node):
+        return conjuncts(node.args[0])
+    return [node]
+
+
+def _pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
+    """"causal" / "all" / None for a bool tensor broadcastable to [..., sq, sk]."""
+    if v.dim() < 2:
+        v = v.reshape(*([1] * (2 - v.dim())), *v.shape)
+    try:
+        full = v.expand(*v.shape[:-2], sq, sk)
+    except RuntimeError:
+        return None
+    if bool(full.all()):
+        return "all"
+    tril = torch.ones(sq, sk, dtype=torch.bool).tril()
+    if torch.equal(full, tril.expand_as(full)):
+        return "causal"
+    return None
+
+
+def split_causal(keep: fx.Node, evaluator: ConeEvaluator, user_inputs: set[str], sq: int, sk: int) -> CausalSplit:
+    out = CausalSplit()
+    for leaf in conjuncts(keep):
+        if dtype(leaf) != torch.bool or depends_on_user_values(leaf, user_inputs):
+            out.residual.append(leaf)
+            continue
+        try:
+            value = evaluator(leaf)
+        except Exception as e:  # a cone we cannot run: keep the conjunct as a mask
+            out.notes.append(f"mask part {leaf.name} not evaluated: {type(e).__name__}")
+            out.residual.append(leaf)
+            continue
+        kind = _pattern(value, sq, sk) if isinstance(value, torch.Tensor) else None
+        if kind == "causal":
+            out.causal = True
+        elif kind != "all":
+            out.residual.append(leaf)
+    return out
+
+
+def additive_keep(node: fx.Node, scalar_value) -> Optional[tuple[fx.Node, float]]:
+    """``where(keep, 0, fill)`` with an absorbing fill -> (keep, fill); else None."""
+    if not is_op(node, WHERES) or len(node.args) < 3:
+        return None
+    cond, a, b = node.args[:3]
+    if not isinstance(cond, fx.Node) or dtype(cond) != torch.bool:
+        return None
+    va, vb = scalar_value(a), scalar_value(b)
+    if va == 0.0 and vb is not None and is_absorbing(vb):
+        return cond, vb
+    return None
+
+
+def constant_additive_pattern(node: fx.Node, evaluator: ConeEvaluator, user_inputs, sq: int, sk: int) -> Optional[str]:
+    """For an input-independent float bias: "causal"/"all" if it is 0 where kept and absorbing elsewhere."""
+    if depends_on_user_values(node, user_inputs):
+        return None
+    try:
+        v = evaluator(node)
+    except Exception:
+        return None
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        return None
+    kept = v == 0
+    if not bool(((v == 0) | (v <= ABSORBING)).all()):
+        return None
+    return _pattern(kept, sq, sk)
+
+
+def numel(n: fx.Node) -> int:
+    from compiler.graph import shape
+
+    s = shape(n)
+    return math.prod(s) if s is not None else 0

@@ -1,0 +1,89 @@
+"""The pass manager: ordered passes over an ExportedProgram, each timed and counted."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch.export import ExportedProgram
+
+from compiler.graph import count_nodes
+from compiler.policy import Policy
+from compiler.program import clone_program
+from compiler.report import PassRecord
+
+
+@dataclass
+class PassContext:
+    ep: ExportedProgram
+    policy: Policy
+    exclude: set[str] = field(default_factory=set)
+    discovery: object = None  # passes.attention_discovery.Discovery
+    fusion: object = None  # passes.attention_fusion.FusionResult
+    before_fusion: Optional[ExportedProgram] = None  # snapshot for per-site verification
+
+
+@dataclass
+class Pass:
+    name: str
+    run: Callable[[PassContext], dict]
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass]):
+        self.passes = passes
+
+    def run(self, ctx: PassContext) -> list[PassRecord]:
+        records = []
+        for p in self.passes:
+            before = count_nodes(ctx.ep.graph_module)
+            t0 = time.perf_counter()
+            details = p.run(ctx) or {}
+            seconds = time.perf_counter() - t0
+            records.append(
+                PassRecord(
+                    name=p.name,
+                    seconds=round(seconds, 6),
+                    nodes_before=before,
+                    nodes_after=count_nodes(ctx.ep.graph_module),
+                    sites_found=details.pop("sites_found", 0),
+                    sites_rewritten=details.pop("sites_rewritten", 0),
+                    details=details,
+                )
+            )
+        return records
+
+
+def default_pipeline() -> PassManager:
+    from passes.attention_discovery import discover
+    from passes.attention_fusion import fuse_attention
+    from passes.constant_folding import constant_folding
+    from passes.cse import common_subexpression_elimination
+    from passes.dce import dead_code_elimination
+    from passes.layout import layout_cleanup
+
+    def discovery(ctx: PassContext) -> dict:
+        ctx.discovery = discover(ctx.ep)
+        ctx.before_fusion = clone_program(ctx.ep)
+        return {"sites_found": len(ctx.discovery.matches), "rejected_softmax": len(ctx.discovery.rejected)}
+
+    def fusion(ctx: PassContext) -> dict:
+        selected = {
+            m.site.id
+            for m in ctx.discovery.matches
+            if m.site.id not in ctx.exclude and ctx.policy.variant_for(m.site) == "fused"
+        }
+        ctx.fusion = fuse_attention(ctx.ep.graph_module, ctx.discovery.matches, selected)
+        return {"sites_found": len(ctx.discovery.matches), "sites_rewritten": len(ctx.fusion.rewritten),
+                "skipped": ctx.fusion.skipped}
+
+    return PassManager([
+        Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
+        Pass("constant_folding", lambda c: constant_folding(c.ep)),
+        Pass("common_subexpression_elimination", lambda c: common_subexpression_elimination(c.ep)),
+        Pass("attention_discovery", discovery),
+        Pass("attention_fusion", fusion),
+        Pass("layout_cleanup", lambda c: layout_cleanup(c.ep)),
+        Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
+    ])

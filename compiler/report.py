@@ -1,0 +1,161 @@
+"""What every pass did, as data: saved as JSON, shown as rich tables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from compiler.errors import InputError
+
+SCHEMA = "attnforge.report/1"
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    sites_found: int = 0
+    sites_rewritten: int = 0
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class SiteRecord:
+    id: str
+    module: str
+    module_type: str
+    form: str
+    variant: str  # "fused" or "dense" (left as written)
+    status: str  # "rewritten", "rolled_back", "skipped", "kept"
+    causal: bool
+    mask_kind: str
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    seq_q: int
+    seq_k: int
+    scale: Optional[float]
+    flops_before: int
+    flops_after: int
+    intermediate_bytes: int  # score/probability tensors the original materialises
+    reason: str = ""
+    max_abs_error: Optional[float] = None
+    layer: Optional[int] = None
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class Fidelity:
+    max_abs_error: Optional[float] = None
+    kl_divergence: Optional[float] = None
+    cosine_similarity: Optional[float] = None
+    tolerance: Optional[float] = None
+    passed: Optional[bool] = None
+    checked_inputs: list = field(default_factory=list)  # descriptions of the inputs compared
+
+
+@dataclass
+class Report:
+    model: str
+    policy: str
+    backend: str
+    passes: list[PassRecord] = field(default_factory=list)
+    sites: list[SiteRecord] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    compile_seconds: float = 0.0
+    schema: str = SCHEMA
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def totals(self) -> dict:
+        rewritten = [s for s in self.sites if s.status == "rewritten"]
+        fb = sum(s.flops_before for s in self.sites)
+        fa = sum(s.flops_after if s.status == "rewritten" else s.flops_before for s in self.sites)
+        nodes_before = self.passes[0].nodes_before if self.passes else 0
+        nodes_after = self.passes[-1].nodes_after if self.passes else 0
+        return {
+            "sites_found": len(self.sites),
+            "sites_rewritten": len(rewritten),
+            "sites_rolled_back": sum(s.status == "rolled_back" for s in self.sites),
+            "attention_flops_before": fb,
+            "attention_flops_after": fa,
+            "attention_flops_saved_pct": round(100.0 * (fb - fa) / fb, 2) if fb else 0.0,
+            "intermediate_bytes_removed": sum(s.intermediate_bytes for s in rewritten),
+            "nodes_before": nodes_before,
+            "nodes_after": nodes_after,
+            "compile_seconds": round(self.compile_seconds, 4),
+        }
+
+    # ------------------------------------------------------------------ io
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["totals"] = self.totals
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        if d.get("schema") != SCHEMA:
+            raise InputError(f"not an attnforge report (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+        return cls(
+            model=d["model"],
+            policy=d["policy"],
+            backend=d["backend"],
+            passes=[PassRecord(**p) for p in d.get("passes", [])],
+            sites=[SiteRecord(**s) for s in d.get("sites", [])],
+            rejected=d.get("rejected", []),
+            fidelity=Fidelity(**d.get("fidelity", {})),
+            compile_seconds=d.get("compile_seconds", 0.0),
+        )
+
+    @classmethod
+    def load(cls, path) -> "Report":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not a JSON report ({e.__class__.__name__}: {e})") from None
+        if not isinstance(d, dict):
+            raise InputError(f"{path}: not an attnforge report")
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise InputError(f"{path}: malformed attnforge report ({e})") from None
+
+    # ------------------------------------------------------------------ text
+
+    def render(self, console=None) -> None:
+        from compiler.report_view import render
+
+        render(self, console)
+
+    def __str__(self) -> str:
+        from compiler.report_view import render_text
+
+        return render_text(self)
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)

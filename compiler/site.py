@@ -1,0 +1,63 @@
+"""What an attention site is: the description the discovery pass produces.
+
+``AttentionSite`` is plain data for reports and policies. ``SiteMatch`` adds the graph nodes
+a rewrite needs; it lives only while a pass pipeline runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from torch import fx
+
+
+@dataclass
+class AttentionSite:
+    id: str
+    module: str  # module path from nn_module_stack, e.g. "layers.0.self_attn"
+    module_type: str
+    form: str  # "sdpa" or "matmul-softmax-matmul"
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    seq_q: int
+    seq_k: int
+    scale: Optional[float]  # None when the scale is a runtime tensor folded into q
+    causal: bool
+    mask_kind: str  # "none", "bool", "additive", "bool+additive"
+    softcap: float = 0.0
+    dtype: str = "float32"
+    layer: Optional[int] = None  # first integer in the module path, for policies
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Operand:
+    """A tensor the fused op will read: an existing node, maybe re-laid-out."""
+
+    node: fx.Node
+    transpose_last: bool = False  # needs .transpose(-1, -2) to be [.., S, D]
+    reshape_to: Optional[list] = None  # target [B, H, S, D] when the node has another batch layout
+
+
+@dataclass
+class SiteMatch:
+    site: AttentionSite
+    anchor: fx.Node  # softmax or sdpa node
+    output: fx.Node  # the node whose uses the fused op takes over
+    q: Operand
+    k: Operand
+    v: Operand
+    scale: float
+    scale_tensors: list  # [(node, "mul"|"div")] runtime scalars applied to q
+    bias_terms: list  # [(node, coefficient)] additive terms, coefficient a float
+    keep_masks: list  # bool nodes: True = attend
+    batch_heads: tuple  # (B, Hq) the fused op runs with
+    internal: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,537 @@
+"""Find every dense attention site in an ATen graph.
+
+Anchors are softmax nodes (``softmax``, ``_softmax``, ``_safe_softmax`` or the decomposed
+``exp / sum(exp)``) and ``scaled_dot_product_attention``. From a softmax we walk the scores
+back as ``a * x + sum(bias)`` through scalar mul/div, adds, ``where``/``masked_fill`` masks,
+dtype casts and batch reshapes until a ``matmul``/``bmm``/``baddbmm`` whose two operands both
+carry activations, then walk the probabilities forward to a matmul that contracts the key
+axis. Anything else on the way means this softmax is not attention (a classifier head, a
+router, a softmax over weights) and it is left alone.
+
+The pass only describes; ``attention_fusion`` rewrites.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+
+from compiler import layout as L
+from compiler.graph import (
+    ConeEvaluator,
+    aten,
+    depends_on_user_values,
+    dtype,
+    hint,
+    is_op,
+    module_path,
+    module_type,
+    overloads,
+    same_shape,
+    shape,
+    sym_shape,
+    user_input_names,
+    val,
+)
+from compiler.masks import WHERES, additive_keep, constant_additive_pattern, is_absorbing, split_causal
+from compiler.ops import default_scale
+from compiler.site import AttentionSite, Operand, SiteMatch
+
+SOFTMAX = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
+SDPA = overloads(aten.scaled_dot_product_attention)
+MATMUL = overloads(aten.matmul)
+BMM = overloads(aten.bmm)
+BADDBMM = overloads(aten.baddbmm)
+QK_PRODUCTS = MATMUL | BMM | BADDBMM
+PV_PRODUCTS = MATMUL | BMM
+ADDS = overloads(aten.add)
+SUBS = overloads(aten.sub)
+MASKED_FILL = overloads(aten.masked_fill)
+CASTS = overloads(aten.to, aten._to_copy, aten.type_as)
+DROPOUTS = overloads(aten.dropout, aten.native_dropout)
+EXPS = overloads(aten.exp)
+SUMS = overloads(aten.sum)
+AMAX = overloads(aten.amax)
+FULL_LIKE = overloads(aten.full_like, aten.zeros_like, aten.empty_like)
+ASSERTS = overloads(aten._assert_tensor_metadata)
+LOGICAL_NOT = overloads(aten.logical_not)
+ANY = overloads(aten.any)
+EQ = overloads(aten.eq)
+
+
+class NotAttention(Exception):
+    """Raised inside the matcher with the reason a candidate is not (rewritable) attention."""
+
+
+@dataclass
+class Discovery:
+    matches: list[SiteMatch] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"node", "module", "reason"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _softmax_input(node: fx.Node) -> Optional[fx.Node]:
+    """The scores a softmax-like node normalises over its last dim, else None."""
+    if is_op(node, SOFTMAX):
+        x, dim = node.args[0], node.args[1]
+        return x if dim in (-1, len(sym_shape(x)) - 1) else None
+    # exp(x - amax(x)) / sum(exp(x - amax(x)), -1, keepdim)  (or without the max shift)
+    if is_op(node, overloads(aten.div)) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+        num, den = node.args
+        if not (is_op(num, EXPS) and is_op(den, SUMS) and den.args[0] is num):
+            return None
+        dims = den.args[1] if len(den.args) > 1 else None
+        keep = den.args[2] if len(den.args) > 2 else den.kwargs.get("keepdim", False)
+        n = len(sym_shape(num))
+        if not keep or not dims or [d % n for d in dims] != [n - 1]:
+            return None
+        inner = num.args[0]
+        if is_op(inner, SUBS) and is_op(inner.args[1], AMAX) and inner.args[1].args[0] is inner.args[0]:
+            return inner.args[0]
+        return inner
+    return None
+
+
+def _is_safe_softmax_where(node: fx.Node, probs: fx.Node, scores: fx.Node) -> bool:
+    """``where(all(scores == -inf, -1), 0, probs)``: torch's decomposition of a safe softmax."""
+    if not is_op(node, WHERES) or len(node.args) < 3 or node.args[2] is not probs:
+        return False
+    cond, zero = node.args[0], node.args[1]
+    if not (is_op(zero, FULL_LIKE) and (zero.target in overloads(aten.zeros_like) or zero.args[1] == 0)):
+        return False
+    # logical_not(any(logical_not(eq(scores, -inf)), -1, True))
+    if not is_op(cond, LOGICAL_NOT):
+        return False
+    a = cond.args[0]
+    if not is_op(a, ANY):
+        return False
+    b = a.args[0]
+    if not is_op(b, LOGICAL_NOT):
+        return False
+    c = b.args[0]
+    return is_op(c, EQ) and c.args[0] is scores and c.args[1] == float("-inf")
+
+
+def _dropout_inactive(node: fx.Node) -> bool:
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return p == 0 or train is False
+
+
+def _layer_index(path: str) -> Optional[int]:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(m.group(1)) if m else None
+
+
+class _Matcher:
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        self.gm = ep.graph_module
+        self.user_inputs = user_input_names(ep)
+        self.evaluator = ConeEvaluator(ep)
+
+    # -- values ---------------------------------------------------------------------
+
+    def scalar_value(self, x) -> Optional[float]:
+        """A Python float for a number or a one-element node computable without inputs."""
+        if isinstance(x, bool):
+            return None
+        if isinstance(x, (int, float)):
+            return float(x)
+        if not isinstance(x, fx.Node):
+            return None
+        v = val(x)
+        if not isinstance(v, torch.Tensor) or v.numel() != 1:
+            return None
+        # Baking a parameter or buffer into the graph would ignore later state changes.
+        if any(a.op == "placeholder" for a in _ancestors(x)):
+            return None
+        try:
+            return float(self.evaluator(x).item())
+        except Exception:
+            return None
+
+    def activation(self, node: fx.Node) -> bool:
+        return depends_on_user_values(node, self.user_inputs)
+
+    # -- score chain: softmax input back to the QK product ---------------------------
+
+    def walk_scores(self, x: fx.Node, target_shape):
+        const = 1.0
+        tensor_factors: list[tuple[fx.Node, str]] = []
+        terms: list[tuple[fx.Node, float, list]] = []  # (node, const coef, tensor factors)
+        keeps: list[tuple[fx.Node, bool]] = []  # (cond, negate)
+        steps: list[fx.Node] = []
+        internal: list[fx.Node] = []
+        cur = x
+
+        def at_full_shape(n):
+            if not same_shape(sym_shape(n), target_shape):
+                raise NotAttention("a mask is applied before the scores reach their final layout")
+
+        while True:
+            internal.append(cur)
+            if is_op(cur, QK_PRODUCTS):
+                break
+            if is_op(cur, CASTS):
+                if not dtype(cur).is_floating_point:
+                    raise NotAttention("scores cast to a non-float type")
+                cur = cur.args[0]
+            elif is_op(cur, L.IDENTITIES):
+                cur = cur.args[0]
+            elif is_op(cur, L.VIEWS):
+                if not L.keeps_last_two(cur.args[0], cur):
+                    raise NotAttention("scores reshaped across their query/key axes")
+                steps.append(cur)
+                cur = cur.args[0]
+            elif is_op(cur, L.MULS | L.DIVS):
+                so = L.scalar_operand(cur, self.scalar_value)
+                if so is None:
+                    raise NotAttention("scores multiplied by a non-scalar tensor")
+                src, c = so
+                is_mul = cur.target in L.MULS
+                if isinstance(c, float):
+                    if c <= 0:
+                        raise NotAttention("non-positive score scale")
+                    const = const * c if is_mul else const / c
+                else:
+                    tensor_factors.append((c, "mul" if is_mul else "div"))
+                cur = src
+            elif is_op(cur, ADDS | SUBS):
+                a, b = cur.args[0], cur.args[1]
+                alpha = cur.kwargs.get("alpha", 1)
+                if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or alpha != 1:
+                    raise NotAttention("unsupported add on scores")
+                path, other = self._pick_path(a, b)
+                if cur.target in SUBS and path is b:
+                    raise NotAttention("scores subtracted from a tensor")
+                at_full_shape(cur)
+                sign = -1.0 if cur.target in SUBS else 1.0
+                terms.append((other, sign * const, list(tensor_factors)))
+                cur = path
+            elif is_op(cur, WHERES):
+                cond, a, b = cur.args[:3]
+                if isinstance(a, fx.Node) and self._reaches_product(a):
+                    path, fill, negate = a, b, False
+                elif isinstance(b, fx.Node) and self._reaches_product(b):
+                    path, fill, negate = b, a, True
+                else:
+                    raise NotAttention("where() on scores without a score branch")
+                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps)
+                at_full_shape(cur)
+                cur = path
+            elif is_op(cur, MASKED_FILL):
+                src, cond, fill = cur.args[:3]
+                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps)
+                at_full_shape(cur)
+                cur = src
+            else:
+                raise NotAttention(f"scores pass through {cur.target}")
+        steps.reverse()
+        return cur, const, tensor_factors, terms, keeps, steps, internal
+
+    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps):
+        f = self.scalar_value(fill)
+        if f is None:
+            raise NotAttention("mask fill value is not a constant")
+        if not is_absorbing(f):
+            raise NotAttention(
+                f"mask fill {f:g} is neither -inf nor finfo.min; rewriting would change fully-masked rows"
+            )
+        if f == float("-inf") or not isinstance(cond, fx.Node):
+            keeps.append((cond, negate))
+        else:
+            # Keep the model's exact semantics for fully masked rows (uniform, not zero).
+            terms.append((("where", cond, negate, f), const, list(tensor_factors)))
+
+    def _reaches_product(self, node: fx.Node, budget: int = 64) -> bool:
+        todo, seen = [node], set()
+        while todo and len(seen) < budget:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if is_op(n, QK_PRODUCTS) and all(self.activation(a) for a in n.args[-2:] if isinstance(a, fx.Node)):
+                return True
+            if n.op == "call_function":
+                todo.extend(n.all_input_nodes)
+        return False
+
+    def _pick_path(self, a: fx.Node, b: fx.Node):
+        ra, rb = self._reaches_product(a), self._reaches_product(b)
+        if ra and not rb:
+            return a, b
+        if rb and not ra:
+            return b, a
+        raise NotAttention("cannot tell scores from bias in an add")
+
+    # -- probabilities: softmax forward to the PV product ----------------------------
+
+    def walk_probs(self, softmax: fx.Node, scores: fx.Node):
+        cur = softmax
+        steps: list[fx.Node] = []
+        internal: list[fx.Node] = []
+        while True:
+            users = [u for u in cur.users if not is_op(u, ASSERTS | FULL_LIKE)]
+            if len(users) != 1:
+                raise NotAttention(
+                    "attention probabilities are used elsewhere (e.g. returned as attention weights)"
+                    if users
+                    else "attention probabilities are unused"
+                )
+            u = users[0]
+            if is_op(u, PV_PRODUCTS) and u.args[0] is cur:
+                return u, steps, internal
+            if is_op(u, CASTS) and dtype(u).is_floating_point:
+                pass
+            elif is_op(u, DROPOUTS):
+                if not _dropout_inactive(u):
+                    raise NotAttention("dropout on attention probabilities is active (training mode)")
+            elif is_op(u, L.IDENTITIES) or _is_safe_softmax_where(u, cur, scores):
+                pass
+            elif is_op(u, L.VIEWS | L.EXPANDS) and L.keeps_last_two(cur, u):
+                steps.append(u)
+            else:
+                raise NotAttention(f"probabilities pass through {u.target}")
+            internal.append(u)
+            cur = u
+
+    # -- operands -------------------------------------------------------------------
+
+    def operand(self, x: fx.Node, want_transposed: bool, batch_heads, final_batch, allow_scale=True, pre_map=None):
+        """Trace an operand, check how its root maps onto (B, Hq); return (Operand, Hkv, trace)."""
+        tr = L.trace_operand(x, self.scalar_value, allow_scale=allow_scale)
+        b, hq = batch_heads
+        mapping = L.batch_map(tr.root, tr.steps, final_batch)
+        if mapping is None:
+            raise NotAttention("operand layout could not be replayed")
+        if pre_map is not None:
+            mapping = mapping[pre_map]
+        if mapping.numel() != b * hq:
+            raise NotAttention("operand batch does not match the scores")
+        hkv = L.kv_heads_for(mapping, tr.root, b, hq)
+        if hkv is None:
+            raise NotAttention("operand heads are neither aligned with the query heads nor a GQA repeat")
+        return Operand(tr.root, transpose_last=(tr.transposed != want_transposed), reshape_to=[b, hkv]), hkv, tr
+
+    # -- masks ------------------------------------------------------------------------
+
+    def resolve_masks(self, terms, keeps, sq, sk, notes):
+        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind)."""
+        causal = False
+        out_terms, out_keeps = [], []
+        for cond, negate in keeps:
+            if negate:
+                out_keeps.append((cond, True))
+                continue
+            split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
+            notes.extend(split.notes)
+            causal |= split.causal
+            out_keeps.extend((r, False) for r in split.residual)
+        for node, coef, tfs in terms:
+            if isinstance(node, tuple):  # ("where", cond, negate, fill) from a masked score
+                _, cond, negate, fill = node
+                if negate:
+                    out_terms.append((node, coef, tfs))
+                    continue
+                split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
+                notes.extend(split.notes)
+                causal |= split.causal
+                if split.residual:
+                    out_terms.append((("where-all", split.residual, fill), coef, tfs))
+                continue
+            ak = additive_keep(node, self.scalar_value)
+            if ak is not None and coef > 0:
+                cond, fill = ak
+                split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
+                notes.extend(split.notes)
+                causal |= split.causal
+                if split.residual:
+                    out_terms.append((("where-all", split.residual, fill), coef, tfs))
+                continue
+            pat = constant_additive_pattern(node, self.evaluator, self.user_inputs, sq, sk)
+            if pat == "causal":
+                causal = True
+                continue
+            if pat == "all":
+                continue
+            out_terms.append((node, coef, tfs))
+        kinds = []
+        if out_keeps:
+            kinds.append("bool")
+        if out_terms:
+            kinds.append("additive")
+        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+
+    # -- site assembly ---------------------------------------------------------------
+
+    def match_softmax(self, sm: fx.Node, idx: int) -> SiteMatch:
+        x = _softmax_input(sm)
+        if x is None:
+            raise NotAttention("softmax is not over the last axis")
+        sshape = sym_shape(x)
+        if len(sshape) < 2 or len(sshape) > 4:
+            raise NotAttention("scores are not 2-4 dimensional")
+        product, const, tfs, terms, keeps, sc_steps, internal = self.walk_scores(x, sshape)
+        if not all(isinstance(a, fx.Node) and self.activation(a) for a in product.args[-2:]):
+            raise NotAttention("one side of the score product is a weight, not an activation")
+        pv, pr_steps, pr_internal = self.walk_probs(sm, x)
+        xv = pv.args[1]
+        if not isinstance(xv, fx.Node) or not self.activation(xv):
+            raise NotAttention("the probabilities multiply a weight, not values")
+
+        hs = shape(x)
+        b, hq = _batch_heads(hs[:-2])
+        sq, sk = hs[-2], hs[-1]
+        # The scores and probabilities must keep the product's flat batch order.
+        ident = torch.arange(b * hq)
+        m = L.batch_map(product, sc_steps)
+        if m is None or not torch.equal(m, ident):
+            raise NotAttention("score layout not recognised")
+        m = L.batch_map(sm, pr_steps)
+        if m is None or not torch.equal(m, ident):
+            raise NotAttention("probability layout not recognised")
+
+        alpha, beta = 1.0, 1.0
+        if is_op(product, BADDBMM):
+            beta = float(product.kwargs.get("beta", 1.0))
+            alpha = float(product.kwargs.get("alpha", 1.0))
+            terms.append((product.args[0], const * beta, list(tfs)))
+        xq, xk = product.args[-2], product.args[-1]
+        qk_batch = shape(product)[:-2]
+        fb = qk_batch if is_op(product, MATMUL) else None
+        q_op, hq_root, q_tr = self.operand(xq, False, (b, hq), fb)
+        if hq_root != hq:
+            raise NotAttention("query heads repeat")
+        k_op, hkv, k_tr = self.operand(xk, True, (b, hq), fb)
+        fbv = shape(pv)[:-2] if is_op(pv, MATMUL) else None
+        v_op, hkv_v, _ = self.operand(xv, False, (b, hq), fbv, allow_scale=False)
+        if hkv_v != hkv:
+            raise NotAttention("keys and values have different head counts")
+
+        scale = const * alpha
+        for c, kind in q_tr.factors + k_tr.factors:
+            if isinstance(c, float):
+                scale = scale * c if kind == "mul" else scale / c
+            else:
+                tfs.append((c, kind))
+        d = shape(q_op.node)[-1] if not q_op.transpose_last else shape(q_op.node)[-2]
+        dv = shape(v_op.node)[-1] if not v_op.transpose_last else shape(v_op.node)[-2]
+        return self._finish(sm, pv, idx, "matmul-softmax-matmul", q_op, k_op, v_op, scale, tfs, terms, keeps,
+                            (b, hq), hkv, sq, sk, d, dv, False, internal + [sm] + pr_internal)
+
+    def match_sdpa(self, node: fx.Node, idx: int) -> SiteMatch:
+        args = list(node.args) + [None] * (8 - len(node.args))
+        q, k, v, mask, dropout_p, is_causal, scale, gqa = args[:8]
+        mask = node.kwargs.get("attn_mask", mask)
+        dropout_p = node.kwargs.get("dropout_p", dropout_p) or 0.0
+        is_causal = bool(node.kwargs.get("is_causal", is_causal) or False)
+        scale = node.kwargs.get("scale", scale)
+        gqa = bool(node.kwargs.get("enable_gqa", gqa) or False)
+        if dropout_p:
+            raise NotAttention("dropout_p > 0 (training mode)")
+        qs, ks = shape(q), shape(k)
+        if len(qs) != 4 or len(ks) != 4:
+            raise NotAttention("scaled_dot_product_attention with non 4-D inputs")
+        b, hq, sq, d = qs
+        sk = ks[-2]
+        # SDPA repeats kv heads itself under enable_gqa: compose that index with any
+        # repeat found upstream of its k/v inputs.
+        pre = L.gqa_map(b, hq, ks[1]) if gqa and ks[1] != hq else None
+        q_op, hq_root, q_tr = self.operand(q, False, (b, hq), None)
+        if hq_root != hq:
+            raise NotAttention("query heads repeat")
+        k_op, hkv, k_tr = self.operand(k, False, (b, hq), None, pre_map=pre)
+        v_op, hkv_v, _ = self.operand(v, False, (b, hq), None, allow_scale=False, pre_map=pre)
+        if hkv != hkv_v:
+            raise NotAttention("keys and values have different head counts")
+        s = default_scale(d) if scale is None else float(scale)
+        tfs: list = []
+        for c, kind in q_tr.factors + k_tr.factors:
+            if isinstance(c, float):
+                s = s * c if kind == "mul" else s / c
+            else:
+                tfs.append((c, kind))
+        terms, keeps = [], []
+        if isinstance(mask, fx.Node):
+            if dtype(mask) == torch.bool:
+                keeps.append((mask, False))
+            else:
+                terms.append((mask, 1.0, []))
+        dv = shape(v_op.node)[-1]
+        site = self._finish(node, node, idx, "sdpa", q_op, k_op, v_op, s, tfs, terms, keeps,
+                            (b, hq), hkv, sq, sk, d, dv, is_causal, [node])
+        return site
+
+    def _finish(self, anchor, output, idx, form, q_op, k_op, v_op, scale, tfs, terms, keeps,
+                batch_heads, hkv, sq, sk, d, dv, causal, internal) -> SiteMatch:
+        b, hq = batch_heads
+        notes: list[str] = []
+        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes)
+        causal = causal or found_causal
+        q_op.reshape_to = [b, hq]
+        k_op.reshape_to = [b, hkv]
+        v_op.reshape_to = [b, hkv]
+        path = module_path(anchor)
+        site = AttentionSite(
+            id=f"attn.{idx}",
+            module=path,
+            module_type=module_type(anchor),
+            form=form,
+            batch=b,
+            num_heads=hq,
+            num_kv_heads=hkv,
+            head_dim=d,
+            value_dim=dv,
+            seq_q=sq,
+            seq_k=sk,
+            scale=None if tfs else scale,
+            causal=causal,
+            mask_kind=kind,
+            dtype=str(dtype(q_op.node)).replace("torch.", ""),
+            layer=_layer_index(path),
+            notes=notes,
+        )
+        return SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+
+
+def _batch_heads(batch: list[int]) -> tuple[int, int]:
+    if len(batch) == 0:
+        return 1, 1
+    if len(batch) == 1:
+        return 1, batch[0]
+    return batch[0], batch[1]
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    from compiler.graph import ancestors
+
+    return ancestors(node)
+
+
+def discover(ep: ExportedProgram) -> Discovery:
+    """Describe every attention site of ``ep`` (graph order); reasons for softmaxes left alone."""
+    m = _Matcher(ep)
+    out = Discovery()
+    idx = 0
+    for node in list(ep.graph_module.graph.nodes):
+        if node.op != "call_function":
+            continue
+        try:
+            if node.target in SDPA:
+                out.matches.append(m.match_sdpa(node, idx))
+                idx += 1
+            elif _softmax_input(node) is not None or node.target in SOFTMAX:
+                out.matches.append(m.match_softmax(node, idx))
+                idx += 1
+        except NotAttention as e:
+            out.rejected.append({"node": node.name, "module": module_path(node), "reason": str(e)})
+    return out
