@@ -57,9 +57,13 @@ def capture(
         raise CaptureError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    kwargs = hf_defaults(model, dict(example_kwargs or {}))
+    given = dict(example_kwargs or {})
+    kwargs = hf_defaults(model, given)
     if dynamic_shapes == "auto":
         dynamic_shapes = _auto_dynamic(example_inputs, kwargs)
+    elif isinstance(dynamic_shapes, dict):
+        # The keyword arguments we added (use_cache) are static.
+        dynamic_shapes = {**dynamic_shapes, **{k: None for k in kwargs if k not in given and k not in dynamic_shapes}}
     was_training = model.training
     model.eval()
     try:
