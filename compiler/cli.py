@@ -51,6 +51,33 @@ def _example(shapes: list[str]):
     return tuple(args), kwargs
 
 
+def _register_pytree_types(path: Path) -> None:
+    """Import the modules whose classes a program's input/output pytrees use.
+
+    A Hugging Face model returns ``ModelOutput`` dataclasses; their pytree registration
+    happens when transformers is imported, and torch.export.load needs it.
+    """
+    import importlib
+    import importlib.util
+    import re
+
+    pattern = re.compile(r'type\\*"\s*:\s*\\*"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)')
+    try:
+        with zipfile.ZipFile(path) as z:
+            text = "".join(z.read(n).decode("utf-8", "ignore") for n in z.namelist() if n.endswith(".json"))
+    except (zipfile.BadZipFile, OSError):
+        return
+    for qualname in set(pattern.findall(text)):
+        module = qualname.rsplit(".", 1)[0]
+        top = module.split(".", 1)[0]
+        if top in ("builtins", "collections", "torch") or importlib.util.find_spec(top) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception:
+            pass  # torch.export.load will then say what it cannot rebuild
+
+
 def _load_pt2(path: Path):
     import torch
 
@@ -60,6 +87,7 @@ def _load_pt2(path: Path):
         raise InputError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path}: not a .pt2 archive written by torch.export.save (not a zip file)")
+    _register_pytree_types(path)
     try:
         return torch.export.load(path)
     except Exception as e:
@@ -151,17 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Library warnings and log lines would bury our one-line messages."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = getattr(args, "output", None)
+    _quiet_libraries()
     try:
         return args.func(args)
     except AttnforgeError as e:
-        if out and Path(out).exists() and getattr(args, "_created", False):
-            Path(out).unlink()
         return _die(str(e))
     except KeyboardInterrupt:
         return _die("interrupted", 130)
+    except Exception as e:  # a bug of ours: still one line, and say so
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return _die(f"internal error ({type(e).__name__}: {first}); please report it with the command you ran", 3)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,17 @@ from torch.export.graph_signature import ConstantArgument, InputKind, InputSpec,
 def clone_program(ep: ExportedProgram) -> ExportedProgram:
     """A copy whose graph can be rewritten; weights are shared, not copied."""
     gm = copy.deepcopy(ep.graph_module)
+    # Copying may rename nodes that shadow builtins (a placeholder called "input"); the
+    # signature refers to nodes by name, so follow the renames.
+    renames = {a.name: b.name for a, b in zip(ep.graph.nodes, gm.graph.nodes) if a.name != b.name}
+    signature = copy.deepcopy(ep.graph_signature)
+    for spec in (*signature.input_specs, *signature.output_specs):
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name in renames:
+            spec.arg = TensorArgument(name=renames[spec.arg.name])
     return ExportedProgram(
         root=gm,
         graph=gm.graph,
-        graph_signature=copy.deepcopy(ep.graph_signature),
+        graph_signature=signature,
         state_dict=dict(ep.state_dict),
         range_constraints=dict(ep.range_constraints),
         module_call_graph=copy.deepcopy(ep.module_call_graph),

@@ -20,7 +20,10 @@ def _fmt_err(x) -> str:
 
 
 def render(report, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # piped output: do not wrap tables at 80 columns
     t = report.totals
     console.print(
         f"[bold]attnforge report[/bold]  model=[cyan]{report.model}[/cyan]  policy=[cyan]{report.policy}[/cyan]"
