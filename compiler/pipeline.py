@@ -10,7 +10,7 @@ from torch.export import ExportedProgram
 
 from compiler.graph import count_nodes
 from compiler.policy import Policy
-from compiler.program import clone_program
+from compiler.program import clone_program, sync_output_specs
 from compiler.report import PassRecord
 
 
@@ -40,6 +40,7 @@ class PassManager:
             before = count_nodes(ctx.ep.graph_module)
             t0 = time.perf_counter()
             details = p.run(ctx) or {}
+            sync_output_specs(ctx.ep)
             seconds = time.perf_counter() - t0
             records.append(
                 PassRecord(

@@ -86,3 +86,11 @@ def _kind(sig, name):
         if not isinstance(s.arg, ConstantArgument) and s.arg.name == name:
             return s.kind
     return None
+
+
+def sync_output_specs(ep: ExportedProgram) -> None:
+    """Point output specs at the nodes the graph returns now (a pass may have replaced them)."""
+    out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+    for spec, node in zip(ep.graph_signature.output_specs, out.args[0]):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node) and spec.arg.name != node.name:
+            spec.arg = TensorArgument(name=node.name)
