@@ -29,7 +29,7 @@ PERMUTES = overloads(aten.permute)
 TRANSPOSES = overloads(aten.transpose)
 MULS = overloads(aten.mul)
 DIVS = overloads(aten.div)
-REPEAT_INTERLEAVE = overloads(aten.repeat_interleave)
+REPEAT_INTERLEAVE = frozenset({aten.repeat_interleave.self_int})
 
 Scalar = Union[float, fx.Node]
 
@@ -95,6 +95,10 @@ def trace_operand(node: fx.Node, scalar_value, allow_scale: bool = True) -> Trac
         elif is_op(cur, UNSQUEEZES):
             if _norm(cur.args[1], n) >= n - 2:
                 break
+        elif is_op(cur, REPEAT_INTERLEAVE):
+            dim = cur.args[2] if len(cur.args) > 2 else cur.kwargs.get("dim")
+            if dim is None or _norm(dim, n) >= n - 2 or not isinstance(cur.args[1], int):
+                break
         elif is_op(cur, PERMUTES):
             perm = [_norm(p, n) for p in cur.args[1]]
             if sorted(perm[:-2]) != list(range(n - 2)):
@@ -142,6 +146,9 @@ def batch_map(root: fx.Node, steps: list[fx.Node], final_batch: Optional[list[in
                 p = p.expand(*out[:-2], 1, 1)
             elif s.target in UNSQUEEZES:
                 p = p.unsqueeze(_norm(s.args[1], n))
+            elif s.target in REPEAT_INTERLEAVE:
+                dim = s.args[2] if len(s.args) > 2 else s.kwargs["dim"]
+                p = p.repeat_interleave(s.args[1], dim=_norm(dim, n))
             elif s.target in PERMUTES:
                 p = p.permute(*[_norm(d, n) for d in s.args[1]])
             elif s.target in TRANSPOSES:

@@ -20,6 +20,8 @@ from torch import fx
 from compiler.graph import ConeEvaluator, aten, depends_on_user_values, dtype, is_op, overloads
 
 ANDS = overloads(aten.__and__, aten.bitwise_and, aten.logical_and)
+ORS = overloads(aten.__or__, aten.bitwise_or, aten.logical_or)
+NOTS = overloads(aten.logical_not, aten.bitwise_not)
 BOOL_PASSTHROUGH = overloads(aten.expand, aten.clone, aten.alias, aten.contiguous)
 CASTS = overloads(aten.to, aten._to_copy)
 WHERES = overloads(aten.where)
@@ -67,6 +69,44 @@ def _pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
     if torch.equal(full, tril.expand_as(full)):
         return "causal"
     return None
+
+
+def disjuncts(node: fx.Node) -> list[fx.Node]:
+    """Leaves of an OR-tree (a "masked where" condition), looking through broadcasts."""
+    if is_op(node, ORS) and dtype(node) == torch.bool:
+        return [c for a in node.args[:2] if isinstance(a, fx.Node) for c in disjuncts(a)]
+    if (is_op(node, BOOL_PASSTHROUGH) or _is_bool_cast(node)) and isinstance(node.args[0], fx.Node):
+        return disjuncts(node.args[0])
+    return [node]
+
+
+def split_causal_masked(masked: fx.Node, evaluator, user_inputs, sq: int, sk: int) -> tuple[CausalSplit, list[fx.Node]]:
+    """For a condition that marks *masked* positions (``masked_fill(scores, cond, -inf)``).
+
+    By De Morgan its disjuncts are negated keep-conjuncts. Returns the split and the masked
+    disjuncts that must stay (still in "masked" polarity).
+    """
+    out, residual_masked = CausalSplit(), []
+    for leaf in disjuncts(masked):
+        if is_op(leaf, NOTS) and dtype(leaf.args[0]) == torch.bool:
+            inner = split_causal(leaf.args[0], evaluator, user_inputs, sq, sk)
+            out.causal |= inner.causal
+            out.residual.extend(inner.residual)
+            out.notes.extend(inner.notes)
+            continue
+        if dtype(leaf) == torch.bool and not depends_on_user_values(leaf, user_inputs):
+            try:
+                value = evaluator(leaf)
+            except Exception:
+                value = None
+            kind = _pattern(~value, sq, sk) if isinstance(value, torch.Tensor) else None
+            if kind == "causal":
+                out.causal = True
+                continue
+            if kind == "all":
+                continue
+        residual_masked.append(leaf)
+    return out, residual_masked
 
 
 def split_causal(keep: fx.Node, evaluator: ConeEvaluator, user_inputs: set[str], sq: int, sk: int) -> CausalSplit:

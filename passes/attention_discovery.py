@@ -39,7 +39,14 @@ from compiler.graph import (
     user_input_names,
     val,
 )
-from compiler.masks import WHERES, additive_keep, constant_additive_pattern, is_absorbing, split_causal
+from compiler.masks import (
+    WHERES,
+    additive_keep,
+    constant_additive_pattern,
+    is_absorbing,
+    split_causal,
+    split_causal_masked,
+)
 from compiler.ops import default_scale
 from compiler.site import AttentionSite, Operand, SiteMatch
 
@@ -330,9 +337,10 @@ class _Matcher:
         out_terms, out_keeps = [], []
         for cond, negate in keeps:
             if negate:
-                out_keeps.append((cond, True))
-                continue
-            split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
+                split, masked = split_causal_masked(cond, self.evaluator, self.user_inputs, sq, sk)
+                out_keeps.extend((m, True) for m in masked)
+            else:
+                split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
             notes.extend(split.notes)
             causal |= split.causal
             out_keeps.extend((r, False) for r in split.residual)
@@ -340,9 +348,11 @@ class _Matcher:
             if isinstance(node, tuple):  # ("where", cond, negate, fill) from a masked score
                 _, cond, negate, fill = node
                 if negate:
-                    out_terms.append((node, coef, tfs))
-                    continue
-                split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
+                    split, masked = split_causal_masked(cond, self.evaluator, self.user_inputs, sq, sk)
+                    for m in masked:
+                        out_terms.append((("where", m, True, fill), coef, tfs))
+                else:
+                    split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
                 if split.residual:
