@@ -10,7 +10,6 @@ at the example sizes; the verification stage re-checks the rewrite numerically.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -157,9 +156,3 @@ def constant_additive_pattern(node: fx.Node, evaluator: ConeEvaluator, user_inpu
         return None
     return _pattern(kept, sq, sk)
 
-
-def numel(n: fx.Node) -> int:
-    from compiler.graph import shape
-
-    s = shape(n)
-    return math.prod(s) if s is not None else 0
