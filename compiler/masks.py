@@ -45,13 +45,18 @@ def _is_bool_cast(n: fx.Node) -> bool:
     return is_op(n, CASTS) and dtype(n) == torch.bool and dtype(n.args[0]) == torch.bool
 
 
-def conjuncts(node: fx.Node) -> list[fx.Node]:
-    """Leaves of an AND-tree, looking through broadcasts and bool->bool casts."""
-    if is_op(node, ANDS) and dtype(node) == torch.bool:
-        return [c for a in node.args[:2] if isinstance(a, fx.Node) for c in conjuncts(a)]
+def _leaves(node: fx.Node, ops: frozenset) -> list[fx.Node]:
+    """Leaves of a tree of boolean ``ops``, looking through broadcasts and bool->bool casts."""
+    if is_op(node, ops) and dtype(node) == torch.bool:
+        return [c for a in node.args[:2] if isinstance(a, fx.Node) for c in _leaves(a, ops)]
     if (is_op(node, BOOL_PASSTHROUGH) or _is_bool_cast(node)) and isinstance(node.args[0], fx.Node):
-        return conjuncts(node.args[0])
+        return _leaves(node.args[0], ops)
     return [node]
+
+
+def conjuncts(node: fx.Node) -> list[fx.Node]:
+    """Leaves of an AND-tree (a keep-mask)."""
+    return _leaves(node, ANDS)
 
 
 def _pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
@@ -71,12 +76,8 @@ def _pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
 
 
 def disjuncts(node: fx.Node) -> list[fx.Node]:
-    """Leaves of an OR-tree (a "masked where" condition), looking through broadcasts."""
-    if is_op(node, ORS) and dtype(node) == torch.bool:
-        return [c for a in node.args[:2] if isinstance(a, fx.Node) for c in disjuncts(a)]
-    if (is_op(node, BOOL_PASSTHROUGH) or _is_bool_cast(node)) and isinstance(node.args[0], fx.Node):
-        return disjuncts(node.args[0])
-    return [node]
+    """Leaves of an OR-tree (a condition marking masked positions)."""
+    return _leaves(node, ORS)
 
 
 def split_causal_masked(masked: fx.Node, evaluator, user_inputs, sq: int, sk: int) -> tuple[CausalSplit, list[fx.Node]]:

@@ -25,6 +25,7 @@ from torch.export import ExportedProgram
 from compiler import layout as L
 from compiler.graph import (
     ConeEvaluator,
+    ancestors,
     aten,
     depends_on_user_values,
     dtype,
@@ -159,7 +160,7 @@ class _Matcher:
         if not isinstance(v, torch.Tensor) or v.numel() != 1:
             return None
         # Baking a parameter or buffer into the graph would ignore later state changes.
-        if any(a.op == "placeholder" for a in _ancestors(x)):
+        if any(a.op == "placeholder" for a in ancestors(x)):
             return None
         try:
             return float(self.evaluator(x).item())
@@ -519,12 +520,6 @@ def _batch_heads(batch: list[int]) -> tuple[int, int]:
     if len(batch) == 1:
         return 1, batch[0]
     return batch[0], batch[1]
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    from compiler.graph import ancestors
-
-    return ancestors(node)
 
 
 def discover(ep: ExportedProgram) -> Discovery:

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import compiler
+from compare import max_err
 
 ATTN = torch.ops.attnforge.attention.default
 SOFTMAX_TARGETS = {"aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default"}
@@ -138,14 +138,6 @@ class TwoBlocksAndClassifier(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _max_err(a, b) -> float:
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    assert len(la) == len(lb)
-    errs = [float((x - y).abs().max()) for x, y in zip(la, lb) if isinstance(x, torch.Tensor)]
-    assert errs
-    return max(errs)
-
-
 def _softmaxes(ep) -> int:
     return sum(str(n.target) in SOFTMAX_TARGETS for n in ep.graph.nodes)
 
@@ -162,7 +154,7 @@ def _run(model: nn.Module, inputs: tuple, ir: str):
     cm = compiler.compile_program(ep, inputs, {}, policy="fused", model_name=type(model).__name__)
     with torch.no_grad():
         got = cm(*inputs)
-    assert _max_err(ref, got) <= 1e-5
+    assert max_err(ref, got) <= 1e-5
     return cm, before
 
 

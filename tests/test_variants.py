@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import compiler
+from compare import max_err
 
 ATTN = torch.ops.attnforge.attention.default
 
@@ -415,14 +415,6 @@ def _params():
     return out
 
 
-def _max_err(a, b) -> float:
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    assert len(la) == len(lb)
-    errs = [float((x - y).abs().max()) for x, y in zip(la, lb) if isinstance(x, torch.Tensor)]
-    assert errs
-    return max(errs)
-
-
 def compile_case(model: nn.Module, inputs: tuple, ir: str):
     ep = compiler.capture(model, inputs)
     if ir == "core":
@@ -450,7 +442,7 @@ def test_variant(case: Case, ir: str):
     # (b) output of the rewritten program against the original module, eagerly
     with torch.no_grad():
         got = cm(*inputs)
-    assert _max_err(ref, got) <= 1e-5
+    assert max_err(ref, got) <= 1e-5
 
     # (c) fused nodes in the graph, and the dense softmax is gone
     fused = [n for n in cm.exported_program.graph.nodes if n.target == ATTN]
@@ -497,8 +489,8 @@ def test_causal_padding_mask_is_not_dropped(module, ir):
     am2[0, S - 3:] = 0
     with torch.no_grad():
         for mask in (am, am2, torch.ones(B, S, dtype=torch.long)):
-            assert _max_err(model(q, k, v, mask), cm(q, k, v, mask)) <= 1e-5
-        assert _max_err(cm(q, k, v, am2), cm(q, k, v, torch.ones(B, S, dtype=torch.long))) > 1e-3
+            assert max_err(model(q, k, v, mask), cm(q, k, v, mask)) <= 1e-5
+        assert max_err(cm(q, k, v, am2), cm(q, k, v, torch.ones(B, S, dtype=torch.long))) > 1e-3
 
 
 @pytest.mark.parametrize("ir", ["training", "core"])
@@ -510,4 +502,4 @@ def test_additive_bias_input_is_live(ir):
     cm = compile_case(model, (q, k, v, _bias_input()), ir)
     other = torch.randn(B, 1, 1, S, generator=_g(9))
     with torch.no_grad():
-        assert _max_err(model(q, k, v, other), cm(q, k, v, other)) <= 1e-5
+        assert max_err(model(q, k, v, other), cm(q, k, v, other)) <= 1e-5

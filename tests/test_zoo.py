@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import compiler
 from compiler.capture import hf_defaults
+from compare import max_err
 from zoo import HF_CASES, TORCH_CASES, hf_model, torch_model
 
 ATTN = torch.ops.attnforge.attention.default
@@ -13,11 +13,6 @@ ATTN = torch.ops.attnforge.attention.default
 # torch 2.13's own run_decompositions() fails on GPT-2's SDPA graph (a view of a
 # non-contiguous tensor), before attnforge sees it.
 UPSTREAM_BROKEN = {("gpt2-sdpa", "core")}
-
-
-def _max_err(a, b):
-    return max(float((x - y).abs().max()) for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b))
-               if isinstance(x, torch.Tensor) and x.is_floating_point())
 
 
 def _check(z, ir):
@@ -48,7 +43,7 @@ def test_hf_zoo(kind, impl, ir):
     with torch.no_grad():
         ref = z.model(*z.args, **kwargs)
     got = cm(*z.args, **kwargs)
-    assert _max_err(ref, got) <= 1e-5
+    assert max_err(ref, got) <= 1e-5
     assert cm.report.fidelity.passed and cm.report.fidelity.max_abs_error <= 1e-5
 
 
@@ -59,7 +54,7 @@ def test_torch_zoo(kind, ir):
     ep, cm, sites, kwargs = _check(z, ir)
     with torch.no_grad():
         ref = z.model(*z.args)
-    assert _max_err(ref, cm(*z.args)) <= 1e-5
+    assert max_err(ref, cm(*z.args)) <= 1e-5
     assert len(sites) == z.attention_blocks, cm.report.rejected
     assert all(s.status == "rewritten" for s in sites), [(s.id, s.status, s.reason) for s in sites]
     assert all(s.causal == z.causal for s in sites)
@@ -90,4 +85,4 @@ def test_dynamic_sequence_length():
         with torch.no_grad():
             ref = z.model(input_ids=ids, attention_mask=mask, use_cache=False)
         got = cm(input_ids=ids, attention_mask=mask)
-        assert _max_err(ref, got) <= 1e-5
+        assert max_err(ref, got) <= 1e-5
