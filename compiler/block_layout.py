@@ -1,0 +1,302 @@
+"""Sparse patterns as block layouts: which key blocks each query block reads, and which
+(query, key) pairs inside those blocks are kept.
+
+A ``BlockLayout`` is the contract every sparse executor implements (the PyTorch reference
+here, the Triton kernel, the ONNX decomposition): ``kv_blocks[b, h, qb]`` lists the key
+blocks query block ``qb`` reads (``-1`` pads the list), and ``pair_keep(i, j)`` refines a
+kept block down to single pairs (a window edge, a diagonal, a grid neighbourhood). Causality
+and the user's mask are applied on top by the executor.
+
+Static patterns (window, block-sparse, neighbourhood) depend only on the shape and are cached;
+content-selected ones (top-k, vertical-slash) are computed from q and k on every call, the way
+MInference and FlexPrefill estimate them at prefill time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from compiler.variants import BlockSparse, Neighborhood, TopK, VerticalSlash, Window, resolve_right
+
+PairKeep = Callable[[Tensor, Tensor], Tensor]  # (i [.., nqb, bs, 1], j [.., nqb, 1, K*bs]) -> bool
+
+
+@dataclass
+class BlockLayout:
+    block: int
+    sq: int
+    sk: int
+    kv_blocks: Tensor  # [Bl, Hl, nqb, K] int64, -1 = no block; Bl in {1, B}, Hl in {1, Hq}
+    pair_keep: Optional[PairKeep] = None
+    _keep_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_blocks.shape[2]
+
+    def kept_blocks(self) -> Tensor:
+        """Key blocks read per (b, h, query block)."""
+        return (self.kv_blocks >= 0).sum(-1)
+
+    def computed_pairs(self) -> float:
+        """(query, key) scores an executor computes per (b, h), averaged: kept blocks x block^2."""
+        return float(self.kept_blocks().double().sum(-1).mean()) * self.block * self.block
+
+    def positions(self) -> tuple[Tensor, Tensor]:
+        """Query positions [nqb, bs, 1] and gathered key positions [Bl, Hl, nqb, 1, K*bs]."""
+        bl, hl, nqb, nk = self.kv_blocks.shape
+        bs = self.block
+        i = (torch.arange(nqb).view(-1, 1) * bs + torch.arange(bs)).view(nqb, bs, 1)
+        j = (self.kv_blocks.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs)).view(bl, hl, nqb, 1, nk * bs)
+        return i, j
+
+    def gathered_drop(self, causal: bool) -> tuple[Tensor, Tensor]:
+        """Which gathered pairs are *not* attended, [Bl, Hl, nqb, bs, K*bs], and which query rows
+        attend nothing [.., bs, 1]. A static layout is reused across calls, so this is computed
+        once per layout."""
+        if causal not in self._keep_cache:
+            i, j = self.positions()
+            valid = (self.kv_blocks >= 0).repeat_interleave(self.block, -1).unsqueeze(-2)
+            keep = (j < self.sk) & valid
+            if causal:
+                keep = keep & (j <= i)
+            if self.pair_keep is not None:
+                keep = keep & self.pair_keep(i, j)
+            self._keep_cache[causal] = (~keep, ~keep.any(-1, keepdim=True))
+        return self._keep_cache[causal]
+
+    def dense_keep(self, causal: bool) -> Tensor:
+        """The layout as a dense [Bl, Hl, Sq, Sk] keep mask (calibration and test oracles only)."""
+        bl, hl, nqb, _ = self.kv_blocks.shape
+        nkb = -(-self.sk // self.block)
+        bm = torch.zeros(bl, hl, nqb, nkb + 1, dtype=torch.bool)
+        bm.scatter_(-1, torch.where(self.kv_blocks >= 0, self.kv_blocks, nkb), True)
+        keep = bm[..., :nkb].repeat_interleave(self.block, -2).repeat_interleave(self.block, -1)
+        keep = keep[..., : self.sq, : self.sk]
+        i = torch.arange(self.sq).view(1, 1, -1, 1)
+        j = torch.arange(self.sk).view(1, 1, 1, -1)
+        if self.pair_keep is not None:
+            keep = keep & self.pair_keep(i, j)
+        if causal:
+            keep = keep & (j <= i)
+        return keep
+
+
+def block_lists(bm: Tensor) -> Tensor:
+    """Boolean block mask [.., nqb, nkb] -> ascending kept-block lists padded with -1."""
+    counts = bm.sum(-1, keepdim=True)
+    k = max(int(counts.max()) if counts.numel() else 0, 1)
+    # Stable sort of "not kept" brings kept block ids to the front in ascending order.
+    order = torch.sort((~bm).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+    return torch.where(torch.arange(k) < counts, order, torch.full_like(order, -1))
+
+
+def _causal_blocks(nqb: int, nkb: int, block: int) -> Tensor:
+    qb = torch.arange(nqb).view(-1, 1)
+    kb = torch.arange(nkb).view(1, -1)
+    return kb * block <= qb * block + block - 1
+
+
+# ---------------------------------------------------------------------------- static patterns
+
+
+def _window_keep(left: int, right: int, sinks: int) -> PairKeep:
+    def keep(i, j):
+        return ((j >= i - left) & (j <= i + right)) | (j < sinks)
+
+    return keep
+
+
+def _blocksparse_keep(p: BlockSparse) -> PairKeep:
+    def keep(i, j):
+        qb, kb = i // p.block, j // p.block
+        out = ((qb - kb).abs() <= p.local) | (kb < p.global_) | (qb < p.global_)
+        if p.stride > 0:
+            out = out | ((qb - kb) % p.stride == 0)
+        return out
+
+    return keep
+
+
+def grid_of(p: Neighborhood, seq: int) -> tuple[int, int, int]:
+    """(rows, cols, prefix) of the token grid, from the pattern or the sequence length."""
+    if p.grid is not None:
+        rows, cols = p.grid
+        prefix = seq - rows * cols if p.prefix is None else p.prefix
+        if prefix < 0 or prefix + rows * cols != seq:
+            raise ValueError(f"grid {rows}x{cols} with {max(prefix, 0)} leading tokens does not cover "
+                             f"a sequence of {seq} tokens")
+        return rows, cols, prefix
+    for prefix in ([p.prefix] if p.prefix is not None else [0, 1]):
+        side = math.isqrt(max(seq - prefix, 0))
+        if side > 1 and side * side == seq - prefix:
+            return side, side, prefix
+    raise ValueError(f"a sequence of {seq} tokens is not a square grid (with 0 or 1 leading tokens); "
+                     "give grid=ROWSxCOLS and prefix=N")
+
+
+def _neighborhood_keep(p: Neighborhood, seq: int) -> PairKeep:
+    rows, cols, prefix = grid_of(p, seq)
+    kh, kw = min(p.size[0], rows), min(p.size[1], cols)
+
+    def keep(i, j):
+        gi, gj = i - prefix, j - prefix
+        qr, qc = gi.div(cols, rounding_mode="floor"), gi.remainder(cols)
+        kr, kc = gj.div(cols, rounding_mode="floor"), gj.remainder(cols)
+        # NATTEN's windows: a fixed-size window, shifted inward at the grid edges.
+        r0 = (qr - kh // 2).clamp(0, rows - kh)
+        c0 = (qc - kw // 2).clamp(0, cols - kw)
+        inside = (kr >= r0) & (kr < r0 + kh) & (kc >= c0) & (kc < c0 + kw) & (gi >= 0) & (gj >= 0)
+        return inside | (gi < 0) | (gj < 0)
+
+    return keep
+
+
+def _blocks_from_pairs(keep: PairKeep, sq: int, sk: int, block: int, causal: bool) -> Tensor:
+    """Block mask [nqb, nkb] of a pair predicate, evaluated a few query blocks at a time."""
+    nqb, nkb = -(-sq // block), -(-sk // block)
+    j = torch.arange(nkb * block).view(1, -1)
+    rows = []
+    step = max(1, (1 << 22) // max(1, nkb * block * block))
+    for q0 in range(0, nqb, step):
+        q1 = min(nqb, q0 + step)
+        i = torch.arange(q0 * block, q1 * block).view(-1, 1)
+        k = keep(i, j) & (j < sk) & (i < sq)
+        if causal:
+            k = k & (j <= i)
+        rows.append(k.view(q1 - q0, block, nkb, block).any(3).any(1))
+    return torch.cat(rows)
+
+
+def _window_blocks(left: int, right: int, sinks: int, sq: int, sk: int, block: int, causal: bool) -> Tensor:
+    nqb, nkb = -(-sq // block), -(-sk // block)
+    q0 = torch.arange(nqb).view(-1, 1) * block
+    kb = torch.arange(nkb).view(1, -1)
+    lo = (q0 - left).clamp(min=0) // block
+    hi = (q0 + block - 1 + (0 if causal else right)).clamp(max=sk - 1) // block
+    bm = ((kb >= lo) & (kb <= hi)) | (kb * block < sinks)
+    return bm & _causal_blocks(nqb, nkb, block) if causal else bm
+
+
+@lru_cache(maxsize=64)
+def static_layout(p, sq: int, sk: int, causal: bool) -> BlockLayout:
+    if isinstance(p, Window):
+        right = resolve_right(p, causal)
+        keep = _window_keep(p.left, right, p.sinks)
+        bm = _window_blocks(p.left, right, p.sinks, sq, sk, p.block, causal)
+    elif isinstance(p, BlockSparse):
+        keep = None  # whole blocks
+        bm = _blocks_from_pairs(_blocksparse_keep(p), sq, sk, p.block, causal)
+    elif isinstance(p, Neighborhood):
+        keep = _neighborhood_keep(p, sk)
+        bm = _blocks_from_pairs(keep, sq, sk, p.block, causal)
+    else:
+        raise TypeError(f"{type(p).__name__} is not a static pattern")
+    return BlockLayout(p.block, sq, sk, block_lists(bm)[None, None], keep)
+
+
+# ---------------------------------------------------------------------------- content-selected
+
+
+def _pool_blocks(x: Tensor, block: int) -> Tensor:
+    """Mean of each block of tokens: [B, H, S, D] -> [B, H, nb, D] (a partial last block averages
+    only its real tokens)."""
+    b, h, s, d = x.shape
+    nb = -(-s // block)
+    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - s))
+    counts = torch.full((nb,), float(block))
+    counts[-1] = s - (nb - 1) * block
+    return xp.view(b, h, nb, block, d).sum(3) / counts.view(1, 1, -1, 1)
+
+
+def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> BlockLayout:
+    """Per (b, h, query block): local and sink blocks, plus the top ``blocks`` key blocks by
+    pooled score (or, with ``mass``, the fewest blocks holding that share of pooled softmax)."""
+    sq, sk = q.shape[2], k.shape[2]
+    pq, pk = _pool_blocks(q, p.block), _pool_blocks(k, p.block)
+    scores = pq @ pk.transpose(-1, -2) * scale  # [B, H, nqb, nkb]
+    nqb, nkb = scores.shape[-2:]
+    qb = torch.arange(nqb).view(-1, 1)
+    kb = torch.arange(nkb).view(1, -1)
+    allowed = _causal_blocks(nqb, nkb, p.block) if causal else torch.ones(nqb, nkb, dtype=torch.bool)
+    near = (kb <= qb) & (kb >= qb - p.local) if causal else (kb - qb).abs() <= p.local
+    forced = (near | (kb < p.sinks)) & allowed
+    cand = scores.masked_fill(~allowed | forced, float("-inf"))
+    if p.mass > 0:
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        probs = probs.masked_fill(forced, 0.0)
+        covered = probs.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+        srt, order = probs.sort(-1, descending=True)
+        # A block is taken while the mass before it is still short of the target.
+        before = srt.cumsum(-1) - srt + covered
+        take = (before < p.mass) & (srt > 0)
+        chosen = torch.zeros_like(take).scatter(-1, order, take)
+    else:
+        top = cand.topk(min(p.blocks, nkb), dim=-1)
+        chosen = torch.zeros(cand.shape, dtype=torch.bool).scatter(-1, top.indices, top.values > float("-inf"))
+    return BlockLayout(p.block, sq, sk, block_lists(chosen | forced))
+
+
+def _lookup(table: Tensor, idx: Tensor) -> Tensor:
+    """``table[b, h, idx[b, h, ...]]`` for a per-(b, h) table [B, H, N]."""
+    shape = torch.broadcast_shapes(idx.shape, (*table.shape[:2], *[1] * (idx.dim() - 2)))
+    idx = idx.expand(shape)
+    return table.gather(-1, idx.reshape(*shape[:2], -1)).view(shape)
+
+
+def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: bool) -> BlockLayout:
+    """MInference's vertical-slash estimate: score the last ``last`` queries against every key,
+    keep the ``vertical`` key columns and ``slash`` diagonals with the most attention."""
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    last = min(p.last, sq)
+    i = torch.arange(sq - last, sq).view(-1, 1)
+    j = torch.arange(sk).view(1, -1)
+    s = (q[:, :, -last:].float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(j > i, float("-inf"))
+    probs = torch.softmax(s, -1).nan_to_num(0.0)  # [B, H, last, Sk]
+    vert = probs.sum(-2)
+    vert[..., : p.sinks] = float("inf")
+    cols = vert.topk(min(p.vertical, sk), -1).indices  # [B, H, nv]
+    ndiag = sq + sk - 1  # offset d = i - j, stored at d + sk - 1
+    slash = torch.zeros(b, h, ndiag).index_add_(-1, (i - j + sk - 1).flatten(), probs.flatten(2))
+    d = torch.arange(ndiag) - (sk - 1)
+    near = (d >= 0) & (d < p.local) if causal else d.abs() < p.local
+    slash[..., near] = float("inf")
+    if causal:
+        slash[..., d < 0] = float("-inf")
+    top = slash.topk(min(p.slash, ndiag), -1)
+    diags = torch.where(top.values > float("-inf"), top.indices - (sk - 1), torch.full_like(top.indices, sq + sk))
+
+    col_keep = torch.zeros(b, h, sk, dtype=torch.bool).scatter_(-1, cols, True)
+    diag_keep = torch.zeros(b, h, ndiag + 1, dtype=torch.bool)
+    diag_keep.scatter_(-1, (diags + sk - 1).clamp(max=ndiag), True)
+    diag_keep = diag_keep[..., :ndiag]
+
+    nqb, nkb = -(-sq // p.block), -(-sk // p.block)
+    bm = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool)
+    col_blocks = torch.zeros(b, h, nkb + 1, dtype=torch.bool).scatter_(-1, cols // p.block, True)
+    bm |= col_blocks.unsqueeze(2)
+    q0 = (torch.arange(nqb) * p.block).view(1, 1, -1, 1)
+    dd = diags.unsqueeze(2)  # [B, H, 1, ns]
+    for first in (q0, (q0 + p.block - 1).clamp(max=sq - 1)):
+        kpos = first - dd
+        kbi = torch.where((kpos >= 0) & (kpos < sk), kpos // p.block, torch.full_like(kpos, nkb))
+        bm.scatter_(-1, kbi, True)
+    bm = bm[..., :nkb]
+    if causal:
+        bm &= _causal_blocks(nqb, nkb, p.block)
+
+    def keep(ii, jj):
+        cv = _lookup(col_keep, jj.clamp(0, sk - 1))
+        dv = _lookup(diag_keep, (ii - jj + sk - 1).clamp(0, ndiag - 1))
+        return cv | dv
+
+    return BlockLayout(p.block, sq, sk, block_lists(bm), keep)
