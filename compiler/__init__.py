@@ -4,8 +4,9 @@ Importing this package registers the ``attnforge::*`` ops, which programs saved 
 need before ``torch.export.load``.
 """
 
-from compiler import ops  # noqa: F401  (registers torch.ops.attnforge.*)
+from compiler import linear_ops, ops, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
 from compiler.api import CompiledModel, compile, compile_program
+from compiler.budget import Fidelity
 from compiler.capture import capture
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError
 from compiler.policy import Policy, parse_policy
@@ -15,6 +16,6 @@ from compiler.site import AttentionSite
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "InputError",
+    "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "Fidelity", "InputError",
     "Policy", "PolicyError", "Report", "capture", "compile", "compile_program", "parse_policy",
 ]

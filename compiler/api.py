@@ -11,16 +11,19 @@ import torch
 from torch.export import ExportedProgram
 
 import backends
-from compiler import verify
+from compiler import auto, verify
+from compiler.auto import calibration_batches
+from compiler.budget import Fidelity
 from compiler.capture import capture, hf_defaults
-from compiler.errors import InputError
+from compiler.errors import InputError, PolicyError
 from compiler.graph import shape
+from compiler.measure import SiteEffect, exact_probabilities, record_site_inputs, site_effect
 from compiler.ops import attention_flops, causal_pairs
-from compiler.pipeline import PassContext, default_pipeline
-from compiler.policy import PolicySpec, parse_policy
+from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
+from compiler.policy import Policy, PolicySpec, parse_policy
 from compiler.program import clone_program
-from compiler.report import Fidelity, Report, SiteRecord
-from passes.attention_discovery import Discovery
+from compiler.report import FidelityRecord, Report, SiteRecord
+from compiler.variants import FUSED, Variant
 
 _VIEWLIKE = {"view", "reshape", "_unsafe_view", "expand", "alias", "unsqueeze", "permute", "transpose", "detach"}
 
@@ -63,21 +66,30 @@ def _intermediate_bytes(nodes) -> int:
     return total
 
 
-def _site_record(m, status: str, reason: str = "", err: Optional[float] = None) -> SiteRecord:
+def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, variant: Optional[Variant] = None,
+                 effect: Optional[SiteEffect] = None) -> SiteRecord:
     s = m.site
     before = attention_flops(s.batch, s.num_heads, s.seq_q, s.seq_k, s.head_dim, s.value_dim)
     kept = causal_pairs(s.seq_q, s.seq_k) if s.causal else None
     after = attention_flops(s.batch, s.num_heads, s.seq_q, s.seq_k, s.head_dim, s.value_dim, kept)
-    return SiteRecord(
+    rewritten = status == "rewritten"
+    rec = SiteRecord(
         id=s.id, module=s.module, module_type=s.module_type, form=s.form,
-        variant="fused" if status == "rewritten" else "dense", status=status,
+        variant=(variant or FUSED).text if rewritten else "dense", status=status,
         causal=s.causal, mask_kind=s.mask_kind, batch=s.batch, num_heads=s.num_heads,
         num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, value_dim=s.value_dim,
         seq_q=s.seq_q, seq_k=s.seq_k, scale=s.scale, flops_before=before,
-        flops_after=after if status == "rewritten" else before,
+        flops_after=after if rewritten else before,
         intermediate_bytes=_intermediate_bytes(m.internal), reason=reason, max_abs_error=err,
         layer=s.layer, notes=list(s.notes),
     )
+    if effect is not None:
+        rec.flops_after = effect.flops
+        rec.density = effect.density
+        rec.max_abs_error = effect.max_abs_error
+        rec.cosine_similarity = effect.cosine_similarity
+        rec.kept_mass = effect.kept_mass
+    return rec
 
 
 def _site_errors(ctx: PassContext, args, kwargs) -> dict[str, tuple[float, float]]:
@@ -98,27 +110,16 @@ def _site_errors(ctx: PassContext, args, kwargs) -> dict[str, tuple[float, float
     return errs
 
 
-def compile_program(
-    ep: ExportedProgram,
-    example_inputs: tuple = (),
-    example_kwargs: Optional[dict] = None,
-    policy: PolicySpec = "fused",
-    backend: str = "torch",
-    verify_outputs: bool = True,
-    model_name: Optional[str] = None,
-) -> CompiledModel:
-    t0 = time.perf_counter()
-    pol = parse_policy(policy)
-    kwargs = dict(example_kwargs or {})
-    reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
+def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, reference, verify_outputs: bool):
+    """Discover and fuse every site the policy does not leave dense, exactly; roll back any
+    site whose fused output differs from the original beyond rounding."""
     excluded: dict[str, str] = {}
     while True:
         ctx = PassContext(clone_program(ep), pol, exclude=set(excluded))
-        records = default_pipeline().run(ctx)
+        records = exact_pipeline().run(ctx)
         if not verify_outputs:
-            fid = Fidelity()
-            break
-        site_err = _site_errors(ctx, example_inputs, kwargs)
+            return ctx, records, excluded, {}
+        site_err = _site_errors(ctx, args, kwargs)
         bad = {}
         for m in ctx.discovery.matches:
             sid = m.site.id
@@ -130,14 +131,92 @@ def compile_program(
         if bad:
             excluded.update(bad)
             continue
-        got = verify.run(ctx.ep, example_inputs, kwargs)
-        cmp = verify.compare(reference, got)
+        cmp = verify.compare(reference, verify.run(ctx.ep, args, kwargs))
         if not cmp["passed"] and ctx.fusion.rewritten:
             for sid in ctx.fusion.rewritten:
                 excluded[sid] = f"end-to-end error {cmp['max_abs_error']:.2e} over tolerance; rolled back"
             continue
-        fid = Fidelity(**cmp, checked_inputs=["example inputs"])
-        break
+        return ctx, records, excluded, site_err
+
+
+def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
+    """Fill keyword defaults fixed at capture (``use_cache=False``) and make sure every batch
+    fits the captured program, with a message that says what to change."""
+    for i, (args, kw) in enumerate(batches):
+        for k, v in defaults.items():
+            if k not in kw and not isinstance(v, torch.Tensor):
+                kw[k] = v
+        try:
+            ep._graph_module_flat_inputs(args, kw)
+            verify.run(ep, args, kw)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise InputError(f"calibration batch {i} does not fit the captured program ({first}); give batches "
+                             "shaped like the example inputs, or capture with dynamic shapes") from None
+
+
+def compile_program(
+    ep: ExportedProgram,
+    example_inputs: tuple = (),
+    example_kwargs: Optional[dict] = None,
+    policy: PolicySpec = "fused",
+    backend: str = "torch",
+    verify_outputs: bool = True,
+    model_name: Optional[str] = None,
+    calibration=None,
+    budget: Optional[Fidelity] = None,
+    show_progress: Optional[bool] = None,
+) -> CompiledModel:
+    t0 = time.perf_counter()
+    pol = parse_policy(policy)
+    if budget is not None and not isinstance(budget, Fidelity):
+        raise PolicyError(f"budget must be a compiler.Fidelity, not {type(budget).__name__}")
+    if pol.auto and budget is None:
+        raise PolicyError("policy='auto' needs a budget, e.g. budget=compiler.Fidelity(min_cosine=0.99)")
+    if pol.auto and not verify_outputs:
+        raise PolicyError("policy='auto' chooses by measured fidelity; it cannot run with verify=False")
+    kwargs = dict(example_kwargs or {})
+    reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
+    ctx, records, excluded, site_err = _fuse_exact(ep, pol, example_inputs, kwargs, reference, verify_outputs)
+    matches = {m.site.id: m for m in ctx.discovery.matches}
+    sites = {sid: m.site for sid, m in matches.items()}
+    fused = list(ctx.fusion.rewritten)
+
+    auto_record = None
+    if pol.auto:
+        batches = calibration_batches(calibration, (example_inputs, kwargs))
+        _check_batches(ep, batches, kwargs)
+        choice = auto.choose(ep, ctx.ep, sites, {sid: ctx.fusion.fused_nodes[sid] for sid in fused}, batches,
+                             budget, show_progress=show_progress)
+        ctx.variants, auto_record = choice.assignment, choice.record
+    else:
+        ctx.variants = {sid: pol.variant_for(sites[sid]) for sid in fused}
+    records += variant_pipeline().run(ctx)
+
+    effects: dict[str, SiteEffect] = {}
+    fid = FidelityRecord()
+    if verify_outputs:
+        approx = {sid: v for sid, v in ctx.variants.items() if not v.exact}
+        nodes = ctx.variant_result.nodes
+        inputs = record_site_inputs(ctx.ep, example_inputs, kwargs, [nodes[s] for s in approx])
+        for sid, var in approx.items():
+            x = inputs[nodes[sid]]
+            effects[sid] = site_effect(var, x, exact_probs=exact_probabilities(x))
+        cmp = verify.compare(reference, verify.run(ctx.ep, example_inputs, kwargs))
+        if approx:
+            # Exact tolerances do not apply to an approximation; the budget (if any) does.
+            cmp["tolerance"] = None
+            cmp["passed"] = budget.holds(cmp) if budget is not None else None
+        elif budget is not None:
+            cmp["passed"] = cmp["passed"] and budget.holds(cmp)
+        fid = FidelityRecord(**cmp, checked_inputs=["example inputs"])
+        if pol.auto:
+            got = [verify.compare(verify.run(ep, *b), verify.run(ctx.ep, *b)) for b in batches]
+            auto_record["verified_calibration_fidelity"] = {
+                "max_abs_error": max(g["max_abs_error"] for g in got),
+                "kl_divergence": max(g["kl_divergence"] for g in got),
+                "cosine_similarity": min(g["cosine_similarity"] for g in got),
+            }
 
     report = Report(
         model=model_name or "ExportedProgram",
@@ -146,12 +225,13 @@ def compile_program(
         passes=records,
         rejected=ctx.discovery.rejected,
         fidelity=fid,
+        budget=budget.to_dict() if budget is not None else None,
+        auto=auto_record,
     )
-    fused = set(ctx.fusion.rewritten)
-    for m in ctx.discovery.matches:
-        sid = m.site.id
-        if sid in fused:
-            report.sites.append(_site_record(m, "rewritten", err=site_err[sid][0] if verify_outputs else None))
+    for sid, m in matches.items():
+        if sid in ctx.variants:
+            err = site_err[sid][0] if sid in site_err else None
+            report.sites.append(_site_record(m, "rewritten", err=err, variant=ctx.variants[sid], effect=effects.get(sid)))
         elif sid in excluded:
             report.sites.append(_site_record(m, "rolled_back", excluded[sid]))
         elif sid in ctx.fusion.skipped:
@@ -171,11 +251,18 @@ def compile(
     example_kwargs: Optional[dict] = None,
     dynamic_shapes: Any = None,
     verify: bool = True,
+    calibration=None,
+    budget: Optional[Fidelity] = None,
+    show_progress: Optional[bool] = None,
 ) -> CompiledModel:
     """Capture ``model``, rewrite its attention by ``policy`` and return a runnable model.
 
     ``cm(*inputs)`` gives the model's outputs with the same structure; ``cm.report`` says what
     every pass did; ``cm.exported_program`` is the rewritten program; ``cm.save(path)``.
+
+    ``policy="auto"`` chooses a variant per site so that the outputs on ``calibration`` (a list
+    of batches: tuples of args or dicts of kwargs; default the example inputs) stay within
+    ``budget`` (``compiler.Fidelity``). With another policy, a budget is checked and reported.
     """
     if backend not in backends.AVAILABLE:
         backends.load(backend, None)  # raises the one-line reason
@@ -187,7 +274,7 @@ def compile(
     if isinstance(model, torch.nn.Module):
         kwargs = hf_defaults(model, kwargs)
     name = type(model).__name__
-    cm = compile_program(ep, example_inputs, kwargs, policy, backend, verify, name)
+    cm = compile_program(ep, example_inputs, kwargs, policy, backend, verify, name, calibration, budget, show_progress)
     cm.default_kwargs = {k: v for k, v in kwargs.items() if k not in (example_kwargs or {})}
     cm.report.compile_seconds = time.perf_counter() - t0
     return cm

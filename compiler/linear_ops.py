@@ -101,6 +101,7 @@ def _linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) -
         return fq @ kv, (fq * z).sum(-1, keepdim=True)
     sq, sk = fq.shape[2], fk.shape[2]
     s = max(sq, sk)
+    chunk = min(chunk, s)
     n = -(-s // chunk)
     pad = n * chunk
 
@@ -208,7 +209,7 @@ def linear_flops(spec: str, b: int, hq: int, sq: int, sk: int, d: int, dv: int, 
     f = feature_dim(p, d)
     fmap = 2 * (sq + sk) * f * d if p.map == "favor" else (sq + sk) * f
     if causal:
-        c = p.chunk
+        c = min(p.chunk, max(sq, sk))
         core = 2 * sk * f * dv + 2 * sq * f * dv + 2 * sq * c * (f + dv)
     else:
         core = 2 * sk * f * (dv + 1) + 2 * sq * f * (dv + 1)
@@ -227,4 +228,4 @@ def linear_density(spec: str, sq: int, sk: int, d: int, dv: int, causal: bool) -
     return linear_flops(spec, 1, 1, sq, sk, d, dv, causal) / dense
 
 
-LINEAR_OPS = (torch.ops.attnforge.linear_attention.default,)
+LINEAR_ATTENTION = torch.ops.attnforge.linear_attention.default

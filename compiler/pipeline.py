@@ -22,6 +22,8 @@ class PassContext:
     discovery: object = None  # passes.attention_discovery.Discovery
     fusion: object = None  # passes.attention_fusion.FusionResult
     before_fusion: Optional[ExportedProgram] = None  # snapshot for per-site verification
+    variants: dict = field(default_factory=dict)  # site id -> compiler.variants.Variant
+    variant_result: object = None  # passes.attention_variants.VariantResult
 
 
 @dataclass
@@ -56,7 +58,8 @@ class PassManager:
         return records
 
 
-def default_pipeline() -> PassManager:
+def exact_pipeline() -> PassManager:
+    """Clean up, find attention, fuse every site the policy rewrites into exact attention."""
     from passes.attention_discovery import discover
     from passes.attention_fusion import fuse_attention
     from passes.constant_folding import constant_folding
@@ -70,10 +73,11 @@ def default_pipeline() -> PassManager:
         return {"sites_found": len(ctx.discovery.matches), "rejected_softmax": len(ctx.discovery.rejected)}
 
     def fusion(ctx: PassContext) -> dict:
+        ctx.policy.check_selectors([m.site for m in ctx.discovery.matches])
         selected = {
             m.site.id
             for m in ctx.discovery.matches
-            if m.site.id not in ctx.exclude and ctx.policy.variant_for(m.site) == "fused"
+            if m.site.id not in ctx.exclude and ctx.policy.variant_for(m.site).kind != "dense"
         }
         ctx.fusion = fuse_attention(ctx.ep.graph_module, ctx.discovery.matches, selected)
         return {"sites_found": len(ctx.discovery.matches), "sites_rewritten": len(ctx.fusion.rewritten),
@@ -86,5 +90,22 @@ def default_pipeline() -> PassManager:
         Pass("attention_discovery", discovery),
         Pass("attention_fusion", fusion),
         Pass("layout_cleanup", lambda c: layout_cleanup(c.ep)),
+        Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
+    ])
+
+
+def variant_pipeline() -> PassManager:
+    """Turn fused sites into the sparse or linear variants chosen for them."""
+    from passes.attention_variants import apply_variants
+    from passes.dce import dead_code_elimination
+
+    def variants(ctx: PassContext) -> dict:
+        sites = {m.site.id: m.site for m in ctx.discovery.matches}
+        ctx.variant_result = apply_variants(ctx.ep.graph_module, sites, ctx.variants)
+        return {"sites_found": len(ctx.variants), "sites_rewritten": len(ctx.variant_result.applied),
+                "variants": dict(ctx.variant_result.applied)}
+
+    return PassManager([
+        Pass("attention_variants", variants),
         Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
     ])

@@ -29,7 +29,7 @@ class SiteRecord:
     module: str
     module_type: str
     form: str
-    variant: str  # "fused" or "dense" (left as written)
+    variant: str  # "fused", "dense" (left as written), or a sparse / linear variant's text
     status: str  # "rewritten", "rolled_back", "skipped", "kept"
     causal: bool
     mask_kind: str
@@ -48,10 +48,15 @@ class SiteRecord:
     max_abs_error: Optional[float] = None
     layer: Optional[int] = None
     notes: list = field(default_factory=list)
+    density: float = 1.0  # scores computed / scores exact attention needs (causal-aware)
+    cosine_similarity: Optional[float] = None  # site output vs exact attention on the same inputs
+    kept_mass: Optional[float] = None  # share of exact attention probability the pattern keeps
 
 
 @dataclass
-class Fidelity:
+class FidelityRecord:
+    """End-to-end fidelity as measured (the budget it was held to is ``Report.budget``)."""
+
     max_abs_error: Optional[float] = None
     kl_divergence: Optional[float] = None
     cosine_similarity: Optional[float] = None
@@ -68,8 +73,10 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     sites: list[SiteRecord] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
-    fidelity: Fidelity = field(default_factory=Fidelity)
+    fidelity: FidelityRecord = field(default_factory=FidelityRecord)
     compile_seconds: float = 0.0
+    budget: Optional[dict] = None  # the Fidelity budget, when one was given
+    auto: Optional[dict] = None  # policy="auto": candidates measured per site, choices, trials
     schema: str = SCHEMA
 
     # ------------------------------------------------------------------ derived
@@ -88,6 +95,8 @@ class Report:
             "attention_flops_before": fb,
             "attention_flops_after": fa,
             "attention_flops_saved_pct": round(100.0 * (fb - fa) / fb, 2) if fb else 0.0,
+            "sites_approximate": sum(s.status == "rewritten" and s.variant not in ("fused", "dense")
+                                     for s in self.sites),
             "intermediate_bytes_removed": sum(s.intermediate_bytes for s in rewritten),
             "nodes_before": nodes_before,
             "nodes_after": nodes_after,
@@ -122,8 +131,10 @@ class Report:
             passes=[PassRecord(**p) for p in d.get("passes", [])],
             sites=[SiteRecord(**s) for s in d.get("sites", [])],
             rejected=d.get("rejected", []),
-            fidelity=Fidelity(**d.get("fidelity", {})),
+            fidelity=FidelityRecord(**d.get("fidelity", {})),
             compile_seconds=d.get("compile_seconds", 0.0),
+            budget=d.get("budget"),
+            auto=d.get("auto"),
         )
 
     @classmethod

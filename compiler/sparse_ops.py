@@ -194,4 +194,4 @@ def sparse_computed_pairs(q: Tensor, k: Tensor, spec: str, scale: float, causal:
     return total / hq
 
 
-SPARSE_OPS = (torch.ops.attnforge.sparse_attention.default,)
+SPARSE_ATTENTION = torch.ops.attnforge.sparse_attention.default

@@ -266,6 +266,9 @@ def _parse_single(text: str) -> Variant:
     if name == "window" and "left" not in values:
         raise PolicyError(f"{text!r}: sinks need a window, e.g. window:256,sinks:4")
     p = cls(**values)
+    if isinstance(p, Hybrid) and p.map not in SOFTMAX_KERNEL_MAPS:
+        raise PolicyError(f"{text!r}: a hybrid shares the softmax normalizer, so its map must estimate exp(q.k): "
+                          f"{', '.join(SOFTMAX_KERNEL_MAPS)}")
     if isinstance(p, Neighborhood) and any(s % 2 == 0 for s in p.size):
         raise PolicyError(f"{text!r}: neighborhood size must be odd in each dimension (e.g. 7x7)")
     return Variant("linear" if isinstance(p, (Linear, Hybrid)) else "sparse", p)

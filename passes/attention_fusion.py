@@ -18,6 +18,7 @@ from compiler.graph import aten, dtype, hint, same_shape, sym_shape
 from compiler.site import Operand, SiteMatch
 
 ATTENTION = torch.ops.attnforge.attention.default
+SITE_META = "attnforge_site"  # the site id a fused node came from, for later passes
 
 
 class NotRewritable(Exception):
@@ -122,6 +123,7 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch) -> fx.Node:
     v = _as_4d(build, m.v)
     mask = _mask(build, m)
     fused = build(ATTENTION, q, k, v, mask, float(m.scale), bool(m.site.causal), float(m.site.softcap))
+    fused.meta[SITE_META] = m.site.id
     out = _match_output(build, fused, m.output)
     m.output.replace_all_uses_with(out)
     return fused

@@ -1,0 +1,89 @@
+"""Give each fused attention site the variant its policy chose.
+
+Runs after fusion: every ``attnforge::attention`` node that came from a site is replaced by
+``attnforge::sparse_attention`` or ``attnforge::linear_attention`` with the same operands,
+the pattern travelling as the op's ``spec`` text. Sites the policy keeps exact are untouched.
+A variant that cannot apply to a site is a ``PolicyError`` naming the site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from compiler.block_layout import grid_of
+from compiler.builder import Builder
+from compiler.errors import PolicyError
+from compiler.graph import shape
+from compiler.site import AttentionSite
+from compiler.linear_ops import LINEAR_ATTENTION
+from compiler.sparse_ops import SPARSE_ATTENTION, head_groups
+from compiler.variants import HeadMix, Neighborhood, Variant
+from passes.attention_fusion import ATTENTION, SITE_META
+
+
+
+@dataclass
+class VariantResult:
+    applied: dict[str, str] = field(default_factory=dict)  # site id -> variant text
+    nodes: dict[str, str] = field(default_factory=dict)  # site id -> node computing the site
+
+
+def _sparse_patterns(p):
+    return [v.pattern for _, v in p.groups if v.kind == "sparse"] if isinstance(p, HeadMix) else [p]
+
+
+def check_variant(site: AttentionSite, variant: Variant, mask_shape=None) -> None:
+    """Raise PolicyError, naming the site, when ``variant`` cannot express this site."""
+    where = f"site {site.id} ({site.module})"
+    if variant.kind == "sparse":
+        if isinstance(variant.pattern, HeadMix):
+            try:
+                head_groups(variant.pattern, site.num_heads)
+            except ValueError as e:
+                raise PolicyError(f"{where}: {e}") from None
+        for p in _sparse_patterns(variant.pattern):
+            if isinstance(p, Neighborhood):
+                if site.causal:
+                    raise PolicyError(f"{where}: a 2-D neighborhood needs a bidirectional site; this one is causal")
+                if site.seq_q != site.seq_k:
+                    raise PolicyError(f"{where}: a 2-D neighborhood needs as many queries as keys "
+                                      f"({site.seq_q} vs {site.seq_k})")
+                try:
+                    grid_of(p, site.seq_k)
+                except ValueError as e:
+                    raise PolicyError(f"{where}: 2-D neighborhood on a 1-D sequence: {e}") from None
+    elif variant.kind == "linear":
+        if site.softcap > 0:
+            raise PolicyError(f"{where}: linear attention cannot apply a logit softcap")
+        if mask_shape is not None and len(mask_shape) >= 2 and mask_shape[-2] != 1:
+            raise PolicyError(f"{where}: linear attention applies key masks only, and this site's mask varies "
+                              f"per query (shape {list(mask_shape)}); use a sparse or fused variant")
+
+
+def apply_variants(gm: fx.GraphModule, sites: dict[str, AttentionSite], variants: dict[str, Variant]) -> VariantResult:
+    res = VariantResult()
+    for node in list(gm.graph.nodes):
+        sid = node.meta.get(SITE_META)
+        if node.target is not ATTENTION or sid not in variants:
+            continue
+        variant = variants[sid]
+        res.nodes[sid] = node.name
+        if variant.exact:
+            continue
+        q, k, v, mask, scale, causal, softcap = node.args
+        check_variant(sites[sid], variant, shape(mask) if isinstance(mask, fx.Node) else None)
+        build = Builder(gm.graph, node)
+        if variant.kind == "sparse":
+            new = build(SPARSE_ATTENTION, q, k, v, mask, scale, causal, softcap, variant.text)
+        else:
+            new = build(LINEAR_ATTENTION, q, k, v, mask, scale, causal, variant.text)
+        new.meta[SITE_META] = sid
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        res.applied[sid] = variant.text
+        res.nodes[sid] = new.name
+    gm.graph.lint()
+    gm.recompile()
+    return res
