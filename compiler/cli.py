@@ -95,8 +95,58 @@ def _load_pt2(path: Path):
         raise InputError(f"{path}: cannot be loaded by torch.export.load ({type(e).__name__}: {first[:200]})") from None
 
 
+def _policy_arg(text: str):
+    """A policy string, or a JSON object for per-site rules."""
+    import json
+
+    from compiler.errors import PolicyError
+
+    if text.strip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"--policy looks like JSON but does not parse ({e})") from None
+    return text
+
+
+def _budget_arg(a):
+    from compiler.budget import Fidelity
+
+    if a.min_cosine is None and a.max_kl is None and a.max_abs_error is None:
+        return None
+    return Fidelity(max_abs_error=a.max_abs_error, max_kl=a.max_kl, min_cosine=a.min_cosine)
+
+
+def _calibration_arg(path):
+    import torch
+
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such calibration file")
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{path}: not a calibration file written by torch.save ({first})") from None
+    if not isinstance(data, (list, tuple)) or not data:
+        raise InputError(f"{path}: expected a non-empty list of batches (tuples of tensors or dicts of tensors), "
+                         f"got {type(data).__name__}")
+    return list(data)
+
+
+def _check_budget(report) -> None:
+    f = report.fidelity
+    if report.budget and f.passed is False:
+        raise InputError(f"the rewrite misses the budget ({', '.join(f'{k}={v:g}' for k, v in report.budget.items())}): "
+                         f"max abs error {f.max_abs_error:.3g}, KL {f.kl_divergence:.3g}, cosine "
+                         f"{f.cosine_similarity:.6f}; nothing written. Use a milder policy or policy=auto")
+
+
 def cmd_rewrite(a) -> int:
     from compiler.api import compile_program
+    from compiler.errors import PolicyError
     from compiler.policy import parse_policy
 
     src, out = Path(a.input), Path(a.output)
@@ -104,7 +154,11 @@ def cmd_rewrite(a) -> int:
         raise InputError(f"{src}: expected a .pt2 file from torch.export.save")
     if out.suffix != ".pt2":
         raise InputError(f"{out}: the output of a .pt2 rewrite is a .pt2 file")
-    parse_policy(a.policy)  # fail on a bad policy before the slow load
+    policy = parse_policy(_policy_arg(a.policy))  # fail on a bad policy before the slow load
+    budget = _budget_arg(a)
+    if policy.auto and budget is None:
+        raise PolicyError("--policy auto needs a budget: --min-cosine, --max-kl and/or --max-abs-error")
+    calibration = _calibration_arg(a.calibration)
     ep = _load_pt2(src)
     if a.example_shape:
         args, kwargs = _example(a.example_shape)
@@ -112,10 +166,12 @@ def cmd_rewrite(a) -> int:
         args, kwargs = ep.example_inputs
     else:
         raise InputError(f"{src} stores no example inputs; give --example-shape (e.g. input_ids=1x128:int64)")
-    cm = compile_program(ep, tuple(args), dict(kwargs), policy=a.policy, model_name=src.stem)
+    cm = compile_program(ep, tuple(args), dict(kwargs), policy=policy, model_name=src.stem,
+                         calibration=calibration, budget=budget, show_progress=None if not a.quiet else False)
     t = cm.report.totals
     if t["sites_found"] == 0:
         raise InputError(f"{src}: no attention found in this program; nothing to rewrite")
+    _check_budget(cm.report)
     cm.save(out)
     if a.report:
         cm.report.save(a.report)
@@ -136,11 +192,21 @@ def cmd_demo(a) -> int:
     import torch
 
     import compiler
-    from compiler.minilm import SENTENCES, load_minilm, sentence_embeddings
+    from compiler.minilm import PARAGRAPHS, SENTENCES, load_minilm, sentence_embeddings
 
     mini = load_minilm(a.attn_implementation)
-    inputs = mini.encode_inputs(SENTENCES)
-    cm = compiler.compile(mini.model, (), policy=a.policy, example_kwargs=inputs, dynamic_shapes=None)
+    policy = compiler.parse_policy(_policy_arg(a.policy))
+    budget = _budget_arg(a)
+    calibration = None
+    if policy.auto:
+        # Long paragraphs, two per batch, at one length: sparse patterns only pay off on long inputs.
+        inputs = mini.encode_inputs(PARAGRAPHS[:2], max_length=128)
+        calibration = [inputs, mini.encode_inputs(PARAGRAPHS[2:4], max_length=128)]
+        budget = budget or compiler.Fidelity(min_cosine=0.99)
+    else:
+        inputs = mini.encode_inputs(SENTENCES)
+    cm = compiler.compile(mini.model, (), policy=policy, example_kwargs=inputs, dynamic_shapes=None,
+                          calibration=calibration, budget=budget)
     with torch.no_grad():
         before = sentence_embeddings(mini.model(**inputs).last_hidden_state, inputs["attention_mask"])
     out = cm(**inputs)
@@ -150,8 +216,20 @@ def cmd_demo(a) -> int:
         cm.report.save(a.report)
     cm.report.render()
     err = float((before - after).abs().max())
-    print(f"sentence embeddings before vs after the rewrite: max abs difference {err:.2e} over {len(SENTENCES)} sentences")
+    cos = float(torch.nn.functional.cosine_similarity(before, after, dim=-1).min())
+    n = inputs["input_ids"].shape[0]
+    print(f"sentence embeddings before vs after the rewrite: max abs difference {err:.2e}, "
+          f"lowest cosine {cos:.6f} over {n} texts")
+    if cm.report.totals["sites_approximate"]:
+        return 0 if cm.report.fidelity.passed is not False else 1
     return 0 if err <= 1e-5 else 1
+
+
+def _budget_flags(p) -> None:
+    g = p.add_argument_group("fidelity budget (required by --policy auto; otherwise checked)")
+    g.add_argument("--min-cosine", type=float, help="lowest cosine similarity of outputs vs the original")
+    g.add_argument("--max-kl", type=float, help="highest KL divergence of output softmax vs the original")
+    g.add_argument("--max-abs-error", type=float, help="highest max abs error of outputs vs the original")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rewrite", help="rewrite the attention of a .pt2 program")
     r.add_argument("input", help=".pt2 file written by torch.export.save")
     r.add_argument("-o", "--output", required=True, help="where to write the rewritten .pt2")
-    r.add_argument("--policy", default="fused", help="variant per site (default: fused)")
+    r.add_argument("--policy", default="fused",
+                   help="variant for every site (fused, window:256,sinks:4, topk:blocks=8,block=64, linear:elu, ...), "
+                        "auto, or a JSON object of per-site rules (default: fused)")
+    r.add_argument("--calibration", help="with --policy auto: a torch.save'd list of input batches")
+    _budget_flags(r)
     r.add_argument("--report", help="also write the pass report as JSON here")
     r.add_argument("--example-shape", action="append", help="example input, e.g. input_ids=1x128:int64 (repeatable)")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -172,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="rewrite the embedded all-MiniLM-L6-v2 model and show the report")
-    d.add_argument("--policy", default="fused")
+    d.add_argument("--policy", default="fused", help="as for rewrite; auto calibrates on long paragraphs")
+    _budget_flags(d)
     d.add_argument("--attn-implementation", default="eager", choices=["eager", "sdpa"])
     d.add_argument("--report", help="also write the report as JSON here")
     d.set_defaults(func=cmd_demo)

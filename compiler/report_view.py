@@ -7,6 +7,8 @@ import io
 from rich.console import Console
 from rich.table import Table
 
+from compiler.variants import compact_text
+
 
 def _fmt_flops(x: int) -> str:
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -38,26 +40,36 @@ def render(report, console: Console | None = None) -> None:
     console.print(passes)
 
     sites = Table(title="Attention sites", title_justify="left")
-    for col in ("id", "module", "form", "variant", "status", "heads (q/kv)", "head dim", "seq q×k",
-                "causal", "mask", "FLOPs before→after", "site err"):
-        sites.add_column(col)
+    for col in ("id", "module", "variant", "status", "heads (q/kv)", "seq q×k",
+                "causal", "mask", "FLOPs before→after", "density", "site err", "site cos", "kept mass"):
+        sites.add_column(col, overflow="fold")
     for s in report.sites:
         status = s.status if not s.reason else f"{s.status}: {s.reason}"
-        sites.add_row(s.id, s.module or "-", s.form, s.variant, status, f"{s.num_heads}/{s.num_kv_heads}",
-                      str(s.head_dim), f"{s.seq_q}×{s.seq_k}", "yes" if s.causal else "no", s.mask_kind,
+        sites.add_row(s.id, s.module or "-", compact_text(s.variant), status, f"{s.num_heads}/{s.num_kv_heads}",
+                      f"{s.seq_q}×{s.seq_k}", "yes" if s.causal else "no", s.mask_kind,
                       f"{_fmt_flops(s.flops_before)}→{_fmt_flops(s.flops_after if s.status == 'rewritten' else s.flops_before)}",
-                      _fmt_err(s.max_abs_error))
+                      f"{s.density:.3f}", _fmt_err(s.max_abs_error),
+                      "-" if s.cosine_similarity is None else f"{s.cosine_similarity:.5f}",
+                      "-" if s.kept_mass is None else f"{s.kept_mass:.4f}")
     console.print(sites)
 
     f = report.fidelity
     fid = Table(title="Fidelity (rewritten vs original)", title_justify="left")
-    for col in ("max abs error", "KL divergence", "cosine", "tolerance", "passed", "inputs checked"):
+    for col in ("max abs error", "KL divergence", "cosine", "tolerance", "budget", "passed", "inputs checked"):
         fid.add_column(col)
+    budget = ", ".join(f"{k}={v:g}" for k, v in (report.budget or {}).items()) or "-"
     fid.add_row(_fmt_err(f.max_abs_error), _fmt_err(f.kl_divergence),
                 "-" if f.cosine_similarity is None else f"{f.cosine_similarity:.8f}",
-                _fmt_err(f.tolerance), {True: "yes", False: "NO", None: "-"}[f.passed],
+                _fmt_err(f.tolerance), budget, {True: "yes", False: "NO", None: "-"}[f.passed],
                 "; ".join(f.checked_inputs) or "-")
     console.print(fid)
+    if report.auto:
+        a = report.auto
+        cal = a.get("verified_calibration_fidelity") or a.get("calibration_fidelity") or {}
+        search = ", ".join(f"{k}={v:g}" for k, v in a.get("search_budget", {}).items())
+        console.print(f"auto: {len(a.get('trials', []))} end-to-end trials on {a.get('calibration_batches')} "
+                      f"calibration batch(es), searched within {search}; calibration cosine "
+                      f"{cal.get('cosine_similarity', float('nan')):.6f}, KL {cal.get('kl_divergence', float('nan')):.2e}")
     console.print(
         f"sites found {t['sites_found']}, rewritten {t['sites_rewritten']}, rolled back {t['sites_rolled_back']}; "
         f"attention FLOPs {_fmt_flops(t['attention_flops_before'])} → {_fmt_flops(t['attention_flops_after'])} "

@@ -179,6 +179,25 @@ def format_pattern(p) -> str:
     return name + ":" + ",".join(f"{_field_name(f)}={_fmt_value(getattr(p, f.name))}" for f in fields(p))
 
 
+def compact_text(text: str) -> str:
+    """A variant's text with only the parameters that differ from their defaults (for display)."""
+    try:
+        v = parse_variant(text)
+    except PolicyError:
+        return text
+    return _compact(v)
+
+
+def _compact(v: "Variant") -> str:
+    p = v.pattern
+    if p is None:
+        return v.kind
+    if isinstance(p, HeadMix):
+        return "; ".join(f"heads[{'*' if h is None else _fmt_heads(h)}]={_compact(var)}" for h, var in p.groups)
+    changed = [f"{_field_name(f)}={_fmt_value(getattr(p, f.name))}" for f in fields(p) if getattr(p, f.name) != f.default]
+    return _NAMES[type(p)] + (":" + ",".join(changed) if changed else "")
+
+
 def _fmt_heads(heads: tuple) -> str:
     out, i = [], 0
     while i < len(heads):
