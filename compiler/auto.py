@@ -67,7 +67,9 @@ def _block_for(seq: int) -> int:
     return 16 if seq <= 256 else 32 if seq <= 1024 else 64
 
 
-def candidates(site: AttentionSite) -> list[Variant]:
+def candidates(site: AttentionSite, key_mask_only: bool = True) -> list[Variant]:
+    """Variants worth measuring for this site; linear ones only where the site's mask (if any)
+    is a key mask, which is all linear attention can apply."""
     s, bs = site.seq_k, _block_for(site.seq_k)
     nkb = -(-s // bs)
     texts = []
@@ -86,7 +88,7 @@ def candidates(site: AttentionSite) -> list[Variant]:
             texts += [f"neighborhood:{n}x{n},block={bs}" for n in (3, 5, 7)]
         except ValueError:
             pass
-    if site.softcap == 0:
+    if site.softcap == 0 and key_mask_only:
         texts += ["linear:elu", f"linear:favor,features={2 * site.head_dim}", f"hybrid:window={max(bs, s // 8)}"]
     return [parse_variant(t) for t in dict.fromkeys(texts)]
 
@@ -146,8 +148,9 @@ def _pareto(cands: list[Candidate]) -> list[Candidate]:
 def measure_candidates(site: AttentionSite, inputs: list[SiteInputs]) -> list[Candidate]:
     exact = [run_variant(FUSED, x) for x in inputs]
     probs = [exact_probabilities(x) for x in inputs]
+    key_only = all(x.mask is None or x.mask.dim() < 2 or x.mask.shape[-2] == 1 for x in inputs)
     out = []
-    for var in candidates(site):
+    for var in candidates(site, key_only):
         effects = [site_effect(var, x, e, p) for x, e, p in zip(inputs, exact, probs)]
         masses = [e.kept_mass for e in effects if e.kept_mass is not None]
         out.append(Candidate(var, sum(e.flops for e in effects), sum(e.dense_flops for e in effects),
