@@ -16,6 +16,8 @@ from compiler.auto import calibration_batches
 from compiler.budget import Fidelity
 from compiler.capture import capture, hf_defaults
 from compiler.errors import InputError, PolicyError
+from compiler.explain import attention_maps as explain_maps
+from compiler.explain import rewritten_subgraph
 from compiler.graph import shape
 from compiler.measure import SiteEffect, exact_probabilities, record_site_inputs, site_effect
 from compiler.ops import attention_flops, causal_pairs
@@ -166,6 +168,7 @@ def compile_program(
     calibration=None,
     budget: Optional[Fidelity] = None,
     show_progress: Optional[bool] = None,
+    attention_maps: bool = False,
 ) -> CompiledModel:
     t0 = time.perf_counter()
     pol = parse_policy(policy)
@@ -198,7 +201,8 @@ def compile_program(
     if verify_outputs:
         approx = {sid: v for sid, v in ctx.variants.items() if not v.exact}
         nodes = ctx.variant_result.nodes
-        inputs = record_site_inputs(ctx.ep, example_inputs, kwargs, [nodes[s] for s in approx])
+        wanted = ctx.variants if attention_maps else approx
+        inputs = record_site_inputs(ctx.ep, example_inputs, kwargs, [nodes[s] for s in wanted])
         for sid, var in approx.items():
             x = inputs[nodes[sid]]
             effects[sid] = site_effect(var, x, exact_probs=exact_probabilities(x))
@@ -228,16 +232,26 @@ def compile_program(
         budget=budget.to_dict() if budget is not None else None,
         auto=auto_record,
     )
+    graph_nodes = {n.name: n for n in ctx.ep.graph.nodes}
+    old_names = {n.name for n in ctx.before_fusion.graph.nodes}
     for sid, m in matches.items():
         if sid in ctx.variants:
             err = site_err[sid][0] if sid in site_err else None
-            report.sites.append(_site_record(m, "rewritten", err=err, variant=ctx.variants[sid], effect=effects.get(sid)))
+            rec = _site_record(m, "rewritten", err=err, variant=ctx.variants[sid], effect=effects.get(sid))
+            node = graph_nodes.get(ctx.variant_result.nodes.get(sid))
+            if node is not None:
+                rec.subgraph_after = rewritten_subgraph(node, old_names)
+            if attention_maps and verify_outputs and node is not None:
+                rec.attention_map = explain_maps(inputs[node.name], ctx.variants[sid])
+            report.sites.append(rec)
         elif sid in excluded:
             report.sites.append(_site_record(m, "rolled_back", excluded[sid]))
         elif sid in ctx.fusion.skipped:
             report.sites.append(_site_record(m, "skipped", ctx.fusion.skipped[sid]))
         else:
             report.sites.append(_site_record(m, "kept", "policy keeps this site dense"))
+    for rec in report.sites:
+        rec.subgraph_before = ctx.subgraphs.get(rec.id)
     report.compile_seconds = time.perf_counter() - t0
     return CompiledModel(ctx.ep, report, backend)
 
@@ -254,6 +268,7 @@ def compile(
     calibration=None,
     budget: Optional[Fidelity] = None,
     show_progress: Optional[bool] = None,
+    attention_maps: bool = False,
 ) -> CompiledModel:
     """Capture ``model``, rewrite its attention by ``policy`` and return a runnable model.
 
@@ -263,6 +278,8 @@ def compile(
     ``policy="auto"`` chooses a variant per site so that the outputs on ``calibration`` (a list
     of batches: tuples of args or dicts of kwargs; default the example inputs) stay within
     ``budget`` (``compiler.Fidelity``). With another policy, a budget is checked and reported.
+    ``attention_maps=True`` stores each site's attention maps (example input, batch 0) in the
+    report for ``attnforge inspect --html``.
     """
     if backend not in backends.AVAILABLE:
         backends.load(backend, None)  # raises the one-line reason
@@ -274,7 +291,8 @@ def compile(
     if isinstance(model, torch.nn.Module):
         kwargs = hf_defaults(model, kwargs)
     name = type(model).__name__
-    cm = compile_program(ep, example_inputs, kwargs, policy, backend, verify, name, calibration, budget, show_progress)
+    cm = compile_program(ep, example_inputs, kwargs, policy, backend, verify, name, calibration, budget, show_progress,
+                         attention_maps)
     cm.default_kwargs = {k: v for k, v in kwargs.items() if k not in (example_kwargs or {})}
     cm.report.compile_seconds = time.perf_counter() - t0
     return cm

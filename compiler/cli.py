@@ -167,7 +167,8 @@ def cmd_rewrite(a) -> int:
     else:
         raise InputError(f"{src} stores no example inputs; give --example-shape (e.g. input_ids=1x128:int64)")
     cm = compile_program(ep, tuple(args), dict(kwargs), policy=policy, model_name=src.stem,
-                         calibration=calibration, budget=budget, show_progress=None if not a.quiet else False)
+                         calibration=calibration, budget=budget, show_progress=None if not a.quiet else False,
+                         attention_maps=a.attention_maps)
     t = cm.report.totals
     if t["sites_found"] == 0:
         raise InputError(f"{src}: no attention found in this program; nothing to rewrite")
@@ -206,7 +207,7 @@ def cmd_demo(a) -> int:
     else:
         inputs = mini.encode_inputs(SENTENCES)
     cm = compiler.compile(mini.model, (), policy=policy, example_kwargs=inputs, dynamic_shapes=None,
-                          calibration=calibration, budget=budget)
+                          calibration=calibration, budget=budget, attention_maps=a.attention_maps)
     with torch.no_grad():
         before = sentence_embeddings(mini.model(**inputs).last_hidden_state, inputs["attention_mask"])
     out = cm(**inputs)
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calibration", help="with --policy auto: a torch.save'd list of input batches")
     _budget_flags(r)
     r.add_argument("--report", help="also write the pass report as JSON here")
+    r.add_argument("--attention-maps", action="store_true",
+                   help="store each site's attention maps (example input) in the report, for inspect --html")
     r.add_argument("--example-shape", action="append", help="example input, e.g. input_ids=1x128:int64 (repeatable)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_rewrite)
@@ -258,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_flags(d)
     d.add_argument("--attn-implementation", default="eager", choices=["eager", "sdpa"])
     d.add_argument("--report", help="also write the report as JSON here")
+    d.add_argument("--attention-maps", action="store_true", help="store attention maps in the report")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -22,6 +22,7 @@ class PassContext:
     discovery: object = None  # passes.attention_discovery.Discovery
     fusion: object = None  # passes.attention_fusion.FusionResult
     before_fusion: Optional[ExportedProgram] = None  # snapshot for per-site verification
+    subgraphs: dict = field(default_factory=dict)  # site id -> its matched subgraph (compiler.explain)
     variants: dict = field(default_factory=dict)  # site id -> compiler.variants.Variant
     variant_result: object = None  # passes.attention_variants.VariantResult
 
@@ -60,6 +61,7 @@ class PassManager:
 
 def exact_pipeline() -> PassManager:
     """Clean up, find attention, fuse every site the policy rewrites into exact attention."""
+    from compiler.explain import subgraph
     from passes.attention_discovery import discover
     from passes.attention_fusion import fuse_attention
     from passes.constant_folding import constant_folding
@@ -70,6 +72,7 @@ def exact_pipeline() -> PassManager:
     def discovery(ctx: PassContext) -> dict:
         ctx.discovery = discover(ctx.ep)
         ctx.before_fusion = clone_program(ctx.ep)
+        ctx.subgraphs = {m.site.id: subgraph([*m.internal, m.anchor, m.output]) for m in ctx.discovery.matches}
         return {"sites_found": len(ctx.discovery.matches), "rejected_softmax": len(ctx.discovery.rejected)}
 
     def fusion(ctx: PassContext) -> dict:

@@ -51,6 +51,9 @@ class SiteRecord:
     density: float = 1.0  # scores computed / scores exact attention needs (causal-aware)
     cosine_similarity: Optional[float] = None  # site output vs exact attention on the same inputs
     kept_mass: Optional[float] = None  # share of exact attention probability the pattern keeps
+    subgraph_before: Optional[dict] = None  # compiler.explain.subgraph of the matched nodes
+    subgraph_after: Optional[dict] = None  # the op that replaced them and what feeds it
+    attention_map: Optional[dict] = None  # compiler.explain.attention_maps, when asked for
 
 
 @dataclass

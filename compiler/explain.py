@@ -1,0 +1,96 @@
+"""Data for the pictures in a report: a site's subgraph before and after the rewrite, and its
+attention maps with the pairs its variant keeps.
+
+Stored in the JSON report (small and plain: names, edges, 8-bit images in base64) so that
+``attnforge inspect --html`` can draw them later without the model.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from compiler.measure import SiteInputs, exact_probabilities
+from compiler.sparse_ops import sparse_keep_mask
+from compiler.variants import Variant
+
+MAP_SIZE = 64  # attention maps are pooled to at most this many rows and columns
+MAX_HEADS = 16
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_function":
+        t = n.target
+        name = getattr(t, "__name__", str(t))
+        pkt = getattr(t, "_overloadpacket", None)
+        if pkt is not None:
+            ns = getattr(t, "namespace", "aten")
+            name = f"{ns}.{pkt.__name__}" if ns != "aten" else pkt.__name__
+        return name
+    return n.op
+
+
+def subgraph(nodes: Iterable[fx.Node]) -> dict:
+    """The nodes, their ops, the edges among them, and the outside nodes they read."""
+    nodes = list(dict.fromkeys(nodes))
+    inside = set(nodes)
+    edges, inputs = [], []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in inside:
+                edges.append([a.name, n.name])
+            elif a.name not in inputs:
+                inputs.append(a.name)
+    return {"nodes": [{"name": n.name, "op": _op_name(n)} for n in nodes], "edges": edges, "inputs": inputs}
+
+
+def rewritten_subgraph(node: fx.Node, stop_names: set[str], depth: int = 6) -> dict:
+    """``node`` and the nodes the rewrite created to feed it, back to nodes named in
+    ``stop_names`` (those that existed before the rewrite) or ``depth`` steps."""
+    seen, frontier = [node], [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a in seen or a.name in stop_names or a.op in ("placeholder", "get_attr"):
+                    continue
+                seen.append(a)
+                nxt.append(a)
+        frontier = nxt
+    return subgraph(reversed(seen))
+
+
+def _png_bytes(x: torch.Tensor) -> str:
+    """A [H, W] map in [0, 1] as base64 of its 8-bit values (row-major)."""
+    q = (x.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    return base64.b64encode(q.numpy().tobytes()).decode("ascii")
+
+
+def decode_map(data: str, shape: list) -> "torch.Tensor":
+    raw = base64.b64decode(data)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*shape).float() / 255.0
+
+
+def attention_maps(x: SiteInputs, variant: Optional[Variant] = None) -> Optional[dict]:
+    """Exact attention probabilities of batch 0 per head, pooled to at most MAP_SIZE², and,
+    for a sparse variant, the share of each pooled cell the variant keeps."""
+    probs = exact_probabilities(x)
+    if probs is None:
+        return None
+    p = probs[0, :MAX_HEADS]  # [H, Sq, Sk]
+    sq, sk = p.shape[-2:]
+    size = (min(sq, MAP_SIZE), min(sk, MAP_SIZE))
+    # Pool by max so a few strong keys stay visible; each head scaled to its own peak.
+    pooled = F.adaptive_max_pool2d(p.unsqueeze(1), size).squeeze(1)
+    peak = pooled.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    out = {"heads": list(range(p.shape[0])), "shape": list(size), "seq": [sq, sk],
+           "probs": [_png_bytes(m) for m in (pooled / peak).sqrt()], "keep": None}
+    if variant is not None and variant.kind == "sparse":
+        keep = sparse_keep_mask(x.q[:1], x.k[:1], variant.text, x.scale, x.causal)[0, :MAX_HEADS].float()
+        kept = F.adaptive_avg_pool2d(keep.unsqueeze(1), size).squeeze(1)
+        out["keep"] = [_png_bytes(m) for m in kept]
+    return out
