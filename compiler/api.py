@@ -23,6 +23,7 @@ from compiler.measure import SiteEffect, exact_probabilities, record_site_inputs
 from compiler.ops import attention_flops, causal_pairs
 from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
 from compiler.policy import Policy, PolicySpec, parse_policy
+from compiler.progress import status
 from compiler.program import clone_program
 from compiler.report import FidelityRecord, Report, SiteRecord
 from compiler.variants import FUSED, Variant
@@ -180,7 +181,8 @@ def compile_program(
         raise PolicyError("policy='auto' chooses by measured fidelity; it cannot run with verify=False")
     kwargs = dict(example_kwargs or {})
     reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
-    ctx, records, excluded, site_err = _fuse_exact(ep, pol, example_inputs, kwargs, reference, verify_outputs)
+    with status("finding, fusing and verifying attention", show_progress):
+        ctx, records, excluded, site_err = _fuse_exact(ep, pol, example_inputs, kwargs, reference, verify_outputs)
     matches = {m.site.id: m for m in ctx.discovery.matches}
     sites = {sid: m.site for sid, m in matches.items()}
     fused = list(ctx.fusion.rewritten)
@@ -286,7 +288,8 @@ def compile(
     t0 = time.perf_counter()
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    ep = capture(model, example_inputs, dynamic_shapes, example_kwargs)
+    with status(f"capturing {type(model).__name__} with torch.export", show_progress):
+        ep = capture(model, example_inputs, dynamic_shapes, example_kwargs)
     kwargs = dict(example_kwargs or {})
     if isinstance(model, torch.nn.Module):
         kwargs = hf_defaults(model, kwargs)

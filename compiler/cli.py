@@ -159,7 +159,10 @@ def cmd_rewrite(a) -> int:
     if policy.auto and budget is None:
         raise PolicyError("--policy auto needs a budget: --min-cosine, --max-kl and/or --max-abs-error")
     calibration = _calibration_arg(a.calibration)
-    ep = _load_pt2(src)
+    from compiler.progress import status
+
+    with status(f"loading {src.name}", None if not a.quiet else False):
+        ep = _load_pt2(src)
     if a.example_shape:
         args, kwargs = _example(a.example_shape)
     elif ep.example_inputs is not None:

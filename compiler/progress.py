@@ -22,3 +22,17 @@ def progress(description: str, total: int, enabled: Optional[bool] = None) -> It
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
+
+
+@contextlib.contextmanager
+def status(description: str, enabled: Optional[bool] = None) -> Iterator[None]:
+    """A spinner for one long step of unknown length (capture, loading)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(description):
+        yield
