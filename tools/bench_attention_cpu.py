@@ -11,10 +11,8 @@ ideal 1/density. Writes docs/attention_cpu.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from compiler.ops import causal_pairs
 from compiler.progress import progress
 from compiler.sparse_ops import sparse_computed_pairs
 from compiler.variants import parse_variant
+from benchlib import write_csv
 
 VARIANTS = ("window:256", "window:256,sinks:4", "topk:blocks=4,block=64", "linear:elu")
 
@@ -83,12 +82,7 @@ def main() -> None:
                          "speedup": round(speed, 2), "density": round(dens, 4), "ideal_speedup": round(1 / dens, 2),
                          "speedup_vs_ideal": round(speed * dens, 3)})
             print(",".join(str(x) for x in rows[-1].values()), flush=True)
-    out = Path(a.out)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    write_csv(rows, a.out)
 
 
 if __name__ == "__main__":

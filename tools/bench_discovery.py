@@ -11,7 +11,6 @@ and the wall time of attnforge.compile vs that torch.compile first call, in one 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import compiler  # noqa: E402
 from compiler.capture import hf_defaults  # noqa: E402
 from compiler.minilm import SENTENCES, load_minilm  # noqa: E402
 from zoo import hf_model  # noqa: E402
+
+from benchlib import write_csv  # noqa: E402
 
 
 def inductor_sites(model, kwargs) -> tuple[int, float]:
@@ -59,11 +60,7 @@ def main() -> None:
                      "attnforge_compile_s": round(ours_s, 3), "torch_compile_first_call_s": round(ind_s, 3),
                      "time_ratio": round(ours_s / ind_s, 3)})
         print(rows[-1], flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, a.out)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ cosine), and the compile time. Writes docs/minilm_budget.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
-from pathlib import Path
 
 import torch
 
@@ -22,6 +20,7 @@ import compiler
 from compiler.minilm import PARAGRAPHS, load_minilm, sentence_embeddings
 from compiler.variants import compact_text
 from compiler.verify import compare
+from benchlib import write_csv
 
 
 def main() -> None:
@@ -62,12 +61,7 @@ def main() -> None:
             "trials": len(cm.report.auto["trials"]), "compile_s": round(secs, 1),
         })
         print(rows[-1], flush=True)
-    out = Path(a.out)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    write_csv(rows, a.out)
 
 
 if __name__ == "__main__":
