@@ -56,10 +56,9 @@ class BlockLayout:
         j = (self.kv_blocks.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs)).view(bl, hl, nqb, 1, nk * bs)
         return i, j
 
-    def gathered_drop(self, causal: bool) -> tuple[Tensor, Tensor]:
-        """Which gathered pairs are *not* attended, [Bl, Hl, nqb, bs, K*bs], and which query rows
-        attend nothing [.., bs, 1]. A static layout is reused across calls, so this is computed
-        once per layout."""
+    def gathered_drop(self, causal: bool) -> Tensor:
+        """Which gathered pairs are *not* attended, [Bl, Hl, nqb, bs, K*bs]. A static layout is
+        reused across calls, so this is computed once per layout."""
         if causal not in self._keep_cache:
             i, j = self.positions()
             valid = (self.kv_blocks >= 0).repeat_interleave(self.block, -1).unsqueeze(-2)
@@ -68,7 +67,7 @@ class BlockLayout:
                 keep = keep & (j <= i)
             if self.pair_keep is not None:
                 keep = keep & self.pair_keep(i, j)
-            self._keep_cache[causal] = (~keep, ~keep.any(-1, keepdim=True))
+            self._keep_cache[causal] = ~keep
         return self._keep_cache[causal]
 
     def dense_keep(self, causal: bool) -> Tensor:
@@ -179,7 +178,8 @@ def _window_blocks(left: int, right: int, sinks: int, sq: int, sk: int, block: i
     q0 = torch.arange(nqb).view(-1, 1) * block
     kb = torch.arange(nkb).view(1, -1)
     lo = (q0 - left).clamp(min=0) // block
-    hi = (q0 + block - 1 + (0 if causal else right)).clamp(max=sk - 1) // block
+    q_last = (q0 + block - 1).clamp(max=sq - 1)  # the last real query of the block, not padding
+    hi = (q_last + (0 if causal else right)).clamp(max=sk - 1) // block
     bm = ((kb >= lo) & (kb <= hi)) | (kb * block < sinks)
     return bm & _causal_blocks(nqb, nkb, block) if causal else bm
 
@@ -230,8 +230,8 @@ def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> Bl
     cand = scores.masked_fill(~allowed | forced, float("-inf"))
     if p.mass > 0:
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        probs = probs.masked_fill(forced, 0.0)
         covered = probs.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+        probs = probs.masked_fill(forced, 0.0)
         srt, order = probs.sort(-1, descending=True)
         # A block is taken while the mass before it is still short of the target.
         before = srt.cumsum(-1) - srt + covered
@@ -286,10 +286,13 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
     bm |= col_blocks.unsqueeze(2)
     q0 = (torch.arange(nqb) * p.block).view(1, 1, -1, 1)
     dd = diags.unsqueeze(2)  # [B, H, 1, ns]
-    for first in (q0, (q0 + p.block - 1).clamp(max=sq - 1)):
-        kpos = first - dd
-        kbi = torch.where((kpos >= 0) & (kpos < sk), kpos // p.block, torch.full_like(kpos, nkb))
-        bm.scatter_(-1, kbi, True)
+    # Diagonal d meets query rows [q0, q1] at keys [q0 - d, q1 - d]; clipped to the real keys,
+    # that span is at most one block long, so its two ends name every key block it touches.
+    lo = (q0 - dd).clamp(min=0)
+    hi = ((q0 + p.block - 1).clamp(max=sq - 1) - dd).clamp(max=sk - 1)
+    hit = lo <= hi
+    for end in (lo, hi):
+        bm.scatter_(-1, torch.where(hit, end // p.block, torch.full_like(end, nkb)), True)
     bm = bm[..., :nkb]
     if causal:
         bm &= _causal_blocks(nqb, nkb, p.block)

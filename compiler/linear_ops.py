@@ -168,7 +168,7 @@ def _hybrid(p: Hybrid, q, k, vf, fq, oq, fkw, ok, lin_num, lin_den, mask, scale,
     def rows(x):
         return F.pad(x, (0, 0, 0, nqb * bs - sq)).view(b, hq, nqb, bs, x.shape[-1])
 
-    drop, _ = layout.gathered_drop(causal)
+    drop = layout.gathered_drop(causal)
     scores = rows(q.float() * scale) @ gather(k.float()).transpose(-1, -2)  # [B, H, nqb, bs, K*bs]
     if mask is not None and mask.dtype != torch.bool:
         scores = scores + gather(mask.float().expand(b, hq, 1, sk).transpose(-1, -2)).transpose(-1, -2)

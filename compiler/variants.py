@@ -164,7 +164,7 @@ def _fmt_value(v) -> str:
     if isinstance(v, tuple):
         return "x".join(str(x) for x in v)
     if isinstance(v, float):
-        return f"{v:g}"
+        return repr(v)  # the shortest text that reads back as the same float
     return "auto" if v is None else str(v)
 
 
@@ -338,11 +338,15 @@ def _parse_mix(text: str) -> Variant:
     return Variant("sparse", HeadMix(tuple(groups)))
 
 
-@lru_cache(maxsize=256)
 def parse_variant(text: str) -> Variant:
     """One variant from its text form; raises PolicyError naming the bad token."""
     if not isinstance(text, str):
         raise PolicyError(f"a variant is a string, not {type(text).__name__}; valid variants: {VALID}")
+    return _parse_cached(text)
+
+
+@lru_cache(maxsize=256)
+def _parse_cached(text: str) -> Variant:
     t = text.strip()
     if not t:
         raise PolicyError(f"empty variant; valid variants: {VALID}")
