@@ -188,7 +188,15 @@ def cmd_rewrite(a) -> int:
 def cmd_inspect(a) -> int:
     from compiler.report import Report
 
-    Report.load(a.report).render()
+    report = Report.load(a.report)
+    if a.html:
+        from compiler.report_html import write_html
+
+        write_html(report, a.html, attention_maps=a.attention_maps)
+    if not a.quiet:
+        report.render()
+        if a.html:
+            print(f"wrote {a.html}")
     return 0
 
 
@@ -255,8 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_rewrite)
 
-    i = sub.add_parser("inspect", help="show a JSON pass report")
+    i = sub.add_parser("inspect", help="show a JSON pass report, in the terminal or as an HTML page")
     i.add_argument("report")
+    i.add_argument("--html", help="also write the report as one self-contained HTML page here")
+    i.add_argument("--attention-maps", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the attention maps stored in the report (rewrite --attention-maps)")
+    i.add_argument("-q", "--quiet", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="rewrite the embedded all-MiniLM-L6-v2 model and show the report")
