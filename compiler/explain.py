@@ -35,15 +35,14 @@ def _op_name(n: fx.Node) -> str:
 
 
 def subgraph(nodes: Iterable[fx.Node]) -> dict:
-    """The nodes, their ops, the edges among them, and the outside nodes they read."""
+    """The nodes, their ops, the outside nodes they read, and the edges from both."""
     nodes = list(dict.fromkeys(nodes))
     inside = set(nodes)
     edges, inputs = [], []
     for n in nodes:
         for a in n.all_input_nodes:
-            if a in inside:
-                edges.append([a.name, n.name])
-            elif a.name not in inputs:
+            edges.append([a.name, n.name])
+            if a not in inside and a.name not in inputs:
                 inputs.append(a.name)
     return {"nodes": [{"name": n.name, "op": _op_name(n)} for n in nodes], "edges": edges, "inputs": inputs}
 

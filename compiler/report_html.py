@@ -22,7 +22,7 @@ h3{font-size:16px;margin:18px 0 6px}.sub{color:#5b6475;margin-bottom:18px}
 table{border-collapse:collapse;width:100%;font-size:13.5px;margin:6px 0 12px}
 th,td{padding:5px 8px;border-bottom:1px solid #e3e6eb;text-align:left;vertical-align:top}
 th{background:#f0f2f5;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.cards{display:flex;flex-wrap:wrap;gap:12px}.card{flex:1 1 170px;border:1px solid #e3e6eb;border-radius:8px;padding:10px 14px}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{flex:1 1 140px;border:1px solid #e3e6eb;border-radius:8px;padding:10px 14px}
 .card b{display:block;font-size:20px}.card span{color:#5b6475;font-size:13px}
 .ok{color:#17803d;font-weight:600}.bad{color:#b42318;font-weight:600}.na{color:#5b6475}
 code{font-size:12.5px;background:#f0f2f5;padding:1px 4px;border-radius:3px;word-break:break-all}
