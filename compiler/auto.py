@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.utils import _pytree as pytree
 
 from compiler import verify
 from compiler.block_layout import grid_of

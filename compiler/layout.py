@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import fx
 
-from compiler.graph import aten, hint, is_op, overloads, shape, sym_shape, same_shape, val
+from compiler.graph import aten, is_op, overloads, same_shape, shape, sym_shape, val
 
 VIEWS = overloads(aten.view, aten.reshape, aten._unsafe_view)
 EXPANDS = overloads(aten.expand)

@@ -13,7 +13,6 @@ The pass only describes; ``attention_fusion`` rewrites.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,7 +28,6 @@ from compiler.graph import (
     aten,
     depends_on_user_values,
     dtype,
-    hint,
     is_op,
     module_path,
     module_type,

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import compiler
 from compiler import dynamo_backend
 from compare import max_err
 from zoo import hf_model
