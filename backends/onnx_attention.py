@@ -1,0 +1,137 @@
+"""ONNX lowerings of exact attention (``attnforge::attention``) and the table that picks one.
+
+Three lowerings, each checked against the PyTorch reference in the tests:
+
+* ``attention``: the standard ONNX ``Attention`` op (opset 23). It runs every feature we
+  have: top-left causal, bool or additive masks, native GQA on 4-D inputs, softcap, and rows
+  whose keys are all masked come out as zeros, as ours do (checked on ORT 1.31).
+* ``gqa``: com.microsoft ``GroupQueryAttention`` in its prefill form; causal only, no mask,
+  ``Sq == Sk``. It takes packed ``[B, S, H*D]`` inputs, so it costs two transposes.
+* ``mha``: com.microsoft ``MultiHeadAttention``; no causality, mask, softcap or GQA (its fast
+  CPU path is the unmasked one, and its masked rows are uniform rather than zero), fp32 only.
+
+Which one a site gets is decided by ``choose_fused`` from the site's features and the
+execution provider's preference order, measured by ``tools/bench_onnx.py``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Optional
+
+from onnxscript import ir
+from onnxscript import opset23 as op
+
+from backends.onnx_build import MS, dim, ints, same_dim, static_dim
+
+FUSED_LOWERINGS = ("attention", "gqa", "mha")
+
+# Fastest first, per execution provider, from tools/bench_onnx.py (docs/benchmarks.md).
+PREFERENCE = {
+    "CPUExecutionProvider": ("attention", "gqa", "mha"),
+}
+DEFAULT_PREFERENCE = ("attention",)
+
+
+@dataclass(frozen=True)
+class FusedFeatures:
+    causal: bool
+    mask: str  # "none", "bool" or "float"
+    softcap: bool
+    grouped: bool  # Hkv < Hq
+    square: bool  # Sq == Sk provably (same number or same symbol)
+    dtype: str  # "float32", "float16", ...
+
+    def supported_by(self, lowering: str) -> bool:
+        if lowering == "attention":
+            return True
+        if lowering == "gqa":
+            return self.causal and self.mask == "none" and self.square and self.dtype in ("float32", "float16")
+        if lowering == "mha":
+            return not (self.causal or self.grouped or self.softcap) and self.mask == "none" \
+                and self.dtype == "float32"
+        raise KeyError(lowering)
+
+
+def choose_fused(features: FusedFeatures, provider: str, allowed: Optional[tuple] = None) -> str:
+    """The first lowering in the provider's preference order that supports the site."""
+    for lowering in PREFERENCE.get(provider, DEFAULT_PREFERENCE):
+        if (allowed is None or lowering in allowed) and features.supported_by(lowering):
+            return lowering
+    return "attention"
+
+
+_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+           ir.DataType.DOUBLE: "float64"}
+
+
+def features_of(q, k, mask, is_causal: bool, softcap: float) -> FusedFeatures:
+    """Features of a site from the symbolic values the exporter hands a translation."""
+    mask_kind = "none" if mask is None else ("bool" if mask.dtype == ir.DataType.BOOL else "float")
+    hq, hkv = static_dim(q, 1), static_dim(k, 1)
+    return FusedFeatures(
+        causal=bool(is_causal),
+        mask=mask_kind,
+        softcap=softcap > 0.0,
+        grouped=hq is None or hkv is None or hq != hkv,
+        square=same_dim(q, 2, k, 2),
+        dtype=_DTYPES.get(q.dtype, str(q.dtype)),
+    )
+
+
+# What the exporter is building for: set by ``backends.onnx_export`` around one export.
+EXPORT_PROVIDER = contextvars.ContextVar("attnforge_onnx_provider", default="CPUExecutionProvider")
+FUSED_CHOICES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("attnforge_fused_choices",
+                                                                               default=None)
+FORCED_LOWERING: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attnforge_forced", default=None)
+
+
+def _packed(x):
+    """[B, H, S, D] -> [B, S, H*D]."""
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), ints(0, 0, -1))
+
+
+def _unpacked(x, heads: int):
+    """[B, S, H*D] -> [B, H, S, D]."""
+    return op.Transpose(op.Reshape(x, ints(0, 0, heads, -1)), perm=[0, 2, 1, 3])
+
+
+def full_rows(mask, q):
+    """ORT's Attention wants a mask row per query; a key mask [.., 1, Sk] is expanded to Sq rows."""
+    if mask is None or len(mask.shape) < 2 or static_dim(mask, len(mask.shape) - 2) != 1:
+        return mask
+    lead = op.Shape(mask, end=-2)
+    return op.Expand(mask, op.Concat(lead, dim(q, 2), op.Shape(mask, start=-1), axis=0))
+
+
+def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float, lowering: str):
+    if lowering == "attention":
+        mask = full_rows(mask, q)
+        return op.Attention(q, k, v, mask, scale=scale, is_causal=int(is_causal), softcap=softcap)[0]
+    hq, hkv = static_dim(q, 1), static_dim(k, 1)
+    if lowering == "gqa":
+        seq = op.Cast(dim(q, 2), to=ir.DataType.INT32)
+        batch = dim(q, 0)
+        # The prefill form: every sequence is full length, the cache is this call's keys.
+        seqlens = op.Expand(op.Sub(seq, op.Cast(ints(1), to=ir.DataType.INT32)), batch)
+        total = op.Squeeze(seq)
+        out = MS.GroupQueryAttention(_packed(q), _packed(k), _packed(v), None, None, seqlens, total,
+                                     num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap)[0]
+        return _unpacked(out, hq)
+    if lowering == "mha":
+        out = MS.MultiHeadAttention(_packed(q), _packed(k), _packed(v), num_heads=hq, scale=scale)
+        return _unpacked(out, hq)
+    raise KeyError(lowering)
+
+
+def attention_translation(q, k, v, mask=None, scale=1.0, is_causal=False, softcap=0.0):
+    """``attnforge::attention`` -> the provider's fastest lowering that supports the site."""
+    feats = features_of(q, k, mask, is_causal, softcap)
+    forced = FORCED_LOWERING.get()
+    lowering = forced if forced is not None and feats.supported_by(forced) else \
+        choose_fused(feats, EXPORT_PROVIDER.get())
+    choices = FUSED_CHOICES.get()
+    if choices is not None:
+        choices.append(lowering)
+    return lower_attention(q, k, v, mask, scale, is_causal, softcap, lowering)

@@ -1,0 +1,120 @@
+"""ExportedProgram -> ONNX, with our ops translated by ``backends.onnx_*``.
+
+``torch.onnx.export(..., dynamo=True)`` does the rest of the graph; a custom translation
+table maps each attnforge op to its lowering. Dynamic batch and sequence sizes of the program
+stay dynamic in the file. What each site was lowered to is returned for the report.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from typing import Optional
+
+import onnx
+import torch
+from torch.export import ExportedProgram
+
+from backends.onnx_attention import EXPORT_PROVIDER, FORCED_LOWERING, FUSED_CHOICES, attention_translation
+from backends.onnx_linear import linear_translation
+from backends.onnx_sparse import sparse_translation
+from compiler.errors import AttnforgeError, BackendError
+from compiler.linear_ops import LINEAR_ATTENTION
+from compiler.ops import ATTENTION_OPS
+from compiler.sparse_ops import SPARSE_ATTENTION
+
+OPSET = 23  # the first opset with the standard Attention op; ORT 1.31 loads up to 26
+
+TRANSLATIONS = {
+    ATTENTION_OPS[0]: attention_translation,
+    SPARSE_ATTENTION: sparse_translation,
+    LINEAR_ATTENTION: linear_translation,
+}
+SITE_META = "attnforge_site"
+
+
+@dataclass
+class OnnxExport:
+    model: onnx.ModelProto
+    lowerings: dict = field(default_factory=dict)  # site id (or node name) -> what it became
+    seconds: float = 0.0
+
+
+def _site_nodes(ep: ExportedProgram) -> list[tuple[str, object]]:
+    return [(n.meta.get(SITE_META, n.name), n.target) for n in ep.graph.nodes
+            if n.op == "call_function" and n.target in TRANSLATIONS]
+
+
+def _our_error(e: BaseException) -> Optional[AttnforgeError]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, AttnforgeError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _failing_op(text: str) -> str:
+    marker = "target="
+    if marker in text:
+        return text.split(marker, 1)[1].split("]")[0].split(")")[0]
+    return ""
+
+
+def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
+                fused_lowering: Optional[str] = None) -> OnnxExport:
+    """The program as an ONNX model that passes the full checker.
+
+    ``fused_lowering`` forces one lowering of exact attention where the site supports it
+    (benchmarks and tests compare them); by default the provider's table chooses.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    choices: list = []
+    tokens = (EXPORT_PROVIDER.set(provider), FUSED_CHOICES.set(choices), FORCED_LOWERING.set(fused_lowering))
+    sink = io.StringIO()
+    try:
+        # The exporter narrates each step on stdout and warns about optional packages.
+        with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, custom_translation_table=TRANSLATIONS,
+                                        optimize=True, verbose=False)
+    except Exception as e:  # the exporter wraps everything; name what failed, not where
+        ours = _our_error(e)
+        if ours is not None:
+            raise BackendError(f"cannot export to ONNX: {ours}") from None
+        failing = _failing_op(str(e))
+        if failing and any(str(t) in failing for t in TRANSLATIONS):
+            # Our own lowering failed: that is a bug to report, with the innermost cause.
+            inner = e
+            while inner.__cause__ is not None:
+                inner = inner.__cause__
+            raise BackendError(f"lowering {failing} to ONNX failed ({type(inner).__name__}: "
+                               f"{str(inner).strip()[:300]}); please report it, and use backend='torch' meanwhile") from e
+        what = f"op {failing} has no ONNX translation" if failing else (str(e).strip().splitlines() or ["?"])[0][:200]
+        raise BackendError(f"cannot export to ONNX: {what}; run it with backend='torch'") from None
+    finally:
+        EXPORT_PROVIDER.reset(tokens[0])
+        FUSED_CHOICES.reset(tokens[1])
+        FORCED_LOWERING.reset(tokens[2])
+    model = program.model_proto
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        first = (str(e).strip().splitlines() or ["?"])[0][:200]
+        raise BackendError(f"the exported ONNX model does not pass onnx.checker ({first})") from None
+    lowerings, fused = {}, iter(choices)
+    for site, target in _site_nodes(ep):
+        if target == SPARSE_ATTENTION:
+            lowerings[site] = "block-gather"
+        elif target == LINEAR_ATTENTION:
+            lowerings[site] = "feature-map"
+        else:
+            lowerings[site] = next(fused, "attention")
+    return OnnxExport(model, lowerings, time.perf_counter() - t0)

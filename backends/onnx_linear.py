@@ -1,0 +1,106 @@
+"""ONNX lowering of ``attnforge::linear_attention`` in standard ops.
+
+The same arithmetic as ``compiler.linear_ops``: feature maps, then the ``phi(K)^T V`` summary
+(bidirectional) or chunked prefix sums with an exclusive ``CumSum`` over chunk states (causal),
+so the graph has no loop and every size stays dynamic. ORT's com.microsoft
+``LinearAttention`` has no feature map or normalizer inside; with the maps applied outside,
+its plain update is the ``num`` half of what this graph computes in two matmuls, so the
+standard-op form is kept: it runs on every execution provider.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnxscript import ir
+from onnxscript import opset23 as op
+
+from backends.onnx_build import ceil_div, dim, ints, pad_axis, static_dim, to_float32
+from compiler.errors import BackendError
+from compiler.linear_ops import _EPS, orthogonal_features
+from compiler.variants import Hybrid, parse_variant
+
+
+def _features(x, p, scale: float, stabilize: str, head_dim):
+    """(phi, log_offset or None), as ``compiler.linear_ops.features``."""
+    x = op.Mul(to_float32(x), op.Constant(value_float=math.sqrt(scale)))
+    if p.map == "elu":
+        return op.Add(op.Elu(x), op.Constant(value_float=1.0)), None
+    if p.map == "relu":
+        return op.Relu(x), None
+    if p.map == "taylor":
+        ones = op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(x, end=-1), ints(1), axis=0))
+        outer = op.Mul(op.Unsqueeze(x, ints(-1)), op.Unsqueeze(x, ints(-2)))
+        second = op.Div(op.Reshape(outer, ints(0, 0, 0, -1)), op.Constant(value_float=math.sqrt(2.0)))
+        return op.Concat(ones, x, second, axis=-1), None
+    if head_dim is None:
+        raise BackendError("favor features need a fixed head size to export")
+    w = orthogonal_features(p.features, head_dim, p.seed)
+    proj = op.Constant(value=ir.tensor(w.T.contiguous().numpy()))  # [D, F]
+    h = op.Sub(op.MatMul(x, proj),
+               op.Div(op.ReduceSum(op.Mul(x, x), ints(-1), keepdims=1), op.Constant(value_float=2.0)))
+    off = op.ReduceMax(h, ints(-1) if stabilize == "row" else ints(-2, -1), keepdims=1)
+    return op.Div(op.Exp(op.Sub(h, off)), op.Constant(value_float=math.sqrt(p.features))), off
+
+
+def _key_weights(mask):
+    """A key mask as per-key weights [B|1, H|1, Sk, 1]."""
+    rank = len(mask.shape)
+    if rank < 4:
+        mask = op.Unsqueeze(mask, ints(*range(4 - rank)))
+    if static_dim(mask, 2) != 1:
+        raise BackendError("linear attention can only apply a key mask (one row for every query); this site's "
+                           "mask has a row per query")
+    if mask.dtype == ir.DataType.BOOL:
+        w = op.Cast(mask, to=ir.DataType.FLOAT)
+    else:
+        w = op.Exp(op.Min(to_float32(mask), op.Constant(value_float=80.0)))
+    return op.Transpose(w, perm=[0, 1, 3, 2])
+
+
+def _terms(fq, fk, v, causal: bool, chunk: int):
+    """(numerator [B,H,Sq,Dv], denominator [B,H,Sq,1]) of sum_j phi(q_i).phi(k_j) v_j."""
+    if not causal:
+        kv = op.MatMul(op.Transpose(fk, perm=[0, 1, 3, 2]), v)
+        z = op.ReduceSum(fk, ints(-2), keepdims=1)
+        return op.MatMul(fq, kv), op.ReduceSum(op.Mul(fq, z), ints(-1), keepdims=1)
+    sq, sk = dim(fq, 2), dim(fk, 2)
+    n = ceil_div(op.Max(sq, sk), chunk)
+    length = op.Mul(n, ints(chunk))
+
+    def chunks(x, s):  # padded rows have zero features, so they add nothing
+        return op.Reshape(pad_axis(x, 2, op.Sub(length, s), 4), op.Concat(ints(0, 0, -1, chunk), dim(x, 3), axis=0))
+
+    cq, ck, cv = chunks(fq, sq), chunks(fk, sk), chunks(v, sk)
+    kv = op.MatMul(op.Transpose(ck, perm=[0, 1, 2, 4, 3]), cv)  # [B, H, n, F, Dv]
+    state = op.CumSum(kv, ints(2), exclusive=1)  # what earlier chunks contribute
+    zstate = op.Unsqueeze(op.CumSum(op.ReduceSum(ck, ints(3), keepdims=0), ints(2), exclusive=1), ints(3))
+    intra = op.Trilu(op.MatMul(cq, op.Transpose(ck, perm=[0, 1, 2, 4, 3])), upper=0)  # causal inside a chunk
+    num = op.Add(op.MatMul(intra, cv), op.MatMul(cq, state))
+    den = op.Add(op.ReduceSum(intra, ints(-1), keepdims=1), op.ReduceSum(op.Mul(cq, zstate), ints(-1), keepdims=1))
+
+    def rows(x):
+        return op.Slice(op.Reshape(x, op.Concat(ints(0, 0, -1), dim(x, 4), axis=0)), ints(0), sq, ints(2))
+
+    return rows(num), rows(den)
+
+
+def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
+    """``attnforge::linear_attention`` -> feature maps and summaries in standard ops."""
+    p = parse_variant(spec).pattern
+    if isinstance(p, Hybrid):
+        raise BackendError("the hybrid (window + linear) variant has no ONNX lowering yet; use linear:MAP or a "
+                           "sparse variant for this site, or backend='torch'")
+    hq, hkv = static_dim(q, 1), static_dim(k, 1)
+    if hq is None or hkv is None:
+        raise BackendError("linear attention needs a fixed number of heads to export")
+    if hkv != hq:
+        kv_map = ints(*[h // (hq // hkv) for h in range(hq)])
+        k, v = op.Gather(k, kv_map, axis=1), op.Gather(v, kv_map, axis=1)
+    head_dim = static_dim(q, 3)
+    fq, _ = _features(q, p, scale, "row", head_dim)
+    fk, _ = _features(k, p, scale, "all", head_dim)
+    if mask is not None:
+        fk = op.Mul(fk, _key_weights(mask))
+    num, den = _terms(fq, fk, to_float32(v), is_causal, p.chunk)
+    return op.CastLike(op.Div(num, op.Max(den, op.Constant(value_float=_EPS))), v)

@@ -1,0 +1,280 @@
+"""ONNX lowering of ``attnforge::sparse_attention`` that does only the kept work.
+
+ORT's own windowed and block-sparse CPU kernels compute the dense product and then mask it,
+so this lowering is a graph: it follows the ``BlockLayout`` contract of
+``compiler.block_layout`` step by step, with every size computed in the graph so dynamic
+batch and sequence lengths keep working:
+
+1. the pattern's block mask ``[Bl, Hl, nqb, nkb]`` (``Bl, Hl`` are 1 for static patterns;
+   top-k pools q and k and selects blocks in the graph, so nothing goes back to the host);
+2. ``TopK`` over the mask turns it into ascending lists of ``K`` kept key blocks per query
+   block, ``K`` the largest count (as the reference pads its lists);
+3. the kept key and value blocks are gathered, and scores, softmax and the value product run
+   on ``[B, H, nqb, block, K * block]``: cost grows with the kept blocks, not ``Sq * Sk``;
+4. pairs the blocks hold but the pattern, causality or the user's mask drop are set to
+   ``-inf`` inside the gathered blocks; rows with nothing left give zeros.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnxscript import ir
+from onnxscript import opset23 as op
+
+from backends.onnx_attention import lower_attention
+from backends.onnx_build import (NEG_INF, arange, ceil_div, dim, ints, nan_to_zero, pad_axis, scalar_like,
+                                 static_dim, to_float32)
+from compiler.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of
+from compiler.errors import BackendError
+from compiler.sparse_ops import head_groups
+from compiler.variants import BlockSparse, Neighborhood, TopK, VerticalSlash, Window, parse_variant, resolve_right
+
+
+def _block_grid(nqb, nkb):
+    """Query-block ids [nqb, 1] and key-block ids [1, nkb]."""
+    return op.Unsqueeze(arange(nqb), ints(1)), op.Unsqueeze(arange(nkb), ints(0))
+
+
+def _causal_blocks(qb, kb, bs: int, sq):
+    """Key blocks holding at least one key at or before some real query of the block."""
+    q_last = op.Min(op.Add(op.Mul(qb, ints(bs)), ints(bs - 1)), op.Sub(sq, ints(1)))
+    return op.LessOrEqual(op.Mul(kb, ints(bs)), q_last)
+
+
+def _window(p: Window, causal: bool, qb, kb, sq, sk):
+    right = resolve_right(p, causal)
+    bs = p.block
+    q0 = op.Mul(qb, ints(bs))
+    lo = op.Div(op.Max(op.Sub(q0, ints(p.left)), ints(0)), ints(bs))
+    q_last = op.Min(op.Add(q0, ints(bs - 1)), op.Sub(sq, ints(1)))
+    hi = op.Div(op.Min(op.Add(q_last, ints(0 if causal else right)), op.Sub(sk, ints(1))), ints(bs))
+    bm = op.And(op.GreaterOrEqual(kb, lo), op.LessOrEqual(kb, hi))
+    bm = op.Or(bm, op.Less(op.Mul(kb, ints(bs)), ints(p.sinks)))
+
+    def keep(i, j):
+        band = op.And(op.GreaterOrEqual(j, op.Sub(i, ints(p.left))), op.LessOrEqual(j, op.Add(i, ints(right))))
+        return op.Or(band, op.Less(j, ints(p.sinks)))
+
+    return bm, keep
+
+
+def _blocksparse(p: BlockSparse, qb, kb):
+    dist = op.Sub(qb, kb)
+    bm = op.LessOrEqual(op.Abs(dist), ints(p.local))
+    bm = op.Or(bm, op.Or(op.Less(kb, ints(p.global_)), op.Less(qb, ints(p.global_))))
+    if p.stride > 0:
+        bm = op.Or(bm, op.Equal(op.Mod(dist, ints(p.stride)), ints(0)))
+    return bm, None
+
+
+def _neighborhood(p: Neighborhood, q, k, causal: bool):
+    sq, sk = static_dim(q, 2), static_dim(k, 2)
+    if sq is None or sk is None:
+        raise BackendError("neighborhood attention needs a fixed sequence length to export (the grid comes from "
+                           "it); capture the model with static shapes")
+    rows, cols, prefix = grid_of(p, sk)
+    kh, kw = min(p.size[0], rows), min(p.size[1], cols)
+    # The grid is fixed, so the block mask is a constant, computed once by the reference code.
+    bm = _blocks_from_pairs(_neighborhood_keep(p, sk), sq, sk, p.block, causal)
+    bm = op.Constant(value=ir.tensor(bm.numpy()))
+
+    def keep(i, j):
+        gi, gj = op.Sub(i, ints(prefix)), op.Sub(j, ints(prefix))
+        qr, qc = op.Div(op.Max(gi, ints(0)), ints(cols)), op.Mod(op.Max(gi, ints(0)), ints(cols))
+        kr, kc = op.Div(op.Max(gj, ints(0)), ints(cols)), op.Mod(op.Max(gj, ints(0)), ints(cols))
+        r0 = op.Clip(op.Sub(qr, ints(kh // 2)), ints(0), ints(rows - kh))
+        c0 = op.Clip(op.Sub(qc, ints(kw // 2)), ints(0), ints(cols - kw))
+        inside = op.And(op.And(op.GreaterOrEqual(kr, r0), op.Less(kr, op.Add(r0, ints(kh)))),
+                        op.And(op.GreaterOrEqual(kc, c0), op.Less(kc, op.Add(c0, ints(kw)))))
+        outside_grid = op.Or(op.Less(gi, ints(0)), op.Less(gj, ints(0)))
+        return op.Or(inside, outside_grid)
+
+    return bm, keep
+
+
+def _pooled(x5, s, bs: int):
+    """Mean of each block of tokens: [B, H, nb, bs, D] -> [B, H, nb, D] (real tokens only)."""
+    nb = op.Shape(x5, start=2, end=3)
+    counts = op.Min(op.Sub(s, op.Mul(arange(nb), ints(bs))), ints(bs))
+    total = op.ReduceSum(to_float32(x5), ints(3), keepdims=0)
+    return op.Div(total, op.Unsqueeze(op.Cast(counts, to=ir.DataType.FLOAT), ints(1)))
+
+
+def _topk(p: TopK, causal: bool, qb, kb, q5, k5, sq, sk, nkb, scale: float):
+    bs = p.block
+    scores = op.Mul(op.MatMul(_pooled(q5, sq, bs), op.Transpose(_pooled(k5, sk, bs), perm=[0, 1, 3, 2])),
+                    op.Constant(value_float=scale))  # [B, H, nqb, nkb]
+    allowed = _causal_blocks(qb, kb, bs, sq) if causal else None
+    if causal:
+        near = op.And(op.LessOrEqual(kb, qb), op.GreaterOrEqual(kb, op.Sub(qb, ints(p.local))))
+    else:
+        near = op.LessOrEqual(op.Abs(op.Sub(kb, qb)), ints(p.local))
+    forced = op.Or(near, op.Less(kb, ints(p.sinks)))
+    if allowed is not None:
+        forced = op.And(forced, allowed)
+    ninf = op.Constant(value_float=NEG_INF)
+    none = op.ConstantOfShape(op.Shape(scores), value=ir.tensor(np.array([False])))
+    if p.mass > 0:
+        masked = scores if allowed is None else op.Where(allowed, scores, ninf)
+        probs = nan_to_zero(op.Softmax(masked, axis=-1))
+        zero = op.Constant(value_float=0.0)
+        covered = op.ReduceSum(op.Where(forced, probs, zero), ints(-1), keepdims=1)
+        rest = op.Where(forced, zero, probs)
+        srt, order = op.TopK(rest, nkb, axis=-1, largest=1, sorted=1)
+        before = op.Add(op.Sub(op.CumSum(srt, ints(-1)), srt), covered)
+        take = op.And(op.Less(before, op.Constant(value_float=p.mass)), op.Greater(srt, zero))
+        chosen = op.ScatterElements(none, order, take, axis=-1)
+    else:
+        drop = op.Not(allowed) if allowed is not None else None
+        drop = forced if drop is None else op.Or(drop, forced)
+        cand = op.Where(drop, ninf, scores)
+        top_v, top_i = op.TopK(cand, op.Min(ints(p.blocks), nkb), axis=-1, largest=1, sorted=1)
+        chosen = op.ScatterElements(none, top_i, op.Greater(top_v, ninf), axis=-1)
+    return op.Or(chosen, forced), None
+
+
+def _at_rank4(mask):
+    rank = len(mask.shape)
+    return mask if rank == 4 else op.Unsqueeze(mask, ints(*range(4 - rank)))
+
+
+def _gather_blocks(x5, idx, per_head: bool, b, h):
+    """x5 [B, H, nb, bs, D] and kept-block lists idx [Bl, Hl, nqb, K] -> [B, H, nqb, K, bs, D]."""
+    if not per_head:
+        return op.Gather(x5, op.Squeeze(idx, ints(0, 1)), axis=2)
+    shape = op.Concat(b, h, op.Shape(idx, start=2), axis=0)
+    return op.GatherND(x5, op.Unsqueeze(op.Expand(idx, shape), ints(-1)), batch_dims=2)
+
+
+def _mask_blocks(mask, idx, per_head: bool, b, h, nqb, nkb, sq, sk, bs: int):
+    """The user's mask at the gathered pairs, broadcastable to [B, H, nqb, bs, K*bs]."""
+    mask = _at_rank4(mask)
+    sqm, skm = static_dim(mask, 2), static_dim(mask, 3)
+    if skm == 1 and sqm == 1:
+        return op.Unsqueeze(mask, ints(2))
+    # A padding or broadcast mask has one row for every query: gather its keys like k.
+    if sqm == 1:
+        mp = pad_axis(mask, 3, op.Sub(op.Mul(nkb, ints(bs)), sk), 4)
+        mp = op.Reshape(mp, ints(0, 0, -1, bs))  # [Bm, Hm, nkb, bs]
+        if per_head:
+            mp = op.Expand(mp, op.Concat(b, h, nkb, ints(bs), axis=0))
+            g = op.GatherND(mp, op.Unsqueeze(op.Expand(idx, op.Concat(b, h, op.Shape(idx, start=2), axis=0)),
+                                            ints(-1)), batch_dims=2)
+        else:
+            g = op.Gather(mp, op.Squeeze(idx, ints(0, 1)), axis=2)  # [Bm, Hm, nqb, K, bs]
+        return op.Reshape(g, ints(0, 0, 0, 1, -1))
+    mp = pad_axis(pad_axis(mask, 2, op.Sub(op.Mul(nqb, ints(bs)), sq), 4), 3, op.Sub(op.Mul(nkb, ints(bs)), sk), 4)
+    mp = op.Transpose(op.Reshape(mp, op.Concat(ints(0, 0), nqb, ints(bs), nkb, ints(bs), axis=0)),
+                      perm=[0, 1, 2, 4, 3, 5])  # [Bm, Hm, nqb, nkb, bs_q, bs_k]
+    mp = op.Expand(mp, op.Concat(b, h, nqb, nkb, ints(bs, bs), axis=0))
+    full_idx = op.Expand(idx, op.Concat(b, h, op.Shape(idx, start=2), axis=0))
+    g = op.GatherND(mp, op.Unsqueeze(full_idx, ints(-1)), batch_dims=3)  # [B, H, nqb, K, bs_q, bs_k]
+    return op.Reshape(op.Transpose(g, perm=[0, 1, 2, 4, 3, 5]), ints(0, 0, 0, bs, -1))
+
+
+def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softcap: float):
+    """Sparse attention of one pattern over q [B, H, Sq, D] and k, v already at H heads."""
+    bs = pattern.block
+    b, h = dim(q, 0), dim(q, 1)
+    sq, sk = dim(q, 2), dim(k, 2)
+    nqb, nkb = ceil_div(sq, bs), ceil_div(sk, bs)
+    d, dv = dim(q, 3), dim(v, 3)
+    q5 = op.Reshape(pad_axis(q, 2, op.Sub(op.Mul(nqb, ints(bs)), sq), 4), op.Concat(ints(0, 0, -1, bs), d, axis=0))
+    k5 = op.Reshape(pad_axis(k, 2, op.Sub(op.Mul(nkb, ints(bs)), sk), 4), op.Concat(ints(0, 0, -1, bs), d, axis=0))
+    v5 = op.Reshape(pad_axis(v, 2, op.Sub(op.Mul(nkb, ints(bs)), sk), 4), op.Concat(ints(0, 0, -1, bs), dv, axis=0))
+    qb, kb = _block_grid(nqb, nkb)
+
+    if isinstance(pattern, Window):
+        bm, pair_keep = _window(pattern, causal, qb, kb, sq, sk)
+    elif isinstance(pattern, BlockSparse):
+        bm, pair_keep = _blocksparse(pattern, qb, kb)
+    elif isinstance(pattern, Neighborhood):
+        bm, pair_keep = _neighborhood(pattern, q, k, causal)
+    elif isinstance(pattern, TopK):
+        bm, pair_keep = _topk(pattern, causal, qb, kb, q5, k5, sq, sk, nkb, scale)
+    elif isinstance(pattern, VerticalSlash):
+        raise BackendError("vslash has no ONNX lowering yet; use topk:blocks=N or window:W for this site, or "
+                           "backend='torch'")
+    else:
+        raise BackendError(f"no ONNX lowering for sparse pattern {type(pattern).__name__}")
+    per_head = isinstance(pattern, TopK)
+    if causal and not isinstance(pattern, TopK):
+        bm = op.And(bm, _causal_blocks(qb, kb, bs, sq))
+    if not per_head:
+        bm = op.Unsqueeze(bm, ints(0, 1))  # one layout for every (batch, head)
+
+    # Ascending kept-block lists: kept blocks score -kb, dropped ones far below.
+    kbf = op.Cast(kb, to=ir.DataType.FLOAT)
+    key = op.Where(bm, op.Neg(kbf), op.Sub(op.Neg(kbf), op.Cast(op.Mul(nkb, ints(2)), to=ir.DataType.FLOAT)))
+    count = op.ReduceMax(op.ReduceSum(op.Cast(bm, to=ir.DataType.INT64), ints(-1), keepdims=0), keepdims=1)
+    kmax = op.Reshape(op.Max(count, ints(1)), ints(1))
+    _, idx = op.TopK(key, kmax, axis=-1, largest=1, sorted=1)  # [Bl, Hl, nqb, K]
+    valid = op.GatherElements(op.Expand(bm, op.Shape(key)), idx, axis=-1)
+
+    kg = op.Reshape(_gather_blocks(k5, idx, per_head, b, h), op.Concat(ints(0, 0, 0, -1), d, axis=0))
+    vg = op.Reshape(_gather_blocks(v5, idx, per_head, b, h), op.Concat(ints(0, 0, 0, -1), dv, axis=0))
+
+    # Absolute positions: queries [nqb, bs, 1], gathered keys [Bl, Hl, nqb, 1, K*bs].
+    offs = arange(ints(bs))
+    i = op.Unsqueeze(op.Add(op.Unsqueeze(op.Mul(arange(nqb), ints(bs)), ints(1)), offs), ints(2))
+    j4 = op.Add(op.Unsqueeze(op.Mul(idx, ints(bs)), ints(-1)), offs)  # [Bl, Hl, nqb, K, bs]
+    keep4 = op.And(op.Unsqueeze(valid, ints(-1)), op.Less(j4, sk))
+    j = op.Reshape(j4, ints(0, 0, 0, 1, -1))
+    keep = op.Reshape(keep4, ints(0, 0, 0, 1, -1))
+    if causal:
+        keep = op.And(keep, op.LessOrEqual(j, i))
+    if pair_keep is not None:
+        keep = op.And(keep, pair_keep(i, j))
+
+    scores = op.MatMul(to_float32(op.Mul(q5, scalar_like(scale, q5))),
+                       to_float32(op.Transpose(kg, perm=[0, 1, 2, 4, 3])))  # [B, H, nqb, bs, K*bs]
+    if softcap > 0.0:
+        cap = op.Constant(value_float=softcap)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    if mask is not None:
+        m = _mask_blocks(mask, idx, per_head, b, h, nqb, nkb, sq, sk, bs)
+        if mask.dtype == ir.DataType.BOOL:  # (values made while tracing carry no dtype yet)
+            keep = op.And(keep, m)
+        else:
+            scores = op.Add(scores, to_float32(m))
+    scores = op.Where(keep, scores, op.Constant(value_float=NEG_INF))
+    probs = op.CastLike(op.Softmax(scores, axis=-1), v)
+    out = nan_to_zero(op.MatMul(probs, vg))  # [B, H, nqb, bs, Dv]
+    out = op.Reshape(out, op.Concat(ints(0, 0, -1), dv, axis=0))
+    return op.Slice(out, ints(0), sq, ints(2))
+
+
+def _heads(x, index: list):
+    return op.Gather(x, ints(*index), axis=1)
+
+
+def _mask_heads(mask, heads: list):
+    if mask is None or len(mask.shape) < 3 or static_dim(mask, len(mask.shape) - 3) == 1:
+        return mask
+    return op.Gather(mask, ints(*heads), axis=len(mask.shape) - 3)
+
+
+def sparse_translation(q, k, v, mask=None, scale=1.0, is_causal=False, softcap=0.0, spec=""):
+    """``attnforge::sparse_attention`` -> gathered block-sparse attention (per head group)."""
+    pattern = parse_variant(spec).pattern
+    hq, hkv = static_dim(q, 1), static_dim(k, 1)
+    if hq is None or hkv is None:
+        raise BackendError("sparse attention needs a fixed number of heads to export")
+    kv_map = [h // (hq // hkv) for h in range(hq)]
+    groups = head_groups(pattern, hq)
+    if len(groups) == 1 and groups[0][1] is not None:
+        kr, vr = (k, v) if hkv == hq else (_heads(k, kv_map), _heads(v, kv_map))
+        return blocked_attention(q, kr, vr, mask, groups[0][1], scale, is_causal, softcap)
+    outs, order = [], []
+    for heads, pat in groups:
+        hs = [int(x) for x in heads]
+        qh = _heads(q, hs)
+        kh, vh = _heads(k, [kv_map[x] for x in hs]), _heads(v, [kv_map[x] for x in hs])
+        mh = _mask_heads(mask, hs)
+        if pat is None:
+            outs.append(lower_attention(qh, kh, vh, mh, scale, is_causal, softcap, "attention"))
+        else:
+            outs.append(blocked_attention(qh, kh, vh, mh, pat, scale, is_causal, softcap))
+        order += hs
+    inverse = [order.index(x) for x in range(hq)]
+    return op.Gather(op.Concat(*outs, axis=1), ints(*inverse), axis=1)
