@@ -43,6 +43,17 @@ def static_dim(x, axis: int):
     return d if isinstance(d, int) else None
 
 
+def mask_dims4(mask) -> list:
+    """Static sizes of a mask broadcast to rank 4 ([1] * missing + its own; None where dynamic)."""
+    shape = list(mask.shape)
+    return [1] * (4 - len(shape)) + [d if isinstance(d, int) else None for d in shape]
+
+
+def at_rank4(mask):
+    rank = len(mask.shape)
+    return mask if rank == 4 else op.Unsqueeze(mask, ints(*range(4 - rank)))
+
+
 def same_dim(a, axis_a: int, b, axis_b: int) -> bool:
     """Whether two sizes are provably equal: both the same number or the same symbol."""
     if a.shape is None or b.shape is None:

@@ -12,6 +12,7 @@ import logging
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import onnx
@@ -41,6 +42,19 @@ class OnnxExport:
     model: onnx.ModelProto
     lowerings: dict = field(default_factory=dict)  # site id (or node name) -> what it became
     seconds: float = 0.0
+    opset: int = 23
+
+
+def save_onnx(model: onnx.ModelProto, path) -> Path:
+    """Write atomically: a failed write leaves no partial file behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        onnx.save_model(model, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _site_nodes(ep: ExportedProgram) -> list[tuple[str, object]]:
@@ -117,4 +131,4 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             lowerings[site] = "feature-map"
         else:
             lowerings[site] = next(fused, "attention")
-    return OnnxExport(model, lowerings, time.perf_counter() - t0)
+    return OnnxExport(model, lowerings, time.perf_counter() - t0, OPSET)

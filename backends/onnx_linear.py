@@ -15,7 +15,7 @@ import math
 from onnxscript import ir
 from onnxscript import opset23 as op
 
-from backends.onnx_build import ceil_div, dim, ints, pad_axis, static_dim, to_float32
+from backends.onnx_build import at_rank4, ceil_div, mask_dims4, dim, ints, pad_axis, static_dim, to_float32
 from compiler.errors import BackendError
 from compiler.linear_ops import _EPS, orthogonal_features
 from compiler.variants import Hybrid, parse_variant
@@ -45,10 +45,9 @@ def _features(x, p, scale: float, stabilize: str, head_dim):
 
 def _key_weights(mask):
     """A key mask as per-key weights [B|1, H|1, Sk, 1]."""
-    rank = len(mask.shape)
-    if rank < 4:
-        mask = op.Unsqueeze(mask, ints(*range(4 - rank)))
-    if static_dim(mask, 2) != 1:
+    rows = mask_dims4(mask)[2]
+    mask = at_rank4(mask)
+    if rows != 1:
         raise BackendError("linear attention can only apply a key mask (one row for every query); this site's "
                            "mask has a row per query")
     if mask.dtype == ir.DataType.BOOL:

@@ -22,7 +22,7 @@ from onnxscript import ir
 from onnxscript import opset23 as op
 
 from backends.onnx_attention import lower_attention
-from backends.onnx_build import (NEG_INF, arange, ceil_div, dim, ints, nan_to_zero, pad_axis, scalar_like,
+from backends.onnx_build import (NEG_INF, at_rank4, mask_dims4, arange, ceil_div, dim, ints, nan_to_zero, pad_axis, scalar_like,
                                  static_dim, to_float32)
 from compiler.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of
 from compiler.errors import BackendError
@@ -133,11 +133,6 @@ def _topk(p: TopK, causal: bool, qb, kb, q5, k5, sq, sk, nkb, scale: float):
     return op.Or(chosen, forced), None
 
 
-def _at_rank4(mask):
-    rank = len(mask.shape)
-    return mask if rank == 4 else op.Unsqueeze(mask, ints(*range(4 - rank)))
-
-
 def _gather_blocks(x5, idx, per_head: bool, b, h):
     """x5 [B, H, nb, bs, D] and kept-block lists idx [Bl, Hl, nqb, K] -> [B, H, nqb, K, bs, D]."""
     if not per_head:
@@ -148,8 +143,8 @@ def _gather_blocks(x5, idx, per_head: bool, b, h):
 
 def _mask_blocks(mask, idx, per_head: bool, b, h, nqb, nkb, sq, sk, bs: int):
     """The user's mask at the gathered pairs, broadcastable to [B, H, nqb, bs, K*bs]."""
-    mask = _at_rank4(mask)
-    sqm, skm = static_dim(mask, 2), static_dim(mask, 3)
+    _, _, sqm, skm = mask_dims4(mask)
+    mask = at_rank4(mask)
     if skm == 1 and sqm == 1:
         return op.Unsqueeze(mask, ints(2))
     # A padding or broadcast mask has one row for every query: gather its keys like k.

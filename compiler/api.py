@@ -34,20 +34,27 @@ class CompiledModel:
     """The rewritten program, runnable on a backend, with the report of how it was made."""
 
     def __init__(self, exported_program: ExportedProgram, report: Report, backend: str = "torch",
-                 default_kwargs: Optional[dict] = None):
+                 default_kwargs: Optional[dict] = None, backend_options: Optional[dict] = None):
         self.exported_program = exported_program
         self.report = report
         self.backend = backend
         # Keyword arguments fixed at capture (use_cache=False for Hugging Face models).
         self.default_kwargs = dict(default_kwargs or {})
-        self._run = backends.load(backend, exported_program)
+        self._run = backends.load(backend, exported_program, backend_options)
 
     def __call__(self, *args, **kwargs):
         return self._run(*args, **{**self.default_kwargs, **kwargs})
 
     def save(self, path) -> Path:
-        """Write the rewritten program with ``torch.export.save`` (load it after ``import compiler``)."""
+        """Write the rewritten program: ``.onnx`` as an ONNX model (the one the onnxruntime backend
+        runs), anything else with ``torch.export.save`` (load it after ``import compiler``)."""
         path = Path(path)
+        if path.suffix == ".onnx":
+            if hasattr(self._run, "save"):
+                return self._run.save(path)
+            from backends.onnx_export import export_onnx, save_onnx
+
+            return save_onnx(export_onnx(self.exported_program).model, path)
         tmp = path.with_name(path.name + ".partial")
         try:
             torch.export.save(self.exported_program, tmp)
@@ -169,6 +176,7 @@ def compile_program(
     budget: Optional[Fidelity] = None,
     show_progress: Optional[bool] = None,
     attention_maps: bool = False,
+    backend_options: Optional[dict] = None,
 ) -> CompiledModel:
     t0 = time.perf_counter()
     pol = parse_policy(policy)
@@ -253,8 +261,28 @@ def compile_program(
             report.sites.append(_site_record(m, "kept", "policy keeps this site dense"))
     for rec in report.sites:
         rec.subgraph_before = ctx.subgraphs.get(rec.id)
+    cm = CompiledModel(ctx.ep, report, backend, backend_options=backend_options)
+    if backend != "torch":
+        _record_lowering(cm, example_inputs, kwargs, verify_outputs)
     report.compile_seconds = time.perf_counter() - t0
-    return CompiledModel(ctx.ep, report, backend)
+    return cm
+
+
+def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_outputs: bool) -> None:
+    """What the backend made of each site, and how far its outputs are from the torch backend's."""
+    run = cm._run
+    exported = getattr(run, "exported", None)
+    if exported is None:
+        return
+    for rec in cm.report.sites:
+        rec.lowering = exported.lowerings.get(rec.id)
+    low = {"format": "onnx", "opset": exported.opset, "providers": list(run.options.providers),
+           "export_seconds": round(exported.seconds, 4), "max_abs_error_vs_torch": None}
+    if verify_outputs:
+        # The backend must agree with the program it lowered; a mismatch is a lowering bug.
+        cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), cm(*args, **kwargs))
+        low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
+    cm.report.lowering = low
 
 
 def compile(
@@ -270,6 +298,7 @@ def compile(
     budget: Optional[Fidelity] = None,
     show_progress: Optional[bool] = None,
     attention_maps: bool = False,
+    backend_options: Optional[dict] = None,
 ) -> CompiledModel:
     """Capture ``model``, rewrite its attention by ``policy`` and return a runnable model.
 
@@ -281,6 +310,10 @@ def compile(
     ``budget`` (``compiler.Fidelity``). With another policy, a budget is checked and reported.
     ``attention_maps=True`` stores each site's attention maps (example input, batch 0) in the
     report for ``attnforge inspect --html``.
+
+    ``backend="onnxruntime"`` exports the rewritten program to ONNX and runs it in an
+    InferenceSession; ``backend_options`` sets its ``providers``, ``intra_op_num_threads``,
+    ``graph_optimization_level``, ``optimized_model_path`` and ``io_binding``.
     """
     if backend not in backends.AVAILABLE:
         backends.load(backend, None)  # raises the one-line reason
@@ -294,7 +327,7 @@ def compile(
         kwargs = hf_defaults(model, kwargs)
     name = type(model).__name__
     cm = compile_program(ep, example_inputs, kwargs, policy, backend, verify, name, calibration, budget, show_progress,
-                         attention_maps)
+                         attention_maps, backend_options)
     cm.default_kwargs = {k: v for k, v in kwargs.items() if k not in (example_kwargs or {})}
     cm.report.compile_seconds = time.perf_counter() - t0
     return cm

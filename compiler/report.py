@@ -54,6 +54,7 @@ class SiteRecord:
     subgraph_before: Optional[dict] = None  # compiler.explain.subgraph of the matched nodes
     subgraph_after: Optional[dict] = None  # the op that replaced them and what feeds it
     attention_map: Optional[dict] = None  # compiler.explain.attention_maps, when asked for
+    lowering: Optional[str] = None  # what the backend ran the site as (e.g. ONNX "attention", "block-gather")
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Report:
     compile_seconds: float = 0.0
     budget: Optional[dict] = None  # the Fidelity budget, when one was given
     auto: Optional[dict] = None  # policy="auto": candidates measured per site, choices, trials
+    lowering: Optional[dict] = None  # backend details: format, providers, export time, error vs torch
     schema: str = SCHEMA
 
     # ------------------------------------------------------------------ derived
@@ -138,6 +140,7 @@ class Report:
             compile_seconds=d.get("compile_seconds", 0.0),
             budget=d.get("budget"),
             auto=d.get("auto"),
+            lowering=d.get("lowering"),
         )
 
     @classmethod

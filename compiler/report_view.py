@@ -63,6 +63,13 @@ def render(report, console: Console | None = None) -> None:
                 _fmt_err(f.tolerance), budget, {True: "yes", False: "NO", None: "-"}[f.passed],
                 "; ".join(f.checked_inputs) or "-")
     console.print(fid)
+    if report.lowering:
+        low = report.lowering
+        per_site = ", ".join(f"{s.id}={s.lowering}" for s in report.sites if s.lowering)
+        err = low.get("max_abs_error_vs_torch")
+        console.print(f"lowered to {low.get('format')} (opset {low.get('opset')}, {', '.join(low.get('providers', []))})"
+                      f" in {low.get('export_seconds', 0.0):.2f}s; sites: {per_site or '-'}; "
+                      f"max abs error vs the torch backend {_fmt_err(err)}")
     if report.auto:
         a = report.auto
         cal = a.get("verified_calibration_fidelity") or a.get("calibration_fidelity") or {}
