@@ -79,6 +79,24 @@ def _failing_op(text: str) -> str:
     return ""
 
 
+def _drop_unused_contrib_outputs(graph: onnx.GraphProto) -> None:
+    """Trim the optional outputs (caches, scores) of com.microsoft nodes nobody reads: ORT types
+    them from its own inference and rejects the guesses the exporter wrote for them."""
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    dropped = set()
+    for n in graph.node:
+        if n.domain != "com.microsoft":
+            continue
+        outs = list(n.output)
+        while len(outs) > 1 and outs[-1] not in used:
+            dropped.add(outs.pop())
+        del n.output[:]
+        n.output.extend(outs)
+    keep = [vi for vi in graph.value_info if vi.name not in dropped]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+
+
 def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
                 fused_lowering: Optional[str] = None) -> OnnxExport:
     """The program as an ONNX model that passes the full checker.
@@ -118,6 +136,7 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
         FUSED_CHOICES.reset(tokens[1])
         FORCED_LOWERING.reset(tokens[2])
     model = program.model_proto
+    _drop_unused_contrib_outputs(model.graph)
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:

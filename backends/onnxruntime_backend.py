@@ -107,7 +107,7 @@ class OrtProgram:
                                f"{len(tensor_inputs)} tensors")
 
     def _flat_inputs(self, args, kwargs) -> list:
-        kw_spec = self.in_spec.children_specs[1]
+        kw_spec = self.in_spec.child(1)
         keys = list(kw_spec.context) if kw_spec.context else []
         extra = sorted(set(kwargs) - set(keys))
         missing = [k for k in keys if k not in kwargs]

@@ -1,0 +1,1227 @@
+"""ONNX front end: find dense attention in an ONNX model and rewrite each site into one
+standard ``Attention`` node (ai.onnx, opset 23).
+
+Two kinds of anchors are handled:
+
+* ``Softmax`` over the last axis. The scores are read back as
+  ``softcap·tanh(scale·(q@kᵀ)/softcap) + bias`` through float casts, scalar ``Mul``/``Div``
+  (on the scores, on q, on k, or √scale on both), additive biases (``Add``/``Sub``) and
+  ``Where`` masks, to a ``MatMul`` of two activations; the probabilities are followed
+  through casts, ``Identity``, inference ``Dropout`` and the safe-softmax
+  ``Where(IsNaN(p), 0, p)`` to a ``MatMul`` with V. Anything else on the way means the
+  softmax is not (rewritable) attention and it is left alone, with the reason.
+* Already-fused nodes: ai.onnx ``Attention`` (3-D or 4-D), and the onnxruntime contrib ops
+  ``MultiHeadAttention``, ``Attention`` (packed QKV weights) and ``GroupQueryAttention``
+  (prefill form), which are re-expressed with 4-D Q/K/V and an explicit mask.
+
+Masks are split into AND (bool) or sum (float) parts; parts that are computable from
+constants and static shapes are evaluated, and a top-left lower-triangular part becomes
+``is_causal=1`` while input-dependent parts (padding) stay as ``attn_mask``.
+
+Every rewrite keeps the numbers of the original graph, with one documented exception: a
+query row whose keys are *all* masked. The Attention op gives a zero row there (ORT 1.31
+does so even for a float mask filled with the dtype's minimum), where the unfused graph
+gives NaN (``-inf`` fill), the mean of V (finite fill) or zeros (safe softmax).
+
+The pass only rewrites; it does not verify numerics (tests compare against onnxruntime).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+from onnxscript import version_converter
+
+from compiler.errors import InputError
+
+TARGET_OPSET = 23
+# onnx.helper writes the newest IR version; onnxruntime 1.31 loads up to 13 and callers
+# asked for <= 10, which still carries every type this pass emits.
+MAX_IR_VERSION = 10
+# Bigger constant masks are not evaluated (memory); they stay masks.
+_MAX_EVAL_ELEMENTS = 1 << 24
+_LAYOUT_OPS = {"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "Multinomial", "Bernoulli", "Dropout"}
+_MS = "com.microsoft"
+
+
+@dataclass
+class OnnxSite:
+    id: str
+    node: str
+    source: str
+    removed_nodes: list[str] = field(default_factory=list)
+    q_heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    is_causal: bool = False
+    mask: str = "none"
+    scale: float = float("nan")
+    softcap: float = 0.0
+
+
+@dataclass
+class OnnxFusionResult:
+    sites: list[OnnxSite] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Reject(Exception):
+    """Raised inside a matcher with the reason a node is not (rewritable) attention."""
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers on onnx_ir values
+
+
+def _shape(v: Optional[ir.Value]):
+    return None if v is None or v.shape is None else list(v.shape)
+
+
+def _rank(v: Optional[ir.Value]) -> Optional[int]:
+    s = _shape(v)
+    return None if s is None else len(s)
+
+
+def _int_dim(v: Optional[ir.Value], i: int) -> Optional[int]:
+    s = _shape(v)
+    if s is None or not -len(s) <= i < len(s):
+        return None
+    d = s[i]
+    return d if isinstance(d, int) else None
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim):
+        return a.value is not None and a.value == b.value
+    return False
+
+
+def _static_shape(v: Optional[ir.Value]) -> Optional[list[int]]:
+    s = _shape(v)
+    if s is None or not all(isinstance(d, int) for d in s):
+        return None
+    return s
+
+
+def _present(v: Optional[ir.Value]) -> bool:
+    return v is not None and (v.name is None or v.name != "")
+
+
+def _used(v: Optional[ir.Value]) -> bool:
+    return v is not None and (bool(list(v.uses())) or v.is_graph_output())
+
+
+def _producer(v: Optional[ir.Value], *ops: str) -> Optional[ir.Node]:
+    """The node producing ``v`` if it is one of the standard ``ops``."""
+    if v is None:
+        return None
+    p = v.producer()
+    if p is None or p.domain not in ("", "ai.onnx") or (ops and p.op_type not in ops):
+        return None
+    return p
+
+
+def _input(node: ir.Node, i: int) -> Optional[ir.Value]:
+    if i >= len(node.inputs):
+        return None
+    v = node.inputs[i]
+    return v if _present(v) else None
+
+
+def _compose(p: list[int], q: list[int]) -> list[int]:
+    """Transpose(Transpose(x, p), q) == Transpose(x, _compose(p, q))."""
+    return [p[i] for i in q]
+
+
+def _swap_last(rank: int) -> list[int]:
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def _neg_threshold(dtype: Optional[ir.DataType]) -> float:
+    """Fill values at or below this act as -inf: half the dtype's lowest finite value."""
+    try:
+        return 0.5 * float(np.finfo(dtype.numpy()).min)
+    except Exception:
+        return 0.5 * float(np.finfo(np.float32).min)
+
+
+# ----------------------------------------------------------------------------------------
+# values computable from constants and static shapes
+
+
+class _Constants:
+    """Decides which values depend only on constants and static shapes, and evaluates them.
+
+    Evaluation runs the value's cone with onnx's reference evaluator, with ``Shape``/``Size``
+    of statically shaped activations replaced by their numbers.
+    """
+
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self._static: dict[int, bool] = {}
+        self._values: dict[int, Optional[np.ndarray]] = {}
+
+    @staticmethod
+    def _shape_leaf(node: ir.Node) -> Optional[np.ndarray]:
+        """Numbers for Shape/Size of a statically shaped activation, else None."""
+        if node.op_type not in ("Shape", "Size") or node.domain not in ("", "ai.onnx"):
+            return None
+        dims = _static_shape(node.inputs[0])
+        if dims is None:
+            return None
+        if node.op_type == "Size":
+            return np.array(int(np.prod(dims)), dtype=np.int64)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", None)
+        return np.array(dims[start:end], dtype=np.int64)
+
+    def is_static(self, v: Optional[ir.Value]) -> bool:
+        if v is None or not _present(v):
+            return True
+        todo = [v]
+        while todo:
+            cur = todo[-1]
+            if id(cur) in self._static:
+                todo.pop()
+                continue
+            if cur.is_graph_input():
+                self._static[id(cur)] = False
+                todo.pop()
+                continue
+            if cur.const_value is not None:
+                self._static[id(cur)] = True
+                todo.pop()
+                continue
+            node = cur.producer()
+            if node is None:
+                self._static[id(cur)] = False
+                todo.pop()
+                continue
+            if self._shape_leaf(node) is not None or node.op_type == "Constant":
+                self._static[id(cur)] = node.domain in ("", "ai.onnx")
+                todo.pop()
+                continue
+            if (node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC
+                    or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                           for a in node.attributes.values())):
+                self._static[id(cur)] = False
+                todo.pop()
+                continue
+            pending = [i for i in node.inputs if _present(i) and id(i) not in self._static]
+            if pending:
+                todo.extend(pending)
+                continue
+            self._static[id(cur)] = all(self._static[id(i)] for i in node.inputs if _present(i))
+            todo.pop()
+        return self._static[id(v)]
+
+    def value(self, v: Optional[ir.Value]) -> Optional[np.ndarray]:
+        if v is None or not self.is_static(v):
+            return None
+        if id(v) in self._values:
+            return self._values[id(v)]
+        if v.const_value is not None:
+            out = v.const_value.numpy()
+        else:
+            out = self._evaluate(v)
+        self._values[id(v)] = out
+        return out
+
+    def scalar(self, v: Optional[ir.Value]) -> Optional[float]:
+        if v is None:
+            return None
+        s = _static_shape(v)
+        if s is not None and int(np.prod(s)) != 1:
+            return None
+        a = self.value(v)
+        if a is None or a.size != 1 or a.dtype.kind not in "fiub":
+            return None
+        return float(a.reshape(-1)[0])
+
+    def _evaluate(self, v: ir.Value) -> Optional[np.ndarray]:
+        s = _static_shape(v)
+        if s is not None and int(np.prod(s)) > _MAX_EVAL_ELEMENTS:
+            return None
+        nodes: list[ir.Node] = []
+        inits: dict[str, np.ndarray] = {}
+        seen: set[int] = set()
+        todo = [v]
+        while todo:
+            cur = todo.pop()
+            if cur is None or not _present(cur) or id(cur) in seen:
+                continue
+            seen.add(id(cur))
+            if cur.const_value is not None:
+                inits[cur.name] = cur.const_value.numpy()
+                continue
+            node = cur.producer()
+            leaf = self._shape_leaf(node)
+            if leaf is not None:
+                inits[cur.name] = leaf
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)
+            todo.extend(node.inputs)
+        order = {id(n): i for i, n in enumerate(self.model.graph)}
+        nodes.sort(key=lambda n: order.get(id(n), 0))
+        graph = onnx.helper.make_graph(
+            [ir.serde.serialize_node(n) for n in nodes], "cone", [],
+            [onnx.helper.make_empty_tensor_value_info(v.name)],
+            initializer=[onnx.numpy_helper.from_array(np.asarray(a), name) for name, a in inits.items()],
+        )
+        proto = onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid(d, ver)
+                                  for d, ver in self.model.opset_imports.items()])
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            return np.asarray(ReferenceEvaluator(proto).run(None, {})[0])
+        except Exception:
+            return None
+
+
+# ----------------------------------------------------------------------------------------
+# building new nodes
+
+
+class _Builder:
+    """Collects new nodes for one site; they are inserted before ``anchor`` on commit."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node):
+        self.graph = graph
+        self.anchor = anchor
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, inputs, num_outputs: int = 1, name: Optional[str] = None, **attrs):
+        node = ir.Node("", op_type, inputs, ir.convenience.convert_attributes(attrs),
+                       num_outputs=num_outputs, name=name)
+        self.nodes.append(node)
+        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+
+    def const(self, array) -> ir.Value:
+        return self.op("Constant", [], value=ir.tensor(np.asarray(array)))
+
+    def ints(self, values) -> ir.Value:
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    def scalar_like(self, value: float, dtype: Optional[ir.DataType]) -> ir.Value:
+        np_dtype = dtype.numpy() if dtype is not None else np.float32
+        return self.const(np.asarray(value, dtype=np_dtype))
+
+    def split_heads(self, x: ir.Value, heads: int) -> ir.Value:
+        """[B, S, H*D] -> [B, H, S, D]."""
+        y = self.op("Reshape", [x, self.ints([0, 0, heads, -1])])
+        return self.op("Transpose", [y], perm=[0, 2, 1, 3])
+
+    def merge_heads(self, y: ir.Value) -> ir.Value:
+        """[B, H, S, D] -> [B, S, H*D]."""
+        t = self.op("Transpose", [y], perm=[0, 2, 1, 3])
+        return self.op("Reshape", [t, self.ints([0, 0, -1])])
+
+    def seq_len(self, x4: ir.Value) -> ir.Value:
+        """Length of axis 2 of a 4-D value, as a 1-element int64 tensor."""
+        d = _int_dim(x4, 2)
+        if d is not None:
+            return self.ints([d])
+        return self.op("Shape", [x4], start=2, end=3)
+
+    def commit(self):
+        if self.nodes:
+            self.graph.insert_before(self.anchor, self.nodes)
+        self.nodes = []
+
+
+# ----------------------------------------------------------------------------------------
+# masks
+
+
+@dataclass
+class _Term:
+    """One part of the bias added to the scores: ``kind`` is "keep" (bool, True attends),
+    "drop" (bool, True is masked) or "add" (float, ``coeff * value`` is added)."""
+
+    kind: str
+    value: ir.Value
+    coeff: float = 1.0
+
+
+class _Masks:
+    """Splits mask terms, turns their constant top-left triangular part into is_causal,
+    and assembles what remains into one ``attn_mask``."""
+
+    def __init__(self, consts: _Constants):
+        self.consts = consts
+
+    def _leaves(self, term: _Term, shape_safe: bool) -> list[_Term]:
+        """Flatten And (keep), Or (drop) or Add (add) trees into their parts. Expand is looked
+        through only when the scores keep their shape (``shape_safe``): the Attention op
+        broadcasts the mask itself."""
+        joins = {"keep": "And", "drop": "Or", "add": "Add"}[term.kind]
+        out: list[_Term] = []
+        todo = [term]
+        while todo:
+            t = todo.pop()
+            p = _producer(t.value)
+            if p is not None and p.op_type == joins:
+                todo.extend(_Term(t.kind, i, t.coeff) for i in reversed(p.inputs))
+            elif p is not None and p.op_type == "Expand" and shape_safe:
+                todo.append(_Term(t.kind, p.inputs[0], t.coeff))
+            elif t.kind == "add" and p is not None and p.op_type == "Where":
+                out.append(self._where_leaf(t, p))
+            else:
+                out.append(t)
+        return out
+
+    def _where_leaf(self, t: _Term, where: ir.Node) -> _Term:
+        """``Where(c, 0, -inf)`` added to scores is a bool mask; keep other Wheres as floats.
+        Only fills that act as -inf convert (dtype minimum or below), so the float and the
+        bool form give the same numbers."""
+        cond, a, b = where.inputs
+        ca, cb = self.consts.scalar(a), self.consts.scalar(b)
+        thr = _neg_threshold(t.value.dtype)
+        if t.coeff > 0 and ca == 0.0 and cb is not None and cb <= thr:
+            return _Term("keep", cond)
+        if t.coeff > 0 and cb == 0.0 and ca is not None and ca <= thr:
+            return _Term("drop", cond)
+        return t
+
+    def _classify(self, leaves: list[_Term], sq: int, sk: int, thr: float) -> Optional[str]:
+        """'causal', 'none' (attends everywhere) or None for the combined constant leaves."""
+        masked = np.zeros((sq, sk), dtype=bool)
+        residual = np.zeros((sq, sk), dtype=np.float64)
+        for t in leaves:
+            a = self.consts.value(t.value)
+            if a is None or a.ndim > 4:
+                return None
+            try:
+                a = np.broadcast_to(a, np.broadcast_shapes(a.shape, (sq, sk)))
+            except ValueError:
+                return None
+            if a.shape[-2:] != (sq, sk):
+                return None
+            if t.kind == "keep":
+                m = ~a.astype(bool)
+                r = np.zeros(a.shape)
+            elif t.kind == "drop":
+                m = a.astype(bool)
+                r = np.zeros(a.shape)
+            else:
+                f = t.coeff * a.astype(np.float64)
+                m = f <= thr
+                r = np.where(m, 0.0, f)
+            masked = masked | m
+            residual = residual + r
+        if not np.all(residual[~np.broadcast_to(masked, residual.shape)] == 0):
+            return None
+        masked = masked.reshape(-1, sq, sk)
+        if not masked.any():
+            return "none"
+        tri = np.tril(np.ones((sq, sk), dtype=bool))
+        if all(np.array_equal(m, ~tri) for m in masked):
+            return "causal"
+        return None
+
+    def simplify(self, terms: list[_Term], sq: Optional[int], sk: Optional[int],
+                 shape_safe: bool) -> tuple[bool, list[_Term]]:
+        """Drop constant causal / all-attend parts. Returns (is_causal, remaining terms)."""
+        causal = False
+        out: list[_Term] = []
+        for term in terms:
+            if sq is None or sk is None:
+                out.append(term)
+                continue
+            leaves = self._leaves(term, shape_safe)
+            static = [t for t in leaves if self.consts.is_static(t.value)]
+            dynamic = [t for t in leaves if not self.consts.is_static(t.value)]
+            kind = self._classify(static, sq, sk, _neg_threshold(term.value.dtype)) if static else None
+            if kind is None:
+                out.append(term)
+                continue
+            causal = causal or kind == "causal"
+            out.extend(dynamic)
+        return causal, out
+
+    @staticmethod
+    def assemble(b: _Builder, terms: list[_Term], dtype: Optional[ir.DataType],
+                 q4: ir.Value, k4: ir.Value, scores_rank: int) -> tuple[Optional[ir.Value], str]:
+        """One attn_mask from the remaining terms: bool when all parts are bool, else float
+        in the query dtype. Made explicit over the query axis, which ORT does not
+        broadcast."""
+        if not terms:
+            return None, "none"
+        bools, floats = [], []
+        for t in terms:
+            if t.kind == "keep":
+                bools.append(t.value if t.value.dtype == ir.DataType.BOOL
+                             else b.op("Cast", [t.value], to=ir.DataType.BOOL))
+            elif t.kind == "drop":
+                c = t.value if t.value.dtype == ir.DataType.BOOL else b.op("Cast", [t.value], to=ir.DataType.BOOL)
+                bools.append(b.op("Not", [c]))
+            else:
+                v = t.value
+                if dtype is not None and v.dtype != dtype:
+                    v = b.op("Cast", [v], to=dtype)
+                if t.coeff != 1.0:
+                    v = b.op("Mul", [v, b.scalar_like(t.coeff, dtype)])
+                floats.append(v)
+        if floats:
+            kind = "float"
+            parts = floats + [b.op("Where", [c, b.scalar_like(0.0, dtype), b.scalar_like(-math.inf, dtype)])
+                              for c in bools]
+            join = "Add"
+        else:
+            kind, parts, join = "bool", bools, "And"
+        mask = parts[0]
+        for p in parts[1:]:
+            mask = b.op(join, [mask, p])
+        rank = _rank(mask) if len(parts) == 1 else None
+        if scores_rank == 3:
+            # 3-D scores became [N, 1, Sq, Sk]: a 3-D mask needs the same head axis.
+            if rank is None:
+                ranks = {_rank(t.value) for t in terms}
+                rank = ranks.pop() if len(ranks) == 1 else None
+            if rank is None:
+                raise _Reject("mask rank unknown for 3-D scores")
+            if rank == 3:
+                mask = b.op("Unsqueeze", [mask, b.ints([1])])
+                rank = 4
+        s = _shape(mask) if len(parts) == 1 and scores_rank == 4 else None
+        sq, sk = _shape(q4)[2] if _shape(q4) else None, _shape(k4)[2] if _shape(k4) else None
+        explicit = s is not None and len(s) >= 2 and _same_dim(s[-2], sq) and _same_dim(s[-1], sk)
+        if not explicit:
+            target = b.op("Concat", [b.seq_len(q4), b.seq_len(k4)], axis=0)
+            mask = b.op("Expand", [mask, target])
+        return mask, kind
+
+
+# ----------------------------------------------------------------------------------------
+# the pass
+
+
+class _Fuser:
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.graph = model.graph
+        self.consts = _Constants(model)
+        self.masks = _Masks(self.consts)
+        self.result = OnnxFusionResult()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _finish(self, b: _Builder, old_outputs: list[tuple[ir.Value, ir.Value]], attn: ir.Node,
+                source: str, q4, k4, v4, causal: bool, mask_kind: str, scale: float, softcap: float,
+                seeds: list[ir.Node]) -> OnnxSite:
+        site_id = f"attn.{len(self.result.sites)}"
+        attn.metadata_props["attnforge.site"] = site_id
+        b.commit()
+        names = []
+        for old, new in old_outputs:
+            names.append(old.name)
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+        removed = self._remove_dead(seeds)
+        # The replacement takes the replaced output's name, so graph outputs keep theirs.
+        for (old, new), name in zip(old_outputs, names):
+            if old.graph is None and old.producer() is None or old.producer().graph is None:
+                old.name = None
+                new.name = name
+        q_heads = _int_dim(q4, 1)
+        site = OnnxSite(
+            id=site_id, node=attn.name, source=source, removed_nodes=removed,
+            q_heads=q_heads, kv_heads=_int_dim(k4, 1), head_dim=_int_dim(q4, 3),
+            is_causal=causal, mask=mask_kind, scale=scale, softcap=softcap,
+        )
+        self.result.sites.append(site)
+        return site
+
+    def _remove_dead(self, seeds: list[ir.Node]) -> list[str]:
+        removed: list[str] = []
+        todo = list(seeds)
+        while todo:
+            n = todo.pop()
+            if n.graph is not self.graph or any(_used(o) for o in n.outputs):
+                continue
+            self.graph.remove(n, safe=True)
+            removed.append(n.name or n.op_type)
+            for i in n.inputs:
+                if i is None:
+                    continue
+                p = i.producer()
+                if p is not None:
+                    todo.append(p)
+                elif (i.is_initializer() and not i.is_graph_input() and not _used(i)
+                      and i.name in self.graph.initializers):
+                    del self.graph.initializers[i.name]
+        return removed
+
+    def _attention(self, b: _Builder, q4, k4, v4, mask, scale: Optional[float], causal: bool,
+                   softcap: float = 0.0, extra: Optional[dict] = None) -> ir.Node:
+        idx = len(self.result.sites)
+        inputs = [q4, k4, v4] + ([mask] if mask is not None else [])
+        attrs = [ir.AttrInt64("is_causal", int(causal))]
+        if scale is not None:
+            attrs.append(ir.AttrFloat32("scale", float(scale)))
+        if softcap:
+            attrs.append(ir.AttrFloat32("softcap", float(softcap)))
+        for k, v in (extra or {}).items():
+            attrs.append(ir.AttrInt64(k, v))
+        node = ir.Node("", "Attention", inputs, attrs, num_outputs=1, name=f"attnforge_attn_{idx}")
+        b.nodes.append(node)
+        return node
+
+    # -- driver ---------------------------------------------------------------------------
+
+    def run(self):
+        for node in list(self.graph):
+            if node.graph is not self.graph:
+                continue  # consumed by an earlier site
+            key = (node.domain or "", node.op_type)
+            handler = {
+                ("", "Softmax"): self.softmax,
+                ("ai.onnx", "Softmax"): self.softmax,
+                ("", "Attention"): self.onnx_attention,
+                ("ai.onnx", "Attention"): self.onnx_attention,
+                (_MS, "MultiHeadAttention"): self.ms_multihead,
+                (_MS, "Attention"): self.ms_attention,
+                (_MS, "GroupQueryAttention"): self.ms_gqa,
+            }.get(key)
+            if handler is None:
+                continue
+            try:
+                handler(node)
+            except _Reject as e:
+                self.result.rejected.append((node.name or node.op_type, str(e)))
+
+    # -- Softmax anchors ------------------------------------------------------------------
+
+    def softmax(self, sm: ir.Node):
+        x = sm.inputs[0]
+        rank = _rank(x)
+        if rank is None:
+            raise _Reject("softmax input rank unknown")
+        axis = sm.attributes.get_int("axis", -1)
+        if axis not in (-1, rank - 1):
+            raise _Reject(f"softmax over axis {axis}, not the last axis")
+        pv, prob_nodes = self._walk_probs(sm)
+        alpha, terms, softcap, qk = self._walk_scores(x)
+        if rank not in (3, 4):
+            raise _Reject(f"scores have rank {rank}; expected 3 or 4")
+        q, kt = qk.inputs
+        v = pv.inputs[1]
+        for name, t in (("q", q), ("k", kt), ("v", v)):
+            if _rank(t) != rank:
+                raise _Reject(f"{name} operand rank {_rank(t)} does not match the scores rank {rank}")
+        # The mask may only broadcast into the scores, never enlarge them.
+        shape_safe = _shape(x) is not None and _shape(qk.outputs[0]) is not None and all(
+            _same_dim(a, c) for a, c in zip(_shape(x), _shape(qk.outputs[0])))
+        if not shape_safe and terms and (_shape(x) is None or _shape(qk.outputs[0]) is None):
+            if _rank(qk.outputs[0]) != rank:
+                raise _Reject("mask changes the rank of the scores")
+        elif not shape_safe and terms:
+            raise _Reject("mask broadcasts the scores to a larger shape")
+
+        b = _Builder(self.graph, pv)
+        q, fq = self._peel_scale(b, q)
+        kt, fk = self._peel_scale(b, kt)
+        alpha *= fq * fk
+        if not alpha > 0:
+            raise _Reject(f"scale {alpha} is not positive")
+        k = self._untranspose(b, kt)
+        k, kv_from_k = self._unrepeat(k)
+        v, kv_from_v = self._unrepeat(v)
+        if kv_from_k is None or kv_from_v is None or kv_from_k[1] != kv_from_v[1]:
+            # repeat_kv must be undone on both or neither (the op shares one head map)
+            k = kv_from_k[0] if kv_from_k is not None else k
+            v = kv_from_v[0] if kv_from_v is not None else v
+        if rank == 3:
+            q4, k4, v4 = (b.op("Unsqueeze", [t, b.ints([1])]) for t in (q, k, v))
+            for t4, t in ((q4, q), (k4, k), (v4, v)):
+                s = _shape(t)
+                if s is not None:
+                    t4.shape = ir.Shape([s[0], 1, *s[1:]])
+        else:
+            q4, k4, v4 = q, k, v
+        self._check_heads(q4, k4, v4)
+
+        sq, sk = _int_dim(x, -2), _int_dim(x, -1)
+        causal, terms = self.masks.simplify(terms, sq, sk, shape_safe)
+        mask, mask_kind = self.masks.assemble(b, terms, q.dtype, q4, k4, rank)
+        attn = self._attention(b, q4, k4, v4, mask, alpha, causal, softcap)
+        y = attn.outputs[0]
+        old = pv.outputs[0]
+        if rank == 3:
+            y = b.op("Squeeze", [y, b.ints([1])])
+        if old.dtype is not None and q.dtype is not None and old.dtype != q.dtype:
+            y = b.op("Cast", [y], to=old.dtype)
+        y.type, y.shape = old.type, old.shape
+        self._finish(b, [(old, y)], attn, "matmul-softmax", q4, k4, v4, causal, mask_kind, alpha,
+                     softcap, [pv, sm, *prob_nodes])
+
+    def _walk_probs(self, sm: ir.Node):
+        """Softmax forward to the MatMul with V; returns (pv node, nodes on the way)."""
+        cur = sm.outputs[0]
+        nodes: list[ir.Node] = []
+        while True:
+            if cur.is_graph_output():
+                raise _Reject("attention probabilities are a graph output")
+            uses = list(cur.uses())
+            users = {id(n): n for n, _ in uses}
+            if len(users) == 2:
+                safe = self._safe_softmax_where(cur, list(users.values()))
+                if safe is not None:
+                    nodes.extend(safe[1])
+                    cur = safe[0]
+                    continue
+            if not uses:
+                raise _Reject("attention probabilities are unused")
+            if len(uses) != 1:
+                raise _Reject("attention probabilities are used elsewhere (e.g. returned as weights)")
+            node, idx = uses[0]
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            if op == "MatMul" and idx == 0:
+                return node, nodes
+            if op == "MatMul":
+                raise _Reject("probabilities are the right operand of a MatMul (weights, not values)")
+            if op == "Cast" and ir.DataType(node.attributes.get_int("to", 0)).is_floating_point():
+                pass
+            elif op == "Identity":
+                pass
+            elif op == "Dropout":
+                if not self._dropout_inactive(node):
+                    raise _Reject("dropout on attention probabilities may be active (training mode)")
+            else:
+                raise _Reject(f"probabilities pass through {op}, not a MatMul with values")
+            nodes.append(node)
+            cur = node.outputs[0]
+
+    def _safe_softmax_where(self, p: ir.Value, users: list[ir.Node]):
+        """``Where(IsNaN(p), 0, p)``: torch's safe softmax (zeros for fully masked rows)."""
+        isnan = next((u for u in users if u.op_type == "IsNaN"), None)
+        where = next((u for u in users if u.op_type == "Where"), None)
+        if isnan is None or where is None or len(list(p.uses())) != 2:
+            return None
+        if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not p:
+            return None
+        if self.consts.scalar(where.inputs[1]) != 0.0 or len(list(isnan.outputs[0].uses())) != 1:
+            return None
+        if isnan.outputs[0].is_graph_output():
+            return None
+        return where.outputs[0], [isnan, where]
+
+    def _dropout_inactive(self, node: ir.Node) -> bool:
+        if _used(node.outputs[1]) if len(node.outputs) > 1 else False:
+            return False
+        training = _input(node, 2)
+        if training is None:
+            return True
+        t = self.consts.scalar(training)
+        return t is not None and t == 0
+
+    def _reaches_qk(self, v: ir.Value, depth: int = 24) -> bool:
+        """Does ``v`` lead back, through the ops the scores walk allows, to a MatMul of two
+        activations? Used to tell scores from bias at an Add/Sub/Where."""
+        todo = [(v, 0)]
+        while todo:
+            cur, d = todo.pop()
+            p = _producer(cur)
+            if p is None or d > depth:
+                continue
+            op = p.op_type
+            if op == "MatMul":
+                if not self.consts.is_static(p.inputs[0]) and not self.consts.is_static(p.inputs[1]):
+                    return True
+            elif op in ("Cast", "Identity", "Tanh"):
+                todo.append((p.inputs[0], d + 1))
+            elif op in ("Mul", "Div"):
+                todo.extend((i, d + 1) for i in p.inputs if not self.consts.is_static(i))
+            elif op in ("Add", "Sub"):
+                todo.extend((i, d + 1) for i in p.inputs)
+            elif op == "Where":
+                todo.extend((i, d + 1) for i in p.inputs[1:])
+        return False
+
+    def _walk_scores(self, x: ir.Value):
+        """Softmax input back to q@kᵀ, as ``softmax_in = softcap·tanh(alpha·qk/softcap) + Σ terms``.
+
+        ``alpha`` accumulates every scalar multiplier between the product and the softmax;
+        each bias is recorded with the multiplier that applies to it."""
+        alpha = 1.0
+        terms: list[_Term] = []
+        softcap = 0.0
+        v = x
+        for _ in range(64):
+            p = v.producer()
+            if p is None or p.domain not in ("", "ai.onnx"):
+                what = "a graph input" if p is None else f"{p.domain}.{p.op_type}"
+                raise _Reject(f"scores come from {what}, not a MatMul")
+            op = p.op_type
+            if op == "MatMul":
+                a, c = p.inputs
+                if self.consts.is_static(a) or self.consts.is_static(c):
+                    raise _Reject("scores are a product with a constant (a projection, not q@kᵀ)")
+                return alpha, terms, softcap, p
+            if op == "Cast":
+                if not ir.DataType(p.attributes.get_int("to", 0)).is_floating_point():
+                    raise _Reject("scores are cast to a non-float type")
+                v = p.inputs[0]
+            elif op == "Identity":
+                v = p.inputs[0]
+            elif op in ("Mul", "Div"):
+                a, c = p.inputs
+                ca, cc = self.consts.scalar(a), self.consts.scalar(c)
+                if cc is not None and cc != 0:
+                    alpha = alpha * cc if op == "Mul" else alpha / cc
+                    v = a
+                elif op == "Mul" and ca is not None:
+                    alpha *= ca
+                    v = c
+                else:
+                    raise _Reject(f"scores pass through {op} by a non-scalar or non-constant tensor")
+            elif op == "Tanh":
+                # softcap·tanh(z): everything already collected multiplies tanh.
+                if softcap:
+                    raise _Reject("two tanh soft-caps on the scores")
+                softcap = alpha
+                v = p.inputs[0]
+            elif op in ("Add", "Sub"):
+                if softcap:
+                    raise _Reject("a bias inside the tanh soft-cap is not expressible")
+                a, c = p.inputs
+                ra, rc = self._reaches_qk(a), self._reaches_qk(c)
+                if ra == rc:
+                    raise _Reject("cannot tell scores from bias at " + op)
+                if op == "Sub" and rc:
+                    raise _Reject("scores are subtracted (negated)")
+                scores, bias = (a, c) if ra else (c, a)
+                terms.append(_Term("add", bias, alpha if op == "Add" else -alpha))
+                v = scores
+            elif op == "Where":
+                if softcap:
+                    raise _Reject("a mask inside the tanh soft-cap is not expressible")
+                cond, a, c = p.inputs
+                ca, cc = self.consts.scalar(a), self.consts.scalar(c)
+                # masked_fill with a finite fill attends nowhere else either, as long as the
+                # fill is far below any score; only fully masked rows differ (documented).
+                if cc is not None and cc <= -1e4 and not self.consts.is_static(a):
+                    terms.append(_Term("keep", cond))
+                    v = a
+                elif ca is not None and ca <= -1e4 and not self.consts.is_static(c):
+                    terms.append(_Term("drop", cond))
+                    v = c
+                else:
+                    raise _Reject("Where on the scores is not a mask with a large negative fill")
+            else:
+                raise _Reject(f"scores pass through {op}")
+        raise _Reject("scores chain too long")
+
+    def _peel_scale(self, b: _Builder, v: ir.Value) -> tuple[ir.Value, float]:
+        """Move scalar Mul/Div on an operand into the scale, also from below layout ops
+        (Transpose/Reshape/...), which are re-applied to the unscaled value."""
+        factor = 1.0
+        chain: list[ir.Node] = []  # layout nodes between v and cur, innermost first
+        cur = v
+        best = (v, [], 1.0)
+        for _ in range(16):
+            p = _producer(cur)
+            if p is None:
+                break
+            if p.op_type in ("Mul", "Div"):
+                a, c = p.inputs
+                ca, cc = self.consts.scalar(a), self.consts.scalar(c)
+                if cc is not None and cc != 0:
+                    factor = factor * cc if p.op_type == "Mul" else factor / cc
+                    cur = a
+                elif p.op_type == "Mul" and ca is not None:
+                    factor *= ca
+                    cur = c
+                else:
+                    break
+                best = (cur, list(chain), factor)
+            elif p.op_type in _LAYOUT_OPS and all(self.consts.is_static(i) for i in p.inputs[1:]):
+                chain.insert(0, p)
+                cur = p.inputs[0]
+            else:
+                break
+        base, chain, factor = best
+        if base is v:
+            return v, 1.0
+        out = base
+        for node in chain:
+            out = b.op(node.op_type, [out, *node.inputs[1:]],
+                       **{k: a.value for k, a in node.attributes.items()})
+            out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+        return out, factor
+
+    def _untranspose(self, b: _Builder, kt: ir.Value) -> ir.Value:
+        """K from the product's right operand kᵀ (…, D, Sk), folding away the transposes that
+        produced it: a Transpose, or the SDPA decomposition's Reshape·Transpose·Reshape."""
+        rank = _rank(kt)
+        swap = _swap_last(rank)
+        p = _producer(kt, "Transpose")
+        if p is not None:
+            perm = list(p.attributes.get_ints("perm", list(range(rank))[::-1]))
+            full = _compose(perm, swap)
+            src = p.inputs[0]
+            if full == list(range(rank)):
+                return src
+            out = b.op("Transpose", [src], perm=full)
+            s = _shape(src)
+            if s is not None:
+                out.shape = ir.Shape([s[i] for i in full])
+                out.type = src.type
+            return out
+        k4 = self._sdpa_untranspose(kt)
+        if k4 is not None:
+            return k4
+        out = b.op("Transpose", [kt], perm=swap)
+        s = _shape(kt)
+        if s is not None:
+            out.shape = ir.Shape([s[i] for i in swap])
+            out.type = kt.type
+        return out
+
+    @staticmethod
+    def _sdpa_untranspose(kt: ir.Value) -> Optional[ir.Value]:
+        """Reshape(Transpose(Reshape(k, [B*H, S, D]), (0, 2, 1)), [B, H, D, S]) is kᵀ of k."""
+        r2 = _producer(kt, "Reshape")
+        t = _producer(r2.inputs[0], "Transpose") if r2 else None
+        if t is None or list(t.attributes.get_ints("perm", [])) != [0, 2, 1]:
+            return None
+        r1 = _producer(t.inputs[0], "Reshape")
+        if r1 is None:
+            return None
+        k, flat, out = r1.inputs[0], _shape(r1.outputs[0]), _shape(kt)
+        ks = _shape(k)
+        if ks is None or flat is None or out is None or len(ks) != 4 or len(out) != 4 or len(flat) != 3:
+            return None
+        same = all(_same_dim(a, c) for a, c in
+                   ((ks[0], out[0]), (ks[1], out[1]), (ks[2], out[3]), (ks[3], out[2]),
+                    (flat[1], ks[2]), (flat[2], ks[3])))
+        return k if same else None
+
+    @staticmethod
+    def _unrepeat(x: ir.Value):
+        """repeat_kv: Reshape(Expand(Unsqueeze(k, 2), [B, Hkv, n, S, D]), [B, Hkv*n, S, D]).
+        Returns (x, None) when not repeated, else (x, (k, Hkv))."""
+        r = _producer(x, "Reshape")
+        e = _producer(r.inputs[0], "Expand") if r else None
+        u = _producer(e.inputs[0], "Unsqueeze") if e else None
+        if u is None:
+            return x, None
+        axes = u.inputs[1] if len(u.inputs) > 1 else None
+        axes = axes.const_value.numpy().tolist() if axes is not None and axes.const_value is not None \
+            else list(u.attributes.get_ints("axes", []))
+        k = u.inputs[0]
+        ks, es, xs = _shape(k), _shape(e.outputs[0]), _shape(x)
+        if axes != [2] or ks is None or es is None or xs is None or len(ks) != 4 or len(es) != 5 or len(xs) != 4:
+            return x, None
+        hkv, n, hq = es[1], es[2], xs[1]
+        if not (isinstance(hkv, int) and isinstance(n, int) and isinstance(hq, int) and hq == hkv * n):
+            return x, None
+        if not (_same_dim(ks[1], hkv) and all(_same_dim(a, c) for a, c in
+                                              ((ks[0], xs[0]), (ks[2], xs[2]), (ks[3], xs[3]),
+                                               (es[0], xs[0]), (es[3], xs[2]), (es[4], xs[3])))):
+            return x, None
+        return x, (k, hkv)
+
+    @staticmethod
+    def _check_heads(q4, k4, v4):
+        """The op maps q head h to kv head h // (Hq/Hkv) and needs one batch for all three;
+        MatMul broadcasting that does anything else is not expressible."""
+        qs, ks, vs = _shape(q4), _shape(k4), _shape(v4)
+        if qs is None or ks is None or vs is None:
+            return
+        for a, c, what in ((qs[0], ks[0], "k batch"), (qs[0], vs[0], "v batch"), (ks[1], vs[1], "k/v heads"),
+                           (ks[2], vs[2], "k/v length"), (qs[3], ks[3], "q/k head size")):
+            if isinstance(a, int) and isinstance(c, int) and a != c:
+                raise _Reject(f"{what} broadcast ({a} vs {c}) is not expressible")
+        hq, hkv = qs[1], ks[1]
+        if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
+            raise _Reject(f"{hq} query heads are not a multiple of {hkv} key/value heads")
+
+    # -- fused anchors --------------------------------------------------------------------
+
+    def _head_inputs(self, b: _Builder, x: ir.Value, heads: Optional[int], what: str) -> ir.Value:
+        r = _rank(x)
+        if r == 4:
+            return x
+        if r == 3:
+            if not heads:
+                raise _Reject(f"3-D {what} needs a head count")
+            out = b.op("Reshape", [x, b.ints([0, 0, heads, -1])])
+            out = b.op("Transpose", [out], perm=[0, 2, 1, 3])
+            s = _shape(x)
+            if s is not None:
+                d = s[2] // heads if isinstance(s[2], int) else None
+                out.shape = ir.Shape([s[0], heads, s[1], d])
+                out.type = x.type
+            return out
+        raise _Reject(f"{what} has rank {r}; expected 3 or 4")
+
+    @staticmethod
+    def _default_scale(q4) -> Optional[float]:
+        d = _int_dim(q4, 3)
+        return 1.0 / math.sqrt(d) if d else None
+
+    def _emit_fused(self, node: ir.Node, source: str, b: _Builder, q4, k4, v4, terms: list[_Term],
+                    causal: bool, scale: Optional[float], softcap: float, out3: bool,
+                    extra_outputs: list[tuple[ir.Value, ir.Value]] = (), extra_attrs=None):
+        sq, sk = _int_dim(q4, 2), _int_dim(k4, 2)
+        found, terms = self.masks.simplify(terms, sq, sk, True)
+        causal = causal or found
+        dtype = q4.dtype
+        mask, kind = self.masks.assemble(b, terms, dtype, q4, k4, 4)
+        if scale is None:
+            scale = self._default_scale(q4)
+        attn = self._attention(b, q4, k4, v4, mask, scale, causal, softcap, extra_attrs)
+        y = attn.outputs[0]
+        old = node.outputs[0]
+        if out3:
+            y = b.merge_heads(y)
+        y.type, y.shape = old.type, old.shape
+        self._finish(b, [(old, y), *extra_outputs], attn, source, q4, k4, v4, causal, kind,
+                     scale if scale is not None else float("nan"), softcap, [node])
+
+    def onnx_attention(self, node: ir.Node):
+        if any(_input(node, i) is not None for i in (4, 5)):
+            raise _Reject("past_key/past_value (KV cache) are not normalized")
+        if any(_used(o) for o in node.outputs[1:]):
+            raise _Reject("present_key/present_value/qk_matmul_output are used")
+        q, k, v, m = (_input(node, i) for i in range(4))
+        attrs = node.attributes
+        hq, hkv = attrs.get_int("q_num_heads", 0), attrs.get_int("kv_num_heads", 0)
+        b = _Builder(self.graph, node)
+        out3 = _rank(q) == 3
+        q4 = self._head_inputs(b, q, hq, "Q")
+        k4 = self._head_inputs(b, k, hkv, "K")
+        v4 = self._head_inputs(b, v, hkv, "V")
+        terms = []
+        if m is not None:
+            terms.append(_Term("keep", m) if m.dtype == ir.DataType.BOOL else _Term("add", m))
+        scale = attrs.get_float("scale", 0.0) if "scale" in attrs else None
+        extra = {"softmax_precision": attrs.get_int("softmax_precision", 0)} \
+            if attrs.get_int("softmax_precision", 0) else None
+        self._emit_fused(node, "ai.onnx.Attention", b, q4, k4, v4, terms, bool(attrs.get_int("is_causal", 0)),
+                         scale, attrs.get_float("softcap", 0.0), out3, extra_attrs=extra)
+
+    def _padding_term(self, b: _Builder, mask: ir.Value, fill: float, dtype, batch, k4, q3,
+                      what: str) -> _Term:
+        """onnxruntime's key padding / mask_index (1 attends, 0 adds ``fill``) as a float term,
+        so the numbers match the contrib op exactly."""
+        r = _rank(mask)
+        zero, neg = b.scalar_like(0.0, dtype), b.scalar_like(fill, dtype)
+        if r == 1:
+            n = _int_dim(mask, 0)
+            if n is None or batch is None or n != batch:
+                raise _Reject(f"{what} of shape {_shape(mask)} (start/end positions) is not normalized")
+            # [B] lengths: keys at or past the length are masked
+            t = b.op("Squeeze", [b.seq_len(k4), b.ints([0])])
+            pos = b.op("Range", [b.ints(0), t, b.ints(1)])
+            lens = b.op("Unsqueeze", [b.op("Cast", [mask], to=ir.DataType.INT64), b.ints([1])])
+            keep = b.op("Less", [pos, lens])
+            add = b.op("Where", [keep, zero, neg])
+            return _Term("add", b.op("Unsqueeze", [add, b.ints([1, 2])]))
+        if r in (2, 3):
+            masked = b.op("Equal", [mask, b.const(np.zeros((), dtype=mask.dtype.numpy()))])
+            add = b.op("Where", [masked, neg, zero])
+            return _Term("add", b.op("Unsqueeze", [add, b.ints([1, 2] if r == 2 else [1])]))
+        raise _Reject(f"{what} of rank {r} is not normalized")
+
+    def ms_multihead(self, node: ir.Node):
+        if any(_input(node, i) is not None for i in range(6, len(node.inputs))):
+            raise _Reject("past key/value or cache inputs (decoding form) are not normalized")
+        if any(_used(o) for o in node.outputs[1:]):
+            raise _Reject("present key/value or qk outputs are used")
+        q, k, v, bias, kpm, ab = (_input(node, i) for i in range(6))
+        attrs = node.attributes
+        heads = attrs.get_int("num_heads", 0)
+        if k is None or v is None:
+            raise _Reject("packed QKV query is not normalized")
+        if _rank(q) != 3 or _rank(k) not in (3, 4) or _rank(v) not in (3, 4):
+            raise _Reject(f"query/key/value ranks {_rank(q)}/{_rank(k)}/{_rank(v)} are not the 3-D separate form")
+        b = _Builder(self.graph, node)
+        if bias is not None:
+            if _rank(k) != 3:
+                raise _Reject("bias with 4-D key is not normalized")
+            sizes = [_int_dim(t, 2) for t in (q, k, v)]
+            if None in sizes:
+                raise _Reject("bias needs static hidden sizes")
+            bq, bk, bv = b.op("Split", [bias, b.ints(sizes)], num_outputs=3, axis=0)
+            q, k, v = b.op("Add", [q, bq]), b.op("Add", [k, bk]), b.op("Add", [v, bv])
+            for new, old in ((q, node.inputs[0]), (k, node.inputs[1]), (v, node.inputs[2])):
+                new.type, new.shape = old.type, old.shape
+        q4 = self._head_inputs(b, q, heads, "query")
+        k4 = self._head_inputs(b, k, heads, "key")
+        v4 = self._head_inputs(b, v, heads, "value")
+        fill = attrs.get_float("mask_filter_value", -10000.0)
+        terms = []
+        if kpm is not None:
+            terms.append(self._padding_term(b, kpm, fill, q.dtype, _int_dim(q, 0), k4, q, "key_padding_mask"))
+        if ab is not None:
+            terms.append(_Term("add", ab))
+        scale = attrs.get_float("scale", 0.0) or None
+        self._emit_fused(node, f"{_MS}.MultiHeadAttention", b, q4, k4, v4, terms,
+                         bool(attrs.get_int("unidirectional", 0)), scale, 0.0, True)
+
+    def ms_attention(self, node: ir.Node):
+        attrs = node.attributes
+        if _input(node, 4) is not None or _input(node, 6) is not None:
+            raise _Reject("past state (decoding form) is not normalized")
+        if any(_used(o) for o in node.outputs[1:]):
+            raise _Reject("present state output is used")
+        if attrs.get_int("do_rotary", 0):
+            raise _Reject("do_rotary=1 is not normalized")
+        x, w, bias, mask, ab = (_input(node, i) for i in (0, 1, 2, 3, 5))
+        heads = attrs.get_int("num_heads", 0)
+        if _rank(x) != 3:
+            raise _Reject(f"input of rank {_rank(x)} is not normalized")
+        sizes = list(attrs.get_ints("qkv_hidden_sizes", []))
+        if not sizes:
+            total = _int_dim(w, 1)
+            if total is None or total % 3:
+                raise _Reject("weights width unknown; cannot split Q/K/V")
+            sizes = [total // 3] * 3
+        b = _Builder(self.graph, node)
+        # Packed projection as the contrib op computes it: x @ W + bias, then Q|K|V.
+        qkv = b.op("MatMul", [x, w])
+        if bias is not None:
+            qkv = b.op("Add", [qkv, bias])
+        q, k, v = b.op("Split", [qkv, b.ints(sizes)], num_outputs=3, axis=2)
+        xs = _shape(x)
+        for t, d in zip((q, k, v), sizes):
+            t.type = x.type
+            if xs is not None:
+                t.shape = ir.Shape([xs[0], xs[1], d])
+        q4 = self._head_inputs(b, q, heads, "Q")
+        k4 = self._head_inputs(b, k, heads, "K")
+        v4 = self._head_inputs(b, v, heads, "V")
+        terms = []
+        if mask is not None:
+            if _rank(mask) == 4:
+                raise _Reject("4-D (Megatron) mask_index is not normalized")
+            terms.append(self._padding_term(b, mask, attrs.get_float("mask_filter_value", -10000.0),
+                                            x.dtype, _int_dim(x, 0), k4, x, "mask_index"))
+        if ab is not None:
+            terms.append(_Term("add", ab))
+        scale = attrs.get_float("scale", 0.0) or None
+        self._emit_fused(node, f"{_MS}.Attention", b, q4, k4, v4, terms,
+                         bool(attrs.get_int("unidirectional", 0)), scale, 0.0, True)
+
+    def ms_gqa(self, node: ir.Node):
+        attrs = node.attributes
+        if _input(node, 3) is not None or _input(node, 4) is not None:
+            raise _Reject("past_key/past_value (decoding form) are not normalized")
+        if attrs.get_int("do_rotary", 0):
+            raise _Reject("do_rotary=1 is not normalized")
+        if attrs.get_int("local_window_size", -1) != -1:
+            raise _Reject("local_window_size (sliding window) is not normalized")
+        if attrs.get_int("smooth_softmax", 0) or _input(node, 11) is not None:
+            raise _Reject("smooth softmax / head_sink is not normalized")
+        if attrs.get_int("qk_output", 0) or (len(node.outputs) > 3 and _used(node.outputs[3])):
+            raise _Reject("qk output is used")
+        q, k, v, seqlens, total, ab = (_input(node, i) for i in (0, 1, 2, 5, 6, 10))
+        if any(_input(node, i) is not None for i in (7, 8, 9)):
+            raise _Reject("rotary inputs are not normalized")
+        hq, hkv = attrs.get_int("num_heads", 0), attrs.get_int("kv_num_heads", 0)
+        if _rank(q) != 3:
+            raise _Reject(f"query of rank {_rank(q)} is not normalized")
+        b = _Builder(self.graph, node)
+        if k is None:
+            width = _int_dim(q, 2)
+            if width is None or not hq or not hkv or width % (hq + 2 * hkv):
+                raise _Reject("packed QKV of unknown width")
+            d = width // (hq + 2 * hkv)
+            q, k, v = b.op("Split", [q, b.ints([hq * d, hkv * d, hkv * d])], num_outputs=3, axis=2)
+            qs = _shape(node.inputs[0])
+            for t, n in zip((q, k, v), (hq, hkv, hkv)):
+                t.type, t.shape = node.inputs[0].type, ir.Shape([qs[0], qs[1], n * d])
+        q4 = self._head_inputs(b, q, hq, "query")
+        k4 = self._head_inputs(b, k, hkv, "key")
+        v4 = self._head_inputs(b, v, hkv, "value")
+        s = _int_dim(q, 1)
+        extra = []
+        present = [o for o in node.outputs[1:3] if _used(o)]
+        if present:
+            # Without past, present key/value are the new K/V, if the cache is not longer.
+            tot = self.consts.scalar(total)
+            if tot is None or s is None or int(tot) != s:
+                raise _Reject("present_key/present_value are used and total_sequence_length is not the input length")
+            extra = [(o, t) for o, t in zip(node.outputs[1:3], (k4, v4)) if _used(o)]
+            for o, t in extra:
+                t.type, t.shape = o.type or t.type, o.shape or t.shape
+        terms = []
+        lens = self.consts.value(seqlens)
+        if lens is None or s is None or not np.all(lens == s - 1):
+            # keys past seqlens_k[b] are padding: keep[b, j] = j <= seqlens_k[b]
+            t = b.op("Squeeze", [b.seq_len(k4), b.ints([0])])
+            pos = b.op("Range", [b.ints(0), t, b.ints(1)])
+            ends = b.op("Unsqueeze", [b.op("Cast", [seqlens], to=ir.DataType.INT64), b.ints([1, 2, 3])])
+            terms.append(_Term("keep", b.op("LessOrEqual", [pos, ends])))
+        if ab is not None:
+            terms.append(_Term("add", ab))
+        scale = attrs.get_float("scale", 0.0) or None
+        self._emit_fused(node, f"{_MS}.GroupQueryAttention", b, q4, k4, v4, terms, True, scale,
+                         attrs.get_float("softcap", 0.0), True, extra_outputs=extra)
+
+
+# ----------------------------------------------------------------------------------------
+# entry point
+
+
+def _load(model: onnx.ModelProto) -> ir.Model:
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"fuse_onnx_attention expects an onnx.ModelProto, got {type(model).__name__}")
+    try:
+        m = ir.serde.deserialize_model(model)
+    except Exception as e:
+        raise InputError(f"the ONNX model could not be read: {str(e).splitlines()[0]}") from None
+    # Shapes tell layouts, head counts and mask broadcasting apart; a model onnx cannot
+    # infer still goes through, with fewer sites proven.
+    try:
+        m = ShapeInferencePass(strict_mode=False)(m).model
+    except Exception:
+        pass
+    return m
+
+
+def _to_target_opset(m: ir.Model):
+    current = m.opset_imports.get("", m.opset_imports.get("ai.onnx"))
+    if current is None:
+        m.opset_imports[""] = TARGET_OPSET
+        return
+    if current >= TARGET_OPSET:
+        return
+    try:
+        version_converter.convert_version(m, TARGET_OPSET, fallback=True)
+    except Exception as e:
+        raise InputError(f"cannot convert the model from opset {current} to {TARGET_OPSET}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if m.opset_imports.get("", 0) < TARGET_OPSET:
+        raise InputError(f"cannot convert the model from opset {current} to {TARGET_OPSET}")
+
+
+def fuse_onnx_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFusionResult]:
+    """Rewrite every dense attention subgraph of ``model`` into one ai.onnx ``Attention``
+    (opset 23) node. The input model is not modified."""
+    t0 = time.perf_counter()
+    m = _load(model)
+    _to_target_opset(m)
+    fuser = _Fuser(m)
+    fuser.run()
+    out = ir.serde.serialize_model(m)
+    out.ir_version = min(out.ir_version, MAX_IR_VERSION) if out.ir_version >= 7 else MAX_IR_VERSION
+    fuser.result.seconds = time.perf_counter() - t0
+    return out, fuser.result
