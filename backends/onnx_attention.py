@@ -45,12 +45,15 @@ class FusedFeatures:
     grouped: bool  # Hkv < Hq
     square: bool  # Sq == Sk provably (same number or same symbol)
     dtype: str  # "float32", "float16", ...
+    head_dim: Optional[int] = None  # None when dynamic
 
     def supported_by(self, lowering: str) -> bool:
         if lowering == "attention":
             return True
         if lowering == "gqa":
-            return self.causal and self.mask == "none" and self.square and self.dtype in ("float32", "float16")
+            # ORT's kernel also needs the head size to be a multiple of 8.
+            return self.causal and self.mask == "none" and self.square and self.dtype in ("float32", "float16") \
+                and self.head_dim is not None and self.head_dim % 8 == 0
         if lowering == "mha":
             return not (self.causal or self.grouped or self.softcap) and self.mask == "none" \
                 and self.dtype == "float32"
@@ -80,6 +83,7 @@ def features_of(q, k, mask, is_causal: bool, softcap: float) -> FusedFeatures:
         grouped=hq is None or hkv is None or hq != hkv,
         square=same_dim(q, 2, k, 2),
         dtype=_DTYPES.get(q.dtype, str(q.dtype)),
+        head_dim=static_dim(q, 3),
     )
 
 

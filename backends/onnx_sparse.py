@@ -67,8 +67,8 @@ def _blocksparse(p: BlockSparse, qb, kb):
     return bm, None
 
 
-def _neighborhood(p: Neighborhood, q, k, causal: bool):
-    sq, sk = static_dim(q, 2), static_dim(k, 2)
+def _neighborhood(p: Neighborhood, sizes: tuple, causal: bool):
+    sq, sk = sizes
     if sq is None or sk is None:
         raise BackendError("neighborhood attention needs a fixed sequence length to export (the grid comes from "
                            "it); capture the model with static shapes")
@@ -167,8 +167,9 @@ def _mask_blocks(mask, idx, per_head: bool, b, h, nqb, nkb, sq, sk, bs: int):
     return op.Reshape(op.Transpose(g, perm=[0, 1, 2, 4, 3, 5]), ints(0, 0, 0, bs, -1))
 
 
-def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softcap: float):
-    """Sparse attention of one pattern over q [B, H, Sq, D] and k, v already at H heads."""
+def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softcap: float, sizes: tuple):
+    """Sparse attention of one pattern over q [B, H, Sq, D] and k, v already at H heads;
+    ``sizes`` are (Sq, Sk) where the exporter knows them as numbers, else None."""
     bs = pattern.block
     b, h = dim(q, 0), dim(q, 1)
     sq, sk = dim(q, 2), dim(k, 2)
@@ -184,7 +185,7 @@ def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softca
     elif isinstance(pattern, BlockSparse):
         bm, pair_keep = _blocksparse(pattern, qb, kb)
     elif isinstance(pattern, Neighborhood):
-        bm, pair_keep = _neighborhood(pattern, q, k, causal)
+        bm, pair_keep = _neighborhood(pattern, sizes, causal)
     elif isinstance(pattern, TopK):
         bm, pair_keep = _topk(pattern, causal, qb, kb, q5, k5, sq, sk, nkb, scale)
     elif isinstance(pattern, VerticalSlash):
@@ -257,9 +258,10 @@ def sparse_translation(q, k, v, mask=None, scale=1.0, is_causal=False, softcap=0
         raise BackendError("sparse attention needs a fixed number of heads to export")
     kv_map = [h // (hq // hkv) for h in range(hq)]
     groups = head_groups(pattern, hq)
+    sizes = (static_dim(q, 2), static_dim(k, 2))
     if len(groups) == 1 and groups[0][1] is not None:
         kr, vr = (k, v) if hkv == hq else (_heads(k, kv_map), _heads(v, kv_map))
-        return blocked_attention(q, kr, vr, mask, groups[0][1], scale, is_causal, softcap)
+        return blocked_attention(q, kr, vr, mask, groups[0][1], scale, is_causal, softcap, sizes)
     outs, order = [], []
     for heads, pat in groups:
         hs = [int(x) for x in heads]
@@ -269,7 +271,7 @@ def sparse_translation(q, k, v, mask=None, scale=1.0, is_causal=False, softcap=0
         if pat is None:
             outs.append(lower_attention(qh, kh, vh, mh, scale, is_causal, softcap, "attention"))
         else:
-            outs.append(blocked_attention(qh, kh, vh, mh, pat, scale, is_causal, softcap))
+            outs.append(blocked_attention(qh, kh, vh, mh, pat, scale, is_causal, softcap, sizes))
         order += hs
     inverse = [order.index(x) for x in range(hq)]
     return op.Gather(op.Concat(*outs, axis=1), ints(*inverse), axis=1)

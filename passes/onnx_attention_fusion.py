@@ -339,10 +339,21 @@ class _Builder:
             return self.ints([d])
         return self.op("Shape", [x4], start=2, end=3)
 
-    def commit(self):
-        if self.nodes:
-            self.graph.insert_before(self.anchor, self.nodes)
+    def commit(self) -> list[ir.Node]:
+        """Insert the nodes whose outputs are used; drop the rest (e.g. a layout copy that a
+        later transpose folding made redundant)."""
+        keep = []
+        for node in reversed(self.nodes):
+            if any(_used(o) for o in node.outputs) or node.op_type == "Attention":
+                keep.append(node)
+            else:
+                for i in range(len(node.inputs)):
+                    node.replace_input_with(i, None)
+        keep.reverse()
+        if keep:
+            self.graph.insert_before(self.anchor, keep)
         self.nodes = []
+        return keep
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,18 +381,22 @@ class _Masks:
         """Flatten And (keep), Or (drop) or Add (add) trees into their parts. Expand is looked
         through only when the scores keep their shape (``shape_safe``): the Attention op
         broadcasts the mask itself."""
-        joins = {"keep": "And", "drop": "Or", "add": "Add"}[term.kind]
+        joins = {"keep": "And", "drop": "Or", "add": "Add"}
         out: list[_Term] = []
         todo = [term]
         while todo:
             t = todo.pop()
             p = _producer(t.value)
-            if p is not None and p.op_type == joins:
+            if p is not None and p.op_type == joins[t.kind]:
                 todo.extend(_Term(t.kind, i, t.coeff) for i in reversed(p.inputs))
             elif p is not None and p.op_type == "Expand" and shape_safe:
                 todo.append(_Term(t.kind, p.inputs[0], t.coeff))
             elif t.kind == "add" and p is not None and p.op_type == "Where":
-                out.append(self._where_leaf(t, p))
+                leaf = self._where_leaf(t, p)
+                if leaf is t:
+                    out.append(t)
+                else:
+                    todo.append(leaf)  # a bool condition: split its And/Or too
             else:
                 out.append(t)
         return out
@@ -441,15 +456,14 @@ class _Masks:
         causal = False
         out: list[_Term] = []
         for term in terms:
-            if sq is None or sk is None:
-                out.append(term)
-                continue
             leaves = self._leaves(term, shape_safe)
             static = [t for t in leaves if self.consts.is_static(t.value)]
             dynamic = [t for t in leaves if not self.consts.is_static(t.value)]
-            kind = self._classify(static, sq, sk, _neg_threshold(term.value.dtype)) if static else None
+            kind = None
+            if static and sq is not None and sk is not None:
+                kind = self._classify(static, sq, sk, _neg_threshold(term.value.dtype))
             if kind is None:
-                out.append(term)
+                out.extend(leaves)  # the same mask, with -inf-filled float parts as bools
                 continue
             causal = causal or kind == "causal"
             out.extend(dynamic)
@@ -527,15 +541,17 @@ class _Fuser:
                 seeds: list[ir.Node]) -> OnnxSite:
         site_id = f"attn.{len(self.result.sites)}"
         attn.metadata_props["attnforge.site"] = site_id
-        b.commit()
+        # Uses move to the new outputs before the commit, so it sees them as used.
         names = []
         for old, new in old_outputs:
             names.append(old.name)
             old.replace_all_uses_with(new, replace_graph_outputs=True)
+        created = {id(n) for n in b.commit()}
         removed = self._remove_dead(seeds)
-        # The replacement takes the replaced output's name, so graph outputs keep theirs.
+        # A new output takes the replaced output's name, so graph outputs keep theirs.
         for (old, new), name in zip(old_outputs, names):
-            if old.graph is None and old.producer() is None or old.producer().graph is None:
+            p = new.producer()
+            if p is not None and id(p) in created and old.producer().graph is None:
                 old.name = None
                 new.name = name
         q_heads = _int_dim(q4, 1)
@@ -554,9 +570,10 @@ class _Fuser:
             n = todo.pop()
             if n.graph is not self.graph or any(_used(o) for o in n.outputs):
                 continue
+            inputs = list(n.inputs)  # safe removal detaches them
             self.graph.remove(n, safe=True)
             removed.append(n.name or n.op_type)
-            for i in n.inputs:
+            for i in inputs:
                 if i is None:
                     continue
                 p = i.producer()
@@ -615,8 +632,8 @@ class _Fuser:
         axis = sm.attributes.get_int("axis", -1)
         if axis not in (-1, rank - 1):
             raise _Reject(f"softmax over axis {axis}, not the last axis")
-        pv, prob_nodes = self._walk_probs(sm)
         alpha, terms, softcap, qk = self._walk_scores(x)
+        pv, prob_nodes = self._walk_probs(sm)
         if rank not in (3, 4):
             raise _Reject(f"scores have rank {rank}; expected 3 or 4")
         q, kt = qk.inputs
@@ -640,18 +657,16 @@ class _Fuser:
         if not alpha > 0:
             raise _Reject(f"scale {alpha} is not positive")
         k = self._untranspose(b, kt)
-        k, kv_from_k = self._unrepeat(k)
-        v, kv_from_v = self._unrepeat(v)
-        if kv_from_k is None or kv_from_v is None or kv_from_k[1] != kv_from_v[1]:
-            # repeat_kv must be undone on both or neither (the op shares one head map)
-            k = kv_from_k[0] if kv_from_k is not None else k
-            v = kv_from_v[0] if kv_from_v is not None else v
+        # repeat_kv is undone on both k and v or neither: the op has one q-to-kv head map.
+        rk, rv = self._unrepeat(k), self._unrepeat(v)
+        if rk is not None and rv is not None and rk[1] == rv[1]:
+            k, v = rk[0], rv[0]
         if rank == 3:
             q4, k4, v4 = (b.op("Unsqueeze", [t, b.ints([1])]) for t in (q, k, v))
             for t4, t in ((q4, q), (k4, k), (v4, v)):
                 s = _shape(t)
                 if s is not None:
-                    t4.shape = ir.Shape([s[0], 1, *s[1:]])
+                    t4.type, t4.shape = t.type, ir.Shape([s[0], 1, *s[1:]])
         else:
             q4, k4, v4 = q, k, v
         self._check_heads(q4, k4, v4)
@@ -883,7 +898,7 @@ class _Fuser:
                 out.shape = ir.Shape([s[i] for i in full])
                 out.type = src.type
             return out
-        k4 = self._sdpa_untranspose(kt)
+        k4 = self._sdpa_untranspose(b, kt)
         if k4 is not None:
             return k4
         out = b.op("Transpose", [kt], perm=swap)
@@ -894,8 +909,10 @@ class _Fuser:
         return out
 
     @staticmethod
-    def _sdpa_untranspose(kt: ir.Value) -> Optional[ir.Value]:
-        """Reshape(Transpose(Reshape(k, [B*H, S, D]), (0, 2, 1)), [B, H, D, S]) is kᵀ of k."""
+    def _sdpa_untranspose(b: _Builder, kt: ir.Value) -> Optional[ir.Value]:
+        """Reshape(Transpose(Reshape(k, [B*H, S, D]), (0, 2, 1)), [B, H, D, S]) is kᵀ of k
+        [B, H, S, D]. When the flattened k is not itself a value (torch merges the repeat_kv
+        view into the flattening), k is re-formed with one Reshape of the same source."""
         r2 = _producer(kt, "Reshape")
         t = _producer(r2.inputs[0], "Transpose") if r2 else None
         if t is None or list(t.attributes.get_ints("perm", [])) != [0, 2, 1]:
@@ -904,38 +921,48 @@ class _Fuser:
         if r1 is None:
             return None
         k, flat, out = r1.inputs[0], _shape(r1.outputs[0]), _shape(kt)
-        ks = _shape(k)
-        if ks is None or flat is None or out is None or len(ks) != 4 or len(out) != 4 or len(flat) != 3:
+        if flat is None or out is None or len(out) != 4 or len(flat) != 3:
             return None
-        same = all(_same_dim(a, c) for a, c in
-                   ((ks[0], out[0]), (ks[1], out[1]), (ks[2], out[3]), (ks[3], out[2]),
-                    (flat[1], ks[2]), (flat[2], ks[3])))
-        return k if same else None
+        if not (_same_dim(flat[1], out[3]) and _same_dim(flat[2], out[2])):
+            return None
+        ks = _shape(k)
+        if ks is not None and len(ks) == 4 and all(_same_dim(a, c) for a, c in
+                                                  ((ks[0], out[0]), (ks[1], out[1]), (ks[2], out[3]), (ks[3], out[2]))):
+            return k
+        dims = [out[0], out[1], out[3], out[2]]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        k4 = b.op("Reshape", [k, b.ints(dims)])
+        k4.type, k4.shape = kt.type, ir.Shape(dims)
+        return k4
 
-    @staticmethod
-    def _unrepeat(x: ir.Value):
+    def _unrepeat(self, x: ir.Value):
         """repeat_kv: Reshape(Expand(Unsqueeze(k, 2), [B, Hkv, n, S, D]), [B, Hkv*n, S, D]).
-        Returns (x, None) when not repeated, else (x, (k, Hkv))."""
+        Returns (k, Hkv), or None when ``x`` is not such a repeat."""
         r = _producer(x, "Reshape")
         e = _producer(r.inputs[0], "Expand") if r else None
         u = _producer(e.inputs[0], "Unsqueeze") if e else None
         if u is None:
-            return x, None
-        axes = u.inputs[1] if len(u.inputs) > 1 else None
-        axes = axes.const_value.numpy().tolist() if axes is not None and axes.const_value is not None \
-            else list(u.attributes.get_ints("axes", []))
+            return None
+        axes = self.consts.value(u.inputs[1]) if len(u.inputs) > 1 else None
+        axes = axes.tolist() if axes is not None else list(u.attributes.get_ints("axes", []))
         k = u.inputs[0]
-        ks, es, xs = _shape(k), _shape(e.outputs[0]), _shape(x)
-        if axes != [2] or ks is None or es is None or xs is None or len(ks) != 4 or len(es) != 5 or len(xs) != 4:
-            return x, None
-        hkv, n, hq = es[1], es[2], xs[1]
+        ks, xs = _shape(k), _shape(x)
+        if axes not in ([2], 2) or ks is None or xs is None or len(ks) != 4 or len(xs) != 4:
+            return None
+        # The expanded shape: from shape inference, or from the constant target shape.
+        es = _shape(e.outputs[0])
+        target = self.consts.value(e.inputs[1])
+        if target is not None and target.size == 5:
+            es = [t if t != 1 else d for t, d in zip(target.tolist(), [ks[0], ks[1], 1, ks[2], ks[3]])]
+        if es is None or len(es) != 5:
+            return None
+        hkv, n, hq = ks[1], es[2], xs[1]
         if not (isinstance(hkv, int) and isinstance(n, int) and isinstance(hq, int) and hq == hkv * n):
-            return x, None
-        if not (_same_dim(ks[1], hkv) and all(_same_dim(a, c) for a, c in
-                                              ((ks[0], xs[0]), (ks[2], xs[2]), (ks[3], xs[3]),
-                                               (es[0], xs[0]), (es[3], xs[2]), (es[4], xs[3])))):
-            return x, None
-        return x, (k, hkv)
+            return None
+        if not all(_same_dim(a, c) for a, c in ((ks[0], xs[0]), (ks[2], xs[2]), (ks[3], xs[3]))):
+            return None
+        return k, hkv
 
     @staticmethod
     def _check_heads(q4, k4, v4):
@@ -1008,6 +1035,9 @@ class _Fuser:
         q4 = self._head_inputs(b, q, hq, "Q")
         k4 = self._head_inputs(b, k, hkv, "K")
         v4 = self._head_inputs(b, v, hkv, "V")
+        rk, rv = self._unrepeat(k4), self._unrepeat(v4)
+        if rk is not None and rv is not None and rk[1] == rv[1]:
+            k4, v4 = rk[0], rv[0]  # the exporter's repeat_kv: the op does GQA natively
         terms = []
         if m is not None:
             terms.append(_Term("keep", m) if m.dtype == ir.DataType.BOOL else _Term("add", m))
@@ -1222,6 +1252,6 @@ def fuse_onnx_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFu
     fuser = _Fuser(m)
     fuser.run()
     out = ir.serde.serialize_model(m)
-    out.ir_version = min(out.ir_version, MAX_IR_VERSION) if out.ir_version >= 7 else MAX_IR_VERSION
+    out.ir_version = MAX_IR_VERSION
     fuser.result.seconds = time.perf_counter() - t0
     return out, fuser.result

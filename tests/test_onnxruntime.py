@@ -1,0 +1,307 @@
+"""The onnxruntime backend: every lowering against the PyTorch reference ops, the zoo against
+the torch backend, dynamic shapes, saving, and the bad-input messages."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backends
+import compiler
+from backends.onnx_attention import FusedFeatures, choose_fused
+from backends.onnx_export import export_onnx
+from compiler.errors import BackendError, InputError
+from compiler.linear_ops import linear_attention_reference
+from compiler.ops import attention_reference
+from compiler.sparse_ops import sparse_attention_reference
+from zoo import HF_CASES, TORCH_CASES, hf_model, torch_model
+
+TOL = 1e-4
+
+
+class OneOp(torch.nn.Module):
+    """One attnforge op, with its attributes fixed, as a model to export."""
+
+    def __init__(self, kind: str, scale: float, causal: bool, softcap: float = 0.0, spec: str = ""):
+        super().__init__()
+        self.kind, self.scale, self.causal, self.softcap, self.spec = kind, scale, causal, softcap, spec
+
+    def forward(self, q, k, v, mask=None):
+        if self.kind == "fused":
+            return torch.ops.attnforge.attention(q, k, v, mask, self.scale, self.causal, self.softcap)
+        if self.kind == "sparse":
+            return torch.ops.attnforge.sparse_attention(q, k, v, mask, self.scale, self.causal, self.softcap,
+                                                        self.spec)
+        return torch.ops.attnforge.linear_attention(q, k, v, mask, self.scale, self.causal, self.spec)
+
+    def reference(self, q, k, v, mask=None):
+        if self.kind == "fused":
+            return attention_reference(q, k, v, mask, self.scale, self.causal, self.softcap)
+        if self.kind == "sparse":
+            return sparse_attention_reference(q, k, v, mask, self.scale, self.causal, self.softcap, self.spec)
+        return linear_attention_reference(q, k, v, mask, self.scale, self.causal, self.spec)
+
+
+def _inputs(seq: int, mask: str | None, hq=4, hkv=2, d=16, seed=0, sk: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    sk = seq if sk is None else sk
+    q = torch.randn(2, hq, seq, d, generator=g)
+    k, v = torch.randn(2, hkv, sk, d, generator=g), torch.randn(2, hkv, sk, d, generator=g)
+    m = None
+    if mask == "key-bool":
+        m = torch.ones(2, 1, 1, sk, dtype=torch.bool)
+        m[1, ..., sk - 5:] = False
+    elif mask == "key-float":
+        m = torch.zeros(2, 1, 1, sk)
+        m[1, ..., sk - 5:] = float("-inf")
+        m[0, ..., :3] = -1.5
+    elif mask == "full-bool":
+        m = torch.rand(2, 1, seq, sk, generator=g) > 0.3
+        m[0, 0, 1] = False  # a query with every key masked: zeros, never NaN
+    return (q, k, v) if m is None else (q, k, v, m)
+
+
+def _export_dynamic(mod: OneOp, mask: str | None, seq: int = 40, fused_lowering=None):
+    s = torch.export.Dim("s", min=2, max=4096)
+    shapes = [{2: s}] * 3
+    if mask in ("key-bool", "key-float"):
+        shapes.append({3: s})
+    elif mask == "full-bool":
+        shapes.append({2: s, 3: s})
+    ep = torch.export.export(mod, _inputs(seq, mask), dynamic_shapes=tuple(shapes))
+    return export_onnx(ep, fused_lowering=fused_lowering)
+
+
+def _session(model: onnx.ModelProto):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _check_lengths(mod: OneOp, mask: str | None, lengths=(40, 23, 70), fused_lowering=None) -> str:
+    """Export at the first length, run at every length, compare with the reference op."""
+    ex = _export_dynamic(mod, mask, lengths[0], fused_lowering)
+    onnx.checker.check_model(ex.model, full_check=True)
+    sess = _session(ex.model)
+    for i, seq in enumerate(lengths):
+        x = _inputs(seq, mask, seed=i)
+        got = sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0]
+        want = mod.reference(*x)
+        assert not torch.isnan(torch.from_numpy(got)).any()
+        err = (torch.from_numpy(got) - want).abs().max().item()
+        assert err < TOL, f"{mod.kind} {mod.spec} seq={seq} mask={mask}: max abs error {err:.2e}"
+    (lowering,) = ex.lowerings.values()
+    return lowering
+
+
+MASKS = [None, "key-bool", "key-float", "full-bool"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m or "nomask")
+def test_fused_standard_attention(causal, mask):
+    assert _check_lengths(OneOp("fused", 0.3, causal), mask, fused_lowering="attention") == "attention"
+
+
+def test_fused_softcap_and_cross_lengths():
+    mod = OneOp("fused", 0.25, True, softcap=3.0)
+    ep = torch.export.export(mod, _inputs(9, "full-bool", sk=13))
+    sess = _session(export_onnx(ep).model)
+    x = _inputs(9, "full-bool", sk=13)
+    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+    assert (got - mod.reference(*x)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("lowering,causal,gqa", [("gqa", True, True), ("gqa", True, False), ("mha", False, False)])
+def test_contrib_lowerings(lowering, causal, gqa):
+    mod = OneOp("fused", 0.2, causal)
+    s = torch.export.Dim("s", min=2, max=4096)
+    hkv = 2 if gqa else 4
+    ep = torch.export.export(mod, _inputs(33, None, hkv=hkv), dynamic_shapes=({2: s},) * 3)
+    ex = export_onnx(ep, fused_lowering=lowering)
+    assert list(ex.lowerings.values()) == [lowering]
+    domains = {n.domain for n in ex.model.graph.node}
+    assert "com.microsoft" in domains
+    sess = _session(ex.model)
+    for seq in (33, 17, 64):
+        x = _inputs(seq, None, hkv=hkv, seed=seq)
+        got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+        assert (got - mod.reference(*x)).abs().max().item() < TOL
+
+
+def test_capability_table_never_picks_an_unsupporting_lowering():
+    for causal in (False, True):
+        for mask in ("none", "bool", "float"):
+            for grouped in (False, True):
+                for square in (False, True):
+                    f = FusedFeatures(causal, mask, False, grouped, square, "float32", 64)
+                    chosen = choose_fused(f, "CPUExecutionProvider")
+                    assert f.supported_by(chosen)
+                    if chosen == "gqa":
+                        assert causal and mask == "none" and square
+                    if chosen == "mha":
+                        assert not causal and not grouped and mask == "none"
+    # With a mask only the standard op is exact (the contrib ops give masked rows other values).
+    assert choose_fused(FusedFeatures(True, "bool", False, True, True, "float32", 64),
+                        "CPUExecutionProvider") == "attention"
+    # ORT's GQA kernel needs D % 8 == 0 (TransformerEncoderLayer(16, 4) has D = 4).
+    assert choose_fused(FusedFeatures(True, "none", False, False, True, "float32", 4),
+                        "CPUExecutionProvider") == "attention"
+
+
+SPARSE = [
+    "window:8",
+    "window:8,sinks:3,block=8",
+    "blocksparse:block=8,local=1,global=1,stride=3",
+    "topk:blocks=2,block=8",
+    "topk:mass=0.8,block=8",
+    "heads[0]=fused;heads[*]=window:8,block=8",
+]
+
+
+@pytest.mark.parametrize("spec", SPARSE)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m or "nomask")
+def test_sparse_lowering(spec, causal, mask):
+    assert _check_lengths(OneOp("sparse", 0.3, causal, spec=spec), mask) == "block-gather"
+
+
+def test_sparse_softcap():
+    _check_lengths(OneOp("sparse", 0.3, True, softcap=2.0, spec="window:8,block=8"), "key-float")
+
+
+def test_neighborhood_lowering_static_grid():
+    mod = OneOp("sparse", 0.3, False, spec="neighborhood:3x3,block=8")
+    x = _inputs(37, "key-bool")  # a CLS token and a 6x6 grid
+    sess = _session(export_onnx(torch.export.export(mod, x)).model)
+    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+    assert (got - mod.reference(*x)).abs().max().item() < TOL
+
+
+def test_sparse_lowering_does_only_the_kept_work():
+    """The gathered scores are [.., nqb, block, K*block]: K, the kept blocks, not Sk."""
+    mod = OneOp("sparse", 0.125, True, spec="window:64,block=64")
+    x = _inputs(1024, None, hq=2, hkv=2, d=16)
+    model = export_onnx(torch.export.export(mod, x)).model
+    shapes = onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info
+    matmul_out = {n.output[0] for n in model.graph.node if n.op_type == "MatMul"}
+    sizes = [[d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in shapes if vi.name in matmul_out]
+    assert sizes, "no MatMul shapes inferred"
+    assert all(max(s) < 1024 for s in sizes if s), sizes  # no [.., 1024, 1024] product anywhere
+
+
+LINEAR = ["linear:elu,chunk=16", "linear:relu,chunk=16", "linear:favor,features=32,chunk=16", "linear:taylor,chunk=16"]
+
+
+@pytest.mark.parametrize("spec", LINEAR)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("mask", [None, "key-bool", "key-float"], ids=lambda m: m or "nomask")
+def test_linear_lowering(spec, causal, mask):
+    assert _check_lengths(OneOp("linear", 0.3, causal, spec=spec), mask) == "feature-map"
+
+
+def _zoo_cases():
+    variants = {
+        "gpt2": ["window:3,block=2", "linear:elu"],
+        "llama": ["topk:blocks=1,block=2", "heads[0]=fused;heads[*]=window:2,sinks:1,block=2"],
+        "bert": ["blocksparse:block=2,local=1,global=1", "linear:favor,features=16"],
+        "vit": ["neighborhood:3x3,block=4", "linear:taylor"],
+    }
+    for kind, impl in HF_CASES:
+        for pol in ["fused", *variants[kind][impl == "sdpa"::2]]:
+            yield pytest.param(("hf", kind, impl), pol, id=f"{kind}-{impl}-{pol}")
+    for kind in TORCH_CASES:
+        for pol in ["fused", "topk:mass=0.9,block=2"]:
+            yield pytest.param(("torch", kind, None), pol, id=f"{kind}-{pol}")
+
+
+@pytest.mark.parametrize("case,policy", list(_zoo_cases()))
+def test_zoo_matches_torch_backend(case, policy):
+    z = hf_model(case[1], case[2]) if case[0] == "hf" else torch_model(case[1])
+    cm = compiler.compile(z.model, z.args, policy, example_kwargs=z.kwargs, show_progress=False)
+    ort_run = backends.load("onnxruntime", cm.exported_program, {"intra_op_num_threads": 1})
+    want = cm(*z.args, **z.kwargs)
+    got = ort_run(*z.args, **{**cm.default_kwargs, **z.kwargs})
+    flat_w, flat_g = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
+    assert len(flat_w) == len(flat_g)
+    for w, g in zip(flat_w, flat_g):
+        assert (w - g).abs().max().item() < TOL
+    n_sites = sum(s.status == "rewritten" for s in cm.report.sites)
+    assert n_sites == z.attention_blocks
+    assert len(ort_run.exported.lowerings) == n_sites
+
+
+def test_compile_with_onnxruntime_reports_lowering_and_saves(tmp_path):
+    z = hf_model("llama", "eager")
+    cm = compiler.compile(z.model, z.args, "fused", backend="onnxruntime", example_kwargs=z.kwargs,
+                          backend_options={"intra_op_num_threads": 1}, show_progress=False)
+    low = cm.report.lowering
+    assert low["format"] == "onnx" and low["opset"] == 23
+    assert low["max_abs_error_vs_torch"] < TOL
+    assert all(s.lowering in ("attention", "gqa", "mha") for s in cm.report.sites)
+    assert "lowered to onnx" in str(cm.report)
+    path = cm.save(tmp_path / "llama.onnx")
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    sess = _session(onnx.load(path))
+    ref = z.model(**z.kwargs, use_cache=False).last_hidden_state
+    feeds = {i.name: z.kwargs[i.name].numpy() for i in sess.get_inputs()}
+    got = torch.from_numpy(sess.run(None, feeds)[0])
+    assert (got - ref).abs().max().item() < TOL
+    # The pt2 path still writes an ExportedProgram.
+    assert torch.export.load(cm.save(tmp_path / "llama.pt2")) is not None
+
+
+def test_dynamic_sequence_through_the_backend():
+    z = hf_model("gpt2", "eager")
+    ids, mask = z.kwargs["input_ids"], z.kwargs["attention_mask"]
+    s = torch.export.Dim("seq", min=2, max=60)
+    cm = compiler.compile(z.model, (), "window:3,block=2", backend="onnxruntime", example_kwargs=z.kwargs,
+                          dynamic_shapes={"input_ids": {1: s}, "attention_mask": {1: s}}, show_progress=False)
+    ref = compiler.compile(z.model, (), "window:3,block=2", example_kwargs=z.kwargs,
+                           dynamic_shapes={"input_ids": {1: s}, "attention_mask": {1: s}}, show_progress=False)
+    for n in (5, 11):
+        kw = {"input_ids": ids[:, :n].contiguous(), "attention_mask": mask[:, :n].contiguous()}
+        got, want = cm(**kw).last_hidden_state, ref(**kw).last_hidden_state
+        assert got.shape[1] == n
+        assert (got - want).abs().max().item() < TOL
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _tiny():
+    class A(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return A(), _inputs(16, None, hkv=4)
+
+
+def test_bad_backend_options():
+    model, x = _tiny()
+    with pytest.raises(BackendError, match="unknown onnxruntime option.*threads"):
+        compiler.compile(model, x, backend="onnxruntime", backend_options={"threads": 2}, show_progress=False)
+    with pytest.raises(BackendError, match="not available here"):
+        compiler.compile(model, x, backend="onnxruntime", backend_options={"providers": ["CUDAExecutionProvider"]},
+                         show_progress=False)
+    with pytest.raises(BackendError, match="takes no options"):
+        compiler.compile(model, x, backend_options={"intra_op_num_threads": 1}, show_progress=False)
+
+
+def test_variant_without_onnx_lowering_is_named():
+    model, x = _tiny()
+    with pytest.raises(BackendError, match="vslash has no ONNX lowering.*backend='torch'"):
+        compiler.compile(model, x, "vslash:vertical=4,slash=4,last=4,block=4", backend="onnxruntime",
+                         show_progress=False)
+
+
+def test_wrong_inputs_at_run_time():
+    model, x = _tiny()
+    cm = compiler.compile(model, x, backend="onnxruntime", show_progress=False)
+    with pytest.raises(InputError, match="onnxruntime could not run these inputs"):
+        cm(x[0][:, :, :, :8], x[1], x[2])
+    with pytest.raises(InputError, match="not structured like the example inputs"):
+        cm(x[0], x[1])
