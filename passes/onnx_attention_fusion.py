@@ -641,14 +641,13 @@ class _Fuser:
         for name, t in (("q", q), ("k", kt), ("v", v)):
             if _rank(t) != rank:
                 raise _Reject(f"{name} operand rank {_rank(t)} does not match the scores rank {rank}")
-        # The mask may only broadcast into the scores, never enlarge them.
-        shape_safe = _shape(x) is not None and _shape(qk.outputs[0]) is not None and all(
-            _same_dim(a, c) for a, c in zip(_shape(x), _shape(qk.outputs[0])))
-        if not shape_safe and terms and (_shape(x) is None or _shape(qk.outputs[0]) is None):
-            if _rank(qk.outputs[0]) != rank:
-                raise _Reject("mask changes the rank of the scores")
-        elif not shape_safe and terms:
-            raise _Reject("mask broadcasts the scores to a larger shape")
+        # A mask may broadcast into the scores but not enlarge them: the op's output has the
+        # shape q/k/v give. Only a static 1 in the product can be enlarged.
+        xs, ss = _shape(x), _shape(qk.outputs[0])
+        shape_safe = xs is not None and ss is not None and len(xs) == len(ss) and all(
+            not (d == 1 and e != 1) for e, d in zip(xs, ss))
+        if terms and not shape_safe:
+            raise _Reject("cannot prove the mask keeps the shape of the scores")
 
         b = _Builder(self.graph, pv)
         q, fq = self._peel_scale(b, q)

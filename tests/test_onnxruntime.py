@@ -256,14 +256,16 @@ def test_compile_with_onnxruntime_reports_lowering_and_saves(tmp_path):
 
 def test_dynamic_sequence_through_the_backend():
     z = hf_model("gpt2", "eager")
-    ids, mask = z.kwargs["input_ids"], z.kwargs["attention_mask"]
     s = torch.export.Dim("seq", min=2, max=60)
     cm = compiler.compile(z.model, (), "window:3,block=2", backend="onnxruntime", example_kwargs=z.kwargs,
                           dynamic_shapes={"input_ids": {1: s}, "attention_mask": {1: s}}, show_progress=False)
     ref = compiler.compile(z.model, (), "window:3,block=2", example_kwargs=z.kwargs,
                            dynamic_shapes={"input_ids": {1: s}, "attention_mask": {1: s}}, show_progress=False)
-    for n in (5, 11):
-        kw = {"input_ids": ids[:, :n].contiguous(), "attention_mask": mask[:, :n].contiguous()}
+    g = torch.Generator().manual_seed(5)
+    for n in (4, 12):
+        m = torch.ones(2, n, dtype=torch.long)
+        m[1, n - 2:] = 0
+        kw = {"input_ids": torch.randint(0, 100, (2, n), generator=g), "attention_mask": m}
         got, want = cm(**kw).last_hidden_state, ref(**kw).last_hidden_state
         assert got.shape[1] == n
         assert (got - want).abs().max().item() < TOL
