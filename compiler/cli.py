@@ -149,14 +149,18 @@ def cmd_rewrite(a) -> int:
     from compiler.policy import parse_policy
 
     src, out = Path(a.input), Path(a.output)
-    if src.suffix != ".pt2":
-        raise InputError(f"{src}: expected a .pt2 file from torch.export.save")
-    if out.suffix != ".pt2":
-        raise InputError(f"{out}: the output of a .pt2 rewrite is a .pt2 file")
+    if src.suffix not in (".pt2", ".onnx"):
+        raise InputError(f"{src}: expected a .pt2 file from torch.export.save or an .onnx model")
+    if out.suffix not in (".pt2", ".onnx"):
+        raise InputError(f"{out}: write a .pt2 (ExportedProgram) or an .onnx model")
+    if src.suffix == ".onnx" and out.suffix != ".onnx":
+        raise InputError(f"{out}: an ONNX model is rewritten into an ONNX model; name the output .onnx")
     policy = parse_policy(_policy_arg(a.policy))  # fail on a bad policy before the slow load
     budget = _budget_arg(a)
     if policy.auto and budget is None:
         raise PolicyError("--policy auto needs a budget: --min-cosine, --max-kl and/or --max-abs-error")
+    if src.suffix == ".onnx":
+        return _rewrite_onnx(a, src, out, policy, budget)
     calibration = _calibration_arg(a.calibration)
     from compiler.progress import status
 
@@ -168,20 +172,46 @@ def cmd_rewrite(a) -> int:
         args, kwargs = ep.example_inputs
     else:
         raise InputError(f"{src} stores no example inputs; give --example-shape (e.g. input_ids=1x128:int64)")
+    backend = "onnxruntime" if out.suffix == ".onnx" else "torch"
+    options = {"intra_op_num_threads": a.threads} if backend == "onnxruntime" and a.threads else None
     cm = compile_program(ep, tuple(args), dict(kwargs), policy=policy, model_name=src.stem,
                          calibration=calibration, budget=budget, show_progress=None if not a.quiet else False,
-                         attention_maps=a.attention_maps)
+                         attention_maps=a.attention_maps, backend=backend, backend_options=options)
     t = cm.report.totals
     if t["sites_found"] == 0:
         raise InputError(f"{src}: no attention found in this program; nothing to rewrite")
     _check_budget(cm.report)
-    cm.save(out)
+    return _finish(a, cm, out)
+
+
+def _finish(a, result, out: Path) -> int:
+    result.save(out)
     if a.report:
-        cm.report.save(a.report)
+        result.report.save(a.report)
     if not a.quiet:
-        cm.report.render()
+        result.report.render()
         print(f"wrote {out}" + (f" and {a.report}" if a.report else ""))
     return 0
+
+
+def _rewrite_onnx(a, src: Path, out: Path, policy, budget) -> int:
+    from compiler.onnx_program import example_feeds, load_onnx, rewrite_onnx
+    from compiler.progress import status
+
+    if a.calibration:
+        raise InputError("--calibration is for --policy auto on a .pt2 program; an ONNX rewrite takes an explicit "
+                         "policy")
+    model = load_onnx(src)
+    shapes = None
+    if a.example_shape:
+        args, kwargs = _example(a.example_shape)
+        if args:
+            raise InputError("name each --example-shape after the ONNX input it feeds (NAME=2x128:int64)")
+        shapes = {k: tuple(v.shape) for k, v in kwargs.items()}
+    with status(f"rewriting {src.name}", None if not a.quiet else False):
+        result = rewrite_onnx(model, policy, example_feeds(model, shapes), budget, model_name=src.stem)
+    _check_budget(result.report)
+    return _finish(a, result, out)
 
 
 def cmd_inspect(a) -> int:
@@ -217,7 +247,8 @@ def cmd_demo(a) -> int:
     else:
         inputs = mini.encode_inputs(SENTENCES)
     cm = compiler.compile(mini.model, (), policy=policy, example_kwargs=inputs, dynamic_shapes=None,
-                          calibration=calibration, budget=budget, attention_maps=a.attention_maps)
+                          calibration=calibration, budget=budget, attention_maps=a.attention_maps,
+                          backend=a.backend)
     with torch.no_grad():
         before = sentence_embeddings(mini.model(**inputs).last_hidden_state, inputs["attention_mask"])
     out = cm(**inputs)
@@ -247,9 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="Find and rewrite attention in exported PyTorch programs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("rewrite", help="rewrite the attention of a .pt2 program")
-    r.add_argument("input", help=".pt2 file written by torch.export.save")
-    r.add_argument("-o", "--output", required=True, help="where to write the rewritten .pt2")
+    r = sub.add_parser("rewrite", help="rewrite the attention of a .pt2 program or an ONNX model")
+    r.add_argument("input", help=".pt2 file written by torch.export.save, or an .onnx model")
+    r.add_argument("-o", "--output", required=True,
+                   help="where to write the result: .pt2 (ExportedProgram) or .onnx (run and checked in onnxruntime)")
+    r.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: its own)")
     r.add_argument("--policy", default="fused",
                    help="variant for every site (fused, window:256,sinks:4, topk:blocks=8,block=64, linear:elu, ...), "
                         "auto, or a JSON object of per-site rules (default: fused)")
@@ -274,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", default="fused", help="as for rewrite; auto calibrates on long paragraphs")
     _budget_flags(d)
     d.add_argument("--attn-implementation", default="eager", choices=["eager", "sdpa"])
+    d.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="run the rewritten model in PyTorch or exported to ONNX in onnxruntime")
     d.add_argument("--report", help="also write the report as JSON here")
     d.add_argument("--attention-maps", action="store_true", help="store attention maps in the report")
     d.set_defaults(func=cmd_demo)

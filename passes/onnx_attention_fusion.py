@@ -162,82 +162,96 @@ def _neg_threshold(dtype: Optional[ir.DataType]) -> float:
 
 
 class _Constants:
-    """Decides which values depend only on constants and static shapes, and evaluates them.
+    """Decides which values depend only on constants and shapes, and evaluates them.
 
     Evaluation runs the value's cone with onnx's reference evaluator, with ``Shape``/``Size``
-    of statically shaped activations replaced by their numbers.
+    of activations replaced by their numbers. A value is *static* when those shapes are
+    static; it is *shape-only* when they have symbolic dims, and is then evaluated under a
+    ``binding`` of each symbol to a number.
     """
 
     def __init__(self, model: ir.Model):
         self.model = model
-        self._static: dict[int, bool] = {}
-        self._values: dict[int, Optional[np.ndarray]] = {}
+        self._memo: dict[tuple[int, bool], bool] = {}
+        self._values: dict[tuple[int, tuple], Optional[np.ndarray]] = {}
 
     @staticmethod
-    def _shape_leaf(node: ir.Node) -> Optional[np.ndarray]:
-        """Numbers for Shape/Size of a statically shaped activation, else None."""
-        if node.op_type not in ("Shape", "Size") or node.domain not in ("", "ai.onnx"):
+    def _shape_leaf(node: Optional[ir.Node], binding=None) -> Optional[np.ndarray]:
+        """Numbers for Shape/Size of an activation: static dims, or symbols in ``binding``."""
+        if node is None or node.op_type not in ("Shape", "Size") or node.domain not in ("", "ai.onnx"):
             return None
-        dims = _static_shape(node.inputs[0])
+        dims = _shape(node.inputs[0])
         if dims is None:
             return None
+        binding = binding if binding is not None else {}
+        dims = [d if isinstance(d, int) else binding.get(d.value) for d in dims]
         if node.op_type == "Size":
-            return np.array(int(np.prod(dims)), dtype=np.int64)
+            return None if None in dims else np.array(int(np.prod(dims)), dtype=np.int64)
         start = node.attributes.get_int("start", 0)
         end = node.attributes.get_int("end", None)
-        return np.array(dims[start:end], dtype=np.int64)
+        dims = dims[start:end]
+        return None if None in dims else np.array(dims, dtype=np.int64)
+
+    @staticmethod
+    def _symbolic_leaf(node: Optional[ir.Node]) -> bool:
+        """Shape/Size whose needed dims are ints or named symbols."""
+        if node is None or node.op_type not in ("Shape", "Size") or node.domain not in ("", "ai.onnx"):
+            return False
+        dims = _shape(node.inputs[0])
+        if dims is None:
+            return False
+        if node.op_type == "Shape":
+            dims = dims[node.attributes.get_int("start", 0):node.attributes.get_int("end", None)]
+        # Named input dims only: an expression ("s0 + 1") or an unknown that shape inference
+        # made up ("unk__3") need not equal the sequence length it would be bound to.
+        return all(isinstance(d, int) or (d.value and d.value.isidentifier() and not d.value.startswith("unk__"))
+                   for d in dims)
 
     def is_static(self, v: Optional[ir.Value]) -> bool:
+        return self._depends_only_on_constants(v, symbolic=False)
+
+    def is_shape_only(self, v: Optional[ir.Value]) -> bool:
+        return self._depends_only_on_constants(v, symbolic=True)
+
+    def _depends_only_on_constants(self, v: Optional[ir.Value], symbolic: bool) -> bool:
         if v is None or not _present(v):
             return True
+        memo = self._memo
         todo = [v]
         while todo:
             cur = todo[-1]
-            if id(cur) in self._static:
-                todo.pop()
-                continue
-            if cur.is_graph_input():
-                self._static[id(cur)] = False
-                todo.pop()
-                continue
-            if cur.const_value is not None:
-                self._static[id(cur)] = True
+            key = (id(cur), symbolic)
+            if key in memo:
                 todo.pop()
                 continue
             node = cur.producer()
-            if node is None:
-                self._static[id(cur)] = False
-                todo.pop()
-                continue
-            if self._shape_leaf(node) is not None or node.op_type == "Constant":
-                self._static[id(cur)] = node.domain in ("", "ai.onnx")
-                todo.pop()
-                continue
-            if (node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC
-                    or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                           for a in node.attributes.values())):
-                self._static[id(cur)] = False
-                todo.pop()
-                continue
-            pending = [i for i in node.inputs if _present(i) and id(i) not in self._static]
-            if pending:
-                todo.extend(pending)
-                continue
-            self._static[id(cur)] = all(self._static[id(i)] for i in node.inputs if _present(i))
+            if cur.is_graph_input() or (cur.const_value is None and node is None):
+                memo[key] = False
+            elif cur.const_value is not None:
+                memo[key] = True
+            elif self._shape_leaf(node) is not None or node.op_type == "Constant" or (
+                    symbolic and self._symbolic_leaf(node)):
+                memo[key] = node.domain in ("", "ai.onnx")
+            elif (node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC
+                  or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                         for a in node.attributes.values())):
+                memo[key] = False
+            else:
+                pending = [i for i in node.inputs if _present(i) and (id(i), symbolic) not in memo]
+                if pending:
+                    todo.extend(pending)
+                    continue
+                memo[key] = all(memo[(id(i), symbolic)] for i in node.inputs if _present(i))
             todo.pop()
-        return self._static[id(v)]
+        return memo[(id(v), symbolic)]
 
-    def value(self, v: Optional[ir.Value]) -> Optional[np.ndarray]:
-        if v is None or not self.is_static(v):
+    def value(self, v: Optional[ir.Value], binding=None) -> Optional[np.ndarray]:
+        if v is None or not (self.is_static(v) or (binding is not None and self.is_shape_only(v))):
             return None
-        if id(v) in self._values:
-            return self._values[id(v)]
-        if v.const_value is not None:
-            out = v.const_value.numpy()
-        else:
-            out = self._evaluate(v)
-        self._values[id(v)] = out
-        return out
+        key = (id(v), tuple(binding.items()) if binding is not None else ())
+        if key not in self._values:
+            self._values[key] = v.const_value.numpy() if v.const_value is not None else self._evaluate(v, binding)
+        return self._values[key]
 
     def scalar(self, v: Optional[ir.Value]) -> Optional[float]:
         if v is None:
@@ -250,7 +264,7 @@ class _Constants:
             return None
         return float(a.reshape(-1)[0])
 
-    def _evaluate(self, v: ir.Value) -> Optional[np.ndarray]:
+    def _evaluate(self, v: ir.Value, binding) -> Optional[np.ndarray]:
         s = _static_shape(v)
         if s is not None and int(np.prod(s)) > _MAX_EVAL_ELEMENTS:
             return None
@@ -267,10 +281,12 @@ class _Constants:
                 inits[cur.name] = cur.const_value.numpy()
                 continue
             node = cur.producer()
-            leaf = self._shape_leaf(node)
+            leaf = self._shape_leaf(node, binding)
             if leaf is not None:
                 inits[cur.name] = leaf
                 continue
+            if node is None:
+                return None
             if id(node) in seen:
                 continue
             seen.add(id(node))
@@ -289,9 +305,10 @@ class _Constants:
         try:
             from onnx.reference import ReferenceEvaluator
 
-            return np.asarray(ReferenceEvaluator(proto).run(None, {})[0])
+            out = np.asarray(ReferenceEvaluator(proto).run(None, {})[0])
         except Exception:
             return None
+        return out if out.size <= _MAX_EVAL_ELEMENTS else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,6 +377,19 @@ class _Builder:
 # masks
 
 
+class _AllSymbols:
+    """A binding of every symbolic dim to one number."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def get(self, key, default=None):
+        return self.n
+
+    def items(self):
+        return [("*", self.n)]
+
+
 @dataclass
 class _Term:
     """One part of the bias added to the scores: ``kind`` is "keep" (bool, True attends),
@@ -414,12 +444,13 @@ class _Masks:
             return _Term("drop", cond)
         return t
 
-    def _classify(self, leaves: list[_Term], sq: int, sk: int, thr: float) -> Optional[str]:
+    def _classify(self, leaves: list[_Term], sq: int, sk: int, thr: float,
+                  binding=None) -> Optional[str]:
         """'causal', 'none' (attends everywhere) or None for the combined constant leaves."""
         masked = np.zeros((sq, sk), dtype=bool)
         residual = np.zeros((sq, sk), dtype=np.float64)
         for t in leaves:
-            a = self.consts.value(t.value)
+            a = self.consts.value(t.value, binding)
             if a is None or a.ndim > 4:
                 return None
             try:
@@ -450,18 +481,33 @@ class _Masks:
             return "causal"
         return None
 
-    def simplify(self, terms: list[_Term], sq: Optional[int], sk: Optional[int],
+    def _classify_any(self, leaves: list[_Term], sq, sk, thr: float) -> Optional[str]:
+        """Classify at the static sizes; with a dynamic length, at two bindings of every
+        symbol to one number. That is only done for self-attention (Sq and Sk the same
+        symbol): there top-left and bottom-right causal coincide, so no binding can make a
+        different mask look like is_causal."""
+        if isinstance(sq, int) and isinstance(sk, int):
+            if all(self.consts.is_static(t.value) for t in leaves):
+                return self._classify(leaves, sq, sk, thr)
+            return None
+        if not (isinstance(sq, ir.SymbolicDim) and _same_dim(sq, sk)):
+            return None
+        kinds = set()
+        for n in (5, 8):
+            binding = _AllSymbols(n)
+            kinds.add(self._classify(leaves, n, n, thr, binding))
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def simplify(self, terms: list[_Term], sq, sk,
                  shape_safe: bool) -> tuple[bool, list[_Term]]:
         """Drop constant causal / all-attend parts. Returns (is_causal, remaining terms)."""
         causal = False
         out: list[_Term] = []
         for term in terms:
             leaves = self._leaves(term, shape_safe)
-            static = [t for t in leaves if self.consts.is_static(t.value)]
-            dynamic = [t for t in leaves if not self.consts.is_static(t.value)]
-            kind = None
-            if static and sq is not None and sk is not None:
-                kind = self._classify(static, sq, sk, _neg_threshold(term.value.dtype))
+            static = [t for t in leaves if self.consts.is_shape_only(t.value)]
+            dynamic = [t for t in leaves if not self.consts.is_shape_only(t.value)]
+            kind = self._classify_any(static, sq, sk, _neg_threshold(term.value.dtype)) if static else None
             if kind is None:
                 out.extend(leaves)  # the same mask, with -inf-filled float parts as bools
                 continue
@@ -670,8 +716,7 @@ class _Fuser:
             q4, k4, v4 = q, k, v
         self._check_heads(q4, k4, v4)
 
-        sq, sk = _int_dim(x, -2), _int_dim(x, -1)
-        causal, terms = self.masks.simplify(terms, sq, sk, shape_safe)
+        causal, terms = self.masks.simplify(terms, xs[-2] if xs else None, xs[-1] if xs else None, shape_safe)
         mask, mask_kind = self.masks.assemble(b, terms, q.dtype, q4, k4, rank)
         attn = self._attention(b, q4, k4, v4, mask, alpha, causal, softcap)
         y = attn.outputs[0]
@@ -1005,8 +1050,8 @@ class _Fuser:
     def _emit_fused(self, node: ir.Node, source: str, b: _Builder, q4, k4, v4, terms: list[_Term],
                     causal: bool, scale: Optional[float], softcap: float, out3: bool,
                     extra_outputs: list[tuple[ir.Value, ir.Value]] = (), extra_attrs=None):
-        sq, sk = _int_dim(q4, 2), _int_dim(k4, 2)
-        found, terms = self.masks.simplify(terms, sq, sk, True)
+        qs, ks = _shape(q4), _shape(k4)
+        found, terms = self.masks.simplify(terms, qs[2] if qs else None, ks[2] if ks else None, True)
         causal = causal or found
         dtype = q4.dtype
         mask, kind = self.masks.assemble(b, terms, dtype, q4, k4, 4)
@@ -1024,6 +1069,8 @@ class _Fuser:
     def onnx_attention(self, node: ir.Node):
         if any(_input(node, i) is not None for i in (4, 5)):
             raise _Reject("past_key/past_value (KV cache) are not normalized")
+        if any(_input(node, i) is not None for i in range(6, len(node.inputs))):
+            raise _Reject("nonpad_kv_seqlen is not normalized")
         if any(_used(o) for o in node.outputs[1:]):
             raise _Reject("present_key/present_value/qk_matmul_output are used")
         q, k, v, m = (_input(node, i) for i in range(4))
