@@ -2,7 +2,8 @@
 
 The same arithmetic as ``compiler.linear_ops``: feature maps, then the ``phi(K)^T V`` summary
 (bidirectional) or chunked prefix sums with an exclusive ``CumSum`` over chunk states (causal),
-so the graph has no loop and every size stays dynamic. ORT's com.microsoft
+so the graph has no loop and every size stays dynamic. The hybrid adds the exact window through
+the sparse lowering's gathered layout and shares one normalizer with the linear part. ORT's com.microsoft
 ``LinearAttention`` has no feature map or normalizer inside; with the maps applied outside,
 its plain update is the ``num`` half of what this graph computes in two matmuls, so the
 standard-op form is kept: it runs on every execution provider.
@@ -17,7 +18,8 @@ from onnxscript import opset23 as op
 
 from backends.onnx_build import at_rank4, ceil_div, mask_dims4, dim, ints, pad_axis, static_dim, to_float32
 from compiler.errors import BackendError
-from compiler.linear_ops import _EPS, orthogonal_features
+from backends.onnx_sparse import gather_layout
+from compiler.linear_ops import _EPS, _hybrid_window, orthogonal_features
 from compiler.variants import Hybrid, parse_variant
 
 
@@ -87,9 +89,6 @@ def _terms(fq, fk, v, causal: bool, chunk: int):
 def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
     """``attnforge::linear_attention`` -> feature maps and summaries in standard ops."""
     p = parse_variant(spec).pattern
-    if isinstance(p, Hybrid):
-        raise BackendError("the hybrid (window + linear) variant has no ONNX lowering yet; use linear:MAP or a "
-                           "sparse variant for this site, or backend='torch'")
     hq, hkv = static_dim(q, 1), static_dim(k, 1)
     if hq is None or hkv is None:
         raise BackendError("linear attention needs a fixed number of heads to export")
@@ -97,9 +96,39 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
         kv_map = ints(*[h // (hq // hkv) for h in range(hq)])
         k, v = op.Gather(k, kv_map, axis=1), op.Gather(v, kv_map, axis=1)
     head_dim = static_dim(q, 3)
-    fq, _ = _features(q, p, scale, "row", head_dim)
-    fk, _ = _features(k, p, scale, "all", head_dim)
+    fq, oq = _features(q, p, scale, "row", head_dim)
+    fk, ok = _features(k, p, scale, "all", head_dim)
     if mask is not None:
         fk = op.Mul(fk, _key_weights(mask))
-    num, den = _terms(fq, fk, to_float32(v), is_causal, p.chunk)
+    vf = to_float32(v)
+    num, den = _terms(fq, fk, vf, is_causal, p.chunk)
+    if isinstance(p, Hybrid):
+        num, den = _hybrid(p, q, k, vf, mask, fq, oq, fk, ok, num, den, scale, is_causal)
     return op.CastLike(op.Div(num, op.Max(den, op.Constant(value_float=_EPS))), v)
+
+
+def _hybrid(p: Hybrid, q, k, vf, mask, fq, oq, fkw, ok, lin_num, lin_den, scale: float, causal: bool):
+    """Exact softmax inside the window, the linear estimate outside it, one normalizer, as
+    ``compiler.linear_ops._hybrid``: everything is divided by ``exp(m_i)``, the row max of the
+    window's scores, and the linear part is rescaled by ``exp(offset_q + offset_k - m_i)``."""
+    g = gather_layout(q, k, vf, mask, _hybrid_window(p, causal), scale, causal, (None, None))
+    zero, ninf = op.Constant(value_float=0.0), op.Constant(value_float=float("-inf"))
+    scores = op.MatMul(op.Mul(to_float32(g.q5), op.Constant(value_float=scale)),
+                       op.Transpose(to_float32(g.kg), perm=[0, 1, 2, 4, 3]))  # [B, H, nqb, bs, K*bs]
+    if g.bias is not None:
+        scores = op.Add(scores, g.bias)
+    scores = op.Where(g.keep, scores, ninf)
+    m = op.Max(op.ReduceMax(scores, ints(-1), keepdims=1), op.Constant(value_float=-1e30))  # empty rows stay finite
+    e = op.Exp(op.Sub(scores, m))
+    ex_num, ex_den = op.MatMul(e, g.vg), op.ReduceSum(e, ints(-1), keepdims=1)
+    # The linear terms of the window's own pairs, to take them out of the all-keys sums.
+    kern = op.Where(g.keep, op.MatMul(g.rows(fq), op.Transpose(g.gather(fkw), perm=[0, 1, 2, 4, 3])), zero)
+    band_num, band_den = op.MatMul(kern, g.vg), op.ReduceSum(kern, ints(-1), keepdims=1)
+    log_factor = op.Neg(g.flat(m))
+    for off in (oq, ok):
+        if off is not None:
+            log_factor = op.Add(log_factor, off)
+    factor = op.Exp(op.Min(log_factor, op.Constant(value_float=80.0)))
+    num = op.Add(g.flat(ex_num), op.Mul(factor, op.Sub(lin_num, g.flat(band_num))))
+    den = op.Add(g.flat(ex_den), op.Mul(factor, op.Max(op.Sub(lin_den, g.flat(band_den)), zero)))
+    return num, den

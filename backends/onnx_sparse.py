@@ -17,13 +17,15 @@ batch and sequence lengths keep working:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnxscript import ir
 from onnxscript import opset23 as op
 
 from backends.onnx_attention import lower_attention
-from backends.onnx_build import (NEG_INF, at_rank4, mask_dims4, arange, ceil_div, dim, ints, nan_to_zero, pad_axis, scalar_like,
-                                 static_dim, to_float32)
+from backends.onnx_build import (NEG_INF, arange, at_rank4, ceil_div, dim, ints, mask_dims4, nan_to_zero, pad_axis,
+                                 scalar_int, scalar_like, static_dim, to_float32)
 from compiler.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of
 from compiler.errors import BackendError
 from compiler.sparse_ops import head_groups
@@ -133,6 +135,81 @@ def _topk(p: TopK, causal: bool, qb, kb, q5, k5, sq, sk, nkb, scale: float):
     return op.Or(chosen, forced), None
 
 
+def _vslash(p: VerticalSlash, causal: bool, qb, kb, q, k, sq, sk, nkb, scale: float):
+    """MInference's estimate, as ``compiler.block_layout.vslash_layout``: the last queries' scores
+    pick key columns and diagonals; the block mask covers every block they touch."""
+    bs = p.block
+    ninf, inf = op.Constant(value_float=NEG_INF), op.Constant(value_float=float("inf"))
+    last = op.Min(ints(p.last), sq)
+    first = op.Sub(sq, last)
+    i = op.Unsqueeze(op.Range(op.Squeeze(first), op.Squeeze(sq), scalar_int(1)), ints(1))  # [last, 1]
+    j = op.Unsqueeze(arange(sk), ints(0))  # [1, Sk]
+    qlast = op.Slice(q, first, sq, ints(2))
+    s = op.Mul(op.MatMul(to_float32(qlast), op.Transpose(to_float32(k), perm=[0, 1, 3, 2])),
+               op.Constant(value_float=scale))
+    if causal:
+        s = op.Where(op.Greater(j, i), ninf, s)
+    probs = nan_to_zero(op.Softmax(s, axis=-1))  # [B, H, last, Sk]
+    vert = op.Where(op.Less(arange(sk), ints(p.sinks)), inf, op.ReduceSum(probs, ints(-2), keepdims=0))
+    # The forced columns (sinks) and diagonals (local) are always kept, even past the counts.
+    n_vert = op.Min(op.Max(ints(p.vertical), op.Min(ints(p.sinks), sk)), sk)
+    _, cols = op.TopK(vert, n_vert, axis=-1)  # [B, H, nv]
+
+    ndiag = op.Sub(op.Add(sq, sk), ints(1))  # offset d = i - j stored at d + Sk - 1
+    where = op.Add(op.Sub(i, j), op.Sub(sk, ints(1)))  # [last, Sk]
+    flat_probs = op.Reshape(probs, ints(0, 0, -1))
+    flat_where = op.Expand(op.Reshape(where, ints(1, 1, -1)), op.Shape(flat_probs))
+    zeros = op.Expand(op.Constant(value_float=0.0), op.Concat(op.Shape(q, end=2), ndiag, axis=0))
+    slash = op.ScatterElements(zeros, flat_where, flat_probs, axis=-1, reduction="add")
+    d = op.Sub(arange(ndiag), op.Sub(sk, ints(1)))
+    if causal:
+        near = op.And(op.GreaterOrEqual(d, ints(0)), op.Less(d, ints(p.local)))
+    else:
+        near = op.Less(op.Abs(d), ints(p.local))
+    slash = op.Where(near, inf, slash)
+    if causal:
+        slash = op.Where(op.Less(d, ints(0)), ninf, slash)
+    n_near = op.Reshape(op.ReduceSum(op.Cast(near, to=ir.DataType.INT64), keepdims=1), ints(1))
+    top_v, top_i = op.TopK(slash, op.Min(op.Max(ints(p.slash), n_near), ndiag), axis=-1)
+    none_left = op.Add(sq, sk)
+    diags = op.Where(op.Greater(top_v, ninf), op.Sub(top_i, op.Sub(sk, ints(1))), none_left)  # [B, H, ns]
+
+    def flags(length, index):
+        base = op.ConstantOfShape(op.Concat(op.Shape(q, end=2), length, axis=0), value=ir.tensor(np.array([False])))
+        return op.ScatterElements(base, index, op.Expand(op.Constant(value=ir.tensor(np.array(True))),
+                                                         op.Shape(index)), axis=-1)
+
+    col_keep = flags(sk, cols)  # [B, H, Sk]
+    diag_keep = flags(op.Add(ndiag, ints(1)), op.Min(op.Add(diags, op.Sub(sk, ints(1))), ndiag))
+    col_blocks = flags(op.Add(nkb, ints(1)), op.Div(cols, ints(bs)))  # [B, H, nkb + 1]
+    nqb = op.Shape(qb, start=0, end=1)
+    bm = op.Expand(op.Unsqueeze(col_blocks, ints(2)), op.Concat(op.Shape(q, end=2), nqb, op.Add(nkb, ints(1)),
+                                                              axis=0))
+    q0 = op.Mul(qb, ints(bs))  # [nqb, 1]
+    dd = op.Unsqueeze(diags, ints(2))  # [B, H, 1, ns]
+    # Diagonal d meets the rows of a query block at keys [q0 - d, q1 - d]; clipped to real keys
+    # that span is at most one block long, so its two ends name every key block it touches.
+    lo = op.Max(op.Sub(q0, dd), ints(0))
+    hi = op.Min(op.Sub(op.Min(op.Add(q0, ints(bs - 1)), op.Sub(sq, ints(1))), dd), op.Sub(sk, ints(1)))
+    hit = op.LessOrEqual(lo, hi)
+    true = op.Expand(op.Constant(value=ir.tensor(np.array(True))), op.Shape(lo))
+    for end in (lo, hi):
+        bm = op.ScatterElements(bm, op.Where(hit, op.Div(end, ints(bs)), op.Expand(nkb, op.Shape(lo))), true, axis=-1)
+    bm = op.Slice(bm, ints(0), nkb, ints(-1))
+    if causal:
+        bm = op.And(bm, _causal_blocks(qb, kb, bs, sq))
+
+    def keep(ii, jj):
+        jj = op.Expand(jj, op.Concat(op.Shape(q, end=2), op.Shape(jj, start=2), axis=0))  # [B, H, nqb, 1, K*bs]
+        cv = op.GatherElements(col_keep, op.Reshape(op.Clip(jj, ints(0), op.Sub(sk, ints(1))), ints(0, 0, -1)), axis=-1)
+        cv = op.Reshape(cv, op.Shape(jj))
+        off = op.Clip(op.Add(op.Sub(ii, jj), op.Sub(sk, ints(1))), ints(0), op.Sub(ndiag, ints(1)))
+        dv = op.Reshape(op.GatherElements(diag_keep, op.Reshape(off, ints(0, 0, -1)), axis=-1), op.Shape(off))
+        return op.Or(cv, dv)
+
+    return bm, keep
+
+
 def _gather_blocks(x5, idx, per_head: bool, b, h):
     """x5 [B, H, nb, bs, D] and kept-block lists idx [Bl, Hl, nqb, K] -> [B, H, nqb, K, bs, D]."""
     if not per_head:
@@ -167,19 +244,41 @@ def _mask_blocks(mask, idx, per_head: bool, b, h, nqb, nkb, sq, sk, bs: int):
     return op.Reshape(op.Transpose(g, perm=[0, 1, 2, 4, 3, 5]), ints(0, 0, 0, bs, -1))
 
 
-def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softcap: float, sizes: tuple):
-    """Sparse attention of one pattern over q [B, H, Sq, D] and k, v already at H heads;
-    ``sizes`` are (Sq, Sk) where the exporter knows them as numbers, else None."""
+@dataclass
+class Gathered:
+    """A layout applied to one site: query rows, kept key blocks and which gathered pairs count."""
+
+    q5: object  # queries in blocks [B, H, nqb, bs, D]
+    kg: object  # gathered keys [B, H, nqb, K*bs, D]
+    vg: object  # gathered values [B, H, nqb, K*bs, Dv]
+    keep: object  # bool, broadcastable to [B, H, nqb, bs, K*bs]: pattern, causality, bool mask
+    bias: object  # the float mask at the gathered pairs, or None
+    gather: object  # [B, H, Sk, F] -> [B, H, nqb, K*bs, F], the same blocks
+    rows: object  # [B, H, Sq, F] -> [B, H, nqb, bs, F]
+    flat: object  # [B, H, nqb, bs, F] -> [B, H, Sq, F]
+
+
+def gather_layout(q, k, v, mask, pattern, scale: float, causal: bool, sizes: tuple) -> Gathered:
+    """Build the pattern's block layout in the graph and gather what it keeps.
+
+    ``k``, ``v`` are already at q's heads; ``sizes`` are (Sq, Sk) where the exporter knows them
+    as numbers, else None.
+    """
     bs = pattern.block
     b, h = dim(q, 0), dim(q, 1)
     sq, sk = dim(q, 2), dim(k, 2)
     nqb, nkb = ceil_div(sq, bs), ceil_div(sk, bs)
-    d, dv = dim(q, 3), dim(v, 3)
-    q5 = op.Reshape(pad_axis(q, 2, op.Sub(op.Mul(nqb, ints(bs)), sq), 4), op.Concat(ints(0, 0, -1, bs), d, axis=0))
-    k5 = op.Reshape(pad_axis(k, 2, op.Sub(op.Mul(nkb, ints(bs)), sk), 4), op.Concat(ints(0, 0, -1, bs), d, axis=0))
-    v5 = op.Reshape(pad_axis(v, 2, op.Sub(op.Mul(nkb, ints(bs)), sk), 4), op.Concat(ints(0, 0, -1, bs), dv, axis=0))
-    qb, kb = _block_grid(nqb, nkb)
 
+    def rows(x):
+        return op.Reshape(pad_axis(x, 2, op.Sub(op.Mul(nqb, ints(bs)), sq), 4),
+                          op.Concat(ints(0, 0, -1, bs), dim(x, 3), axis=0))
+
+    def blocks(x):
+        return op.Reshape(pad_axis(x, 2, op.Sub(op.Mul(nkb, ints(bs)), sk), 4),
+                          op.Concat(ints(0, 0, -1, bs), dim(x, 3), axis=0))
+
+    q5, k5 = rows(q), blocks(k)
+    qb, kb = _block_grid(nqb, nkb)
     if isinstance(pattern, Window):
         bm, pair_keep = _window(pattern, causal, qb, kb, sq, sk)
     elif isinstance(pattern, BlockSparse):
@@ -189,12 +288,11 @@ def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softca
     elif isinstance(pattern, TopK):
         bm, pair_keep = _topk(pattern, causal, qb, kb, q5, k5, sq, sk, nkb, scale)
     elif isinstance(pattern, VerticalSlash):
-        raise BackendError("vslash has no ONNX lowering yet; use topk:blocks=N or window:W for this site, or "
-                           "backend='torch'")
+        bm, pair_keep = _vslash(pattern, causal, qb, kb, q, k, sq, sk, nkb, scale)
     else:
         raise BackendError(f"no ONNX lowering for sparse pattern {type(pattern).__name__}")
-    per_head = isinstance(pattern, TopK)
-    if causal and not isinstance(pattern, TopK):
+    per_head = isinstance(pattern, (TopK, VerticalSlash))
+    if causal and not per_head:
         bm = op.And(bm, _causal_blocks(qb, kb, bs, sq))
     if not per_head:
         bm = op.Unsqueeze(bm, ints(0, 1))  # one layout for every (batch, head)
@@ -207,37 +305,46 @@ def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softca
     _, idx = op.TopK(key, kmax, axis=-1, largest=1, sorted=1)  # [Bl, Hl, nqb, K]
     valid = op.GatherElements(op.Expand(bm, op.Shape(key)), idx, axis=-1)
 
-    kg = op.Reshape(_gather_blocks(k5, idx, per_head, b, h), op.Concat(ints(0, 0, 0, -1), d, axis=0))
-    vg = op.Reshape(_gather_blocks(v5, idx, per_head, b, h), op.Concat(ints(0, 0, 0, -1), dv, axis=0))
+    def gather(x):
+        return op.Reshape(_gather_blocks(blocks(x), idx, per_head, b, h),
+                          op.Concat(ints(0, 0, 0, -1), dim(x, 3), axis=0))
+
+    def flat(x):
+        return op.Slice(op.Reshape(x, op.Concat(ints(0, 0, -1), op.Shape(x, start=4), axis=0)), ints(0), sq, ints(2))
 
     # Absolute positions: queries [nqb, bs, 1], gathered keys [Bl, Hl, nqb, 1, K*bs].
     offs = arange(ints(bs))
     i = op.Unsqueeze(op.Add(op.Unsqueeze(op.Mul(arange(nqb), ints(bs)), ints(1)), offs), ints(2))
     j4 = op.Add(op.Unsqueeze(op.Mul(idx, ints(bs)), ints(-1)), offs)  # [Bl, Hl, nqb, K, bs]
-    keep4 = op.And(op.Unsqueeze(valid, ints(-1)), op.Less(j4, sk))
     j = op.Reshape(j4, ints(0, 0, 0, 1, -1))
-    keep = op.Reshape(keep4, ints(0, 0, 0, 1, -1))
+    keep = op.Reshape(op.And(op.Unsqueeze(valid, ints(-1)), op.Less(j4, sk)), ints(0, 0, 0, 1, -1))
     if causal:
         keep = op.And(keep, op.LessOrEqual(j, i))
     if pair_keep is not None:
         keep = op.And(keep, pair_keep(i, j))
-
-    scores = op.MatMul(to_float32(op.Mul(q5, scalar_like(scale, q5))),
-                       to_float32(op.Transpose(kg, perm=[0, 1, 2, 4, 3])))  # [B, H, nqb, bs, K*bs]
-    if softcap > 0.0:
-        cap = op.Constant(value_float=softcap)
-        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    bias = None
     if mask is not None:
         m = _mask_blocks(mask, idx, per_head, b, h, nqb, nkb, sq, sk, bs)
         if mask.dtype == ir.DataType.BOOL:  # (values made while tracing carry no dtype yet)
             keep = op.And(keep, m)
         else:
-            scores = op.Add(scores, to_float32(m))
-    scores = op.Where(keep, scores, op.Constant(value_float=NEG_INF))
+            bias = to_float32(m)
+    return Gathered(q5, gather(k), gather(v), keep, bias, gather, rows, flat)
+
+
+def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softcap: float, sizes: tuple):
+    """Sparse attention of one pattern over q [B, H, Sq, D] and k, v already at H heads."""
+    g = gather_layout(q, k, v, mask, pattern, scale, causal, sizes)
+    scores = op.MatMul(to_float32(op.Mul(g.q5, scalar_like(scale, g.q5))),
+                       to_float32(op.Transpose(g.kg, perm=[0, 1, 2, 4, 3])))  # [B, H, nqb, bs, K*bs]
+    if softcap > 0.0:
+        cap = op.Constant(value_float=softcap)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    if g.bias is not None:
+        scores = op.Add(scores, g.bias)
+    scores = op.Where(g.keep, scores, op.Constant(value_float=NEG_INF))
     probs = op.CastLike(op.Softmax(scores, axis=-1), v)
-    out = nan_to_zero(op.MatMul(probs, vg))  # [B, H, nqb, bs, Dv]
-    out = op.Reshape(out, op.Concat(ints(0, 0, -1), dv, axis=0))
-    return op.Slice(out, ints(0), sq, ints(2))
+    return g.flat(nan_to_zero(op.MatMul(probs, g.vg)))  # rows with nothing kept: zeros
 
 
 def _heads(x, index: list):

@@ -264,7 +264,8 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
     probs = torch.softmax(s, -1).nan_to_num(0.0)  # [B, H, last, Sk]
     vert = probs.sum(-2)
     vert[..., : p.sinks] = float("inf")
-    cols = vert.topk(min(p.vertical, sk), -1).indices  # [B, H, nv]
+    # The forced columns (sinks) and diagonals (local) are always kept, even past the counts.
+    cols = vert.topk(min(max(p.vertical, min(p.sinks, sk)), sk), -1).indices  # [B, H, nv]
     ndiag = sq + sk - 1  # offset d = i - j, stored at d + sk - 1
     slash = torch.zeros(b, h, ndiag).index_add_(-1, (i - j + sk - 1).flatten(), probs.flatten(2))
     d = torch.arange(ndiag) - (sk - 1)
@@ -272,7 +273,7 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
     slash[..., near] = float("inf")
     if causal:
         slash[..., d < 0] = float("-inf")
-    top = slash.topk(min(p.slash, ndiag), -1)
+    top = slash.topk(min(max(p.slash, int(near.sum())), ndiag), -1)
     diags = torch.where(top.values > float("-inf"), top.indices - (sk - 1), torch.full_like(top.indices, sq + sk))
 
     col_keep = torch.zeros(b, h, sk, dtype=torch.bool).scatter_(-1, cols, True)

@@ -86,9 +86,11 @@ _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
        onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
 
 
-def example_feeds(model: onnx.ModelProto, shapes: Optional[dict] = None, seq: int = 16, batch: int = 2) -> dict:
+def example_feeds(model: onnx.ModelProto, shapes: Optional[dict] = None, seq: int = 16, batch: int = 2,
+                  bool_value: bool = True) -> dict:
     """Inputs for every graph input: given shapes, else static sizes with dynamic ones set to
-    ``batch`` (first axis) or ``seq``. Masks (names with "mask") get padding on the last row."""
+    ``batch`` (first axis) or ``seq``. Integer masks (names with "mask") get padding on the last
+    row; bool inputs are all ``bool_value`` (whether True means keep or drop is the model's)."""
     shapes = dict(shapes or {})
     rng = np.random.default_rng(0)
     init = {i.name for i in model.graph.initializer}
@@ -108,7 +110,7 @@ def example_feeds(model: onnx.ModelProto, shapes: Optional[dict] = None, seq: in
             if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 2:
                 x[-1, ..., -2:] = 0
         elif dtype == np.bool_:
-            x = np.ones(shape, dtype=dtype)
+            x = np.full(shape, bool_value, dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
             x = rng.integers(0, 32, size=shape).astype(dtype)
         else:
@@ -160,8 +162,17 @@ def rewrite_onnx(model: onnx.ModelProto, policy: PolicySpec = "fused", feeds: Op
     if pol.auto:
         raise PolicyError("policy='auto' is for programs captured from PyTorch; give an explicit policy for an "
                           "ONNX file (e.g. the one auto chose for the torch model)")
-    feeds = feeds if feeds is not None else example_feeds(model)
-    reference = [torch.from_numpy(np.asarray(x)) for x in _run(_session(model), feeds)]
+    original = _session(model)
+    if feeds is None:
+        feeds = example_feeds(model)
+        reference = _run(original, feeds)
+        if not all(np.isfinite(x).all() for x in reference if np.issubdtype(np.asarray(x).dtype, np.floating)):
+            # All-True bool inputs masked every key (a key_padding_mask means True = drop): flip them.
+            feeds = example_feeds(model, bool_value=False)
+            reference = _run(original, feeds)
+    else:
+        reference = _run(original, feeds)
+    reference = [torch.from_numpy(np.asarray(x)) for x in reference]
 
     fused, fusion = fuse_onnx_attention(model)
     passes = [PassRecord("onnx_attention_fusion", fusion.seconds, len(model.graph.node), len(fused.graph.node),

@@ -14,9 +14,12 @@ Two kinds of anchors are handled:
   ``MultiHeadAttention``, ``Attention`` (packed QKV weights) and ``GroupQueryAttention``
   (prefill form), which are re-expressed with 4-D Q/K/V and an explicit mask.
 
-Masks are split into AND (bool) or sum (float) parts; parts that are computable from
-constants and static shapes are evaluated, and a top-left lower-triangular part becomes
-``is_causal=1`` while input-dependent parts (padding) stay as ``attn_mask``.
+Masks are split into AND (bool) or sum (float) parts. Parts computable from constants and
+shapes are evaluated (with a symbolic sequence length, at two lengths), and a top-left
+lower-triangular part becomes ``is_causal=1``, while input-dependent parts (padding) stay
+as ``attn_mask``, bool where the model filled with -inf or the dtype minimum. The mask is
+made explicit over the query axis, which onnxruntime's Attention does not broadcast.
+Repeated K/V (``repeat_kv``) are fed un-repeated, so GQA stays native.
 
 Every rewrite keeps the numbers of the original graph, with one documented exception: a
 query row whose keys are *all* masked. The Attention op gives a zero row there (ORT 1.31
@@ -55,6 +58,10 @@ _MS = "com.microsoft"
 
 @dataclass
 class OnnxSite:
+    """One rewritten site. ``source`` is "matmul-softmax" for an unfused subgraph, else the
+    fused op it came from ("ai.onnx.Attention", "com.microsoft.MultiHeadAttention", ...);
+    ``mask`` is "none", "bool" or "float"; ``scale`` multiplies q@kᵀ."""
+
     id: str
     node: str
     source: str
@@ -70,6 +77,9 @@ class OnnxSite:
 
 @dataclass
 class OnnxFusionResult:
+    """Sites in graph order; ``rejected`` holds (node name, reason) for each Softmax or
+    fused node that was left alone."""
+
     sites: list[OnnxSite] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -250,7 +260,11 @@ class _Constants:
             return None
         key = (id(v), tuple(binding.items()) if binding is not None else ())
         if key not in self._values:
-            self._values[key] = v.const_value.numpy() if v.const_value is not None else self._evaluate(v, binding)
+            try:
+                self._values[key] = (v.const_value.numpy() if v.const_value is not None
+                                     else self._evaluate(v, binding))
+            except Exception:  # e.g. external data that was not loaded
+                self._values[key] = None
         return self._values[key]
 
     def scalar(self, v: Optional[ir.Value]) -> Optional[float]:
@@ -355,6 +369,14 @@ class _Builder:
         if d is not None:
             return self.ints([d])
         return self.op("Shape", [x4], start=2, end=3)
+
+    def discard(self):
+        """Forget the nodes of a site that was rejected half-way: their inputs must not keep
+        counting them as uses."""
+        for node in self.nodes:
+            for i in range(len(node.inputs)):
+                node.replace_input_with(i, None)
+        self.nodes = []
 
     def commit(self) -> list[ir.Node]:
         """Insert the nodes whose outputs are used; drop the rest (e.g. a layout copy that a
@@ -525,6 +547,13 @@ class _Masks:
             return None, "none"
         bools, floats = [], []
         for t in terms:
+            if scores_rank == 3:
+                # 3-D scores became [N, 1, Sq, Sk]: a 3-D mask part needs that head axis too.
+                r = _rank(t.value)
+                if r is None:
+                    raise _Reject("mask rank unknown for 3-D scores")
+                if r == 3:
+                    t = _Term(t.kind, b.op("Unsqueeze", [t.value, b.ints([1])]), t.coeff)
             if t.kind == "keep":
                 bools.append(t.value if t.value.dtype == ir.DataType.BOOL
                              else b.op("Cast", [t.value], to=ir.DataType.BOOL))
@@ -548,17 +577,6 @@ class _Masks:
         mask = parts[0]
         for p in parts[1:]:
             mask = b.op(join, [mask, p])
-        rank = _rank(mask) if len(parts) == 1 else None
-        if scores_rank == 3:
-            # 3-D scores became [N, 1, Sq, Sk]: a 3-D mask needs the same head axis.
-            if rank is None:
-                ranks = {_rank(t.value) for t in terms}
-                rank = ranks.pop() if len(ranks) == 1 else None
-            if rank is None:
-                raise _Reject("mask rank unknown for 3-D scores")
-            if rank == 3:
-                mask = b.op("Unsqueeze", [mask, b.ints([1])])
-                rank = 4
         s = _shape(mask) if len(parts) == 1 and scores_rank == 4 else None
         sq, sk = _shape(q4)[2] if _shape(q4) else None, _shape(k4)[2] if _shape(k4) else None
         explicit = s is not None and len(s) >= 2 and _same_dim(s[-2], sq) and _same_dim(s[-1], sk)
@@ -579,11 +597,16 @@ class _Fuser:
         self.consts = _Constants(model)
         self.masks = _Masks(self.consts)
         self.result = OnnxFusionResult()
+        self._builder: Optional[_Builder] = None
+
+    def _new_builder(self, anchor: ir.Node) -> _Builder:
+        self._builder = _Builder(self.graph, anchor)
+        return self._builder
 
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _finish(self, b: _Builder, old_outputs: list[tuple[ir.Value, ir.Value]], attn: ir.Node,
-                source: str, q4, k4, v4, causal: bool, mask_kind: str, scale: float, softcap: float,
+                source: str, q4, k4, causal: bool, mask_kind: str, scale: float, softcap: float,
                 seeds: list[ir.Node]) -> OnnxSite:
         site_id = f"attn.{len(self.result.sites)}"
         attn.metadata_props["attnforge.site"] = site_id
@@ -600,10 +623,9 @@ class _Fuser:
             if p is not None and id(p) in created and old.producer().graph is None:
                 old.name = None
                 new.name = name
-        q_heads = _int_dim(q4, 1)
         site = OnnxSite(
             id=site_id, node=attn.name, source=source, removed_nodes=removed,
-            q_heads=q_heads, kv_heads=_int_dim(k4, 1), head_dim=_int_dim(q4, 3),
+            q_heads=_int_dim(q4, 1), kv_heads=_int_dim(k4, 1), head_dim=_int_dim(q4, 3),
             is_causal=causal, mask=mask_kind, scale=scale, softcap=softcap,
         )
         self.result.sites.append(site)
@@ -663,9 +685,12 @@ class _Fuser:
             }.get(key)
             if handler is None:
                 continue
+            self._builder = None
             try:
                 handler(node)
             except _Reject as e:
+                if self._builder is not None:
+                    self._builder.discard()
                 self.result.rejected.append((node.name or node.op_type, str(e)))
 
     # -- Softmax anchors ------------------------------------------------------------------
@@ -678,7 +703,7 @@ class _Fuser:
         axis = sm.attributes.get_int("axis", -1)
         if axis not in (-1, rank - 1):
             raise _Reject(f"softmax over axis {axis}, not the last axis")
-        alpha, terms, softcap, qk = self._walk_scores(x)
+        alpha, terms, softcap, qk, upcast = self._walk_scores(x)
         pv, prob_nodes = self._walk_probs(sm)
         if rank not in (3, 4):
             raise _Reject(f"scores have rank {rank}; expected 3 or 4")
@@ -695,7 +720,7 @@ class _Fuser:
         if terms and not shape_safe:
             raise _Reject("cannot prove the mask keeps the shape of the scores")
 
-        b = _Builder(self.graph, pv)
+        b = self._new_builder(pv)
         q, fq = self._peel_scale(b, q)
         kt, fk = self._peel_scale(b, kt)
         alpha *= fq * fk
@@ -718,7 +743,10 @@ class _Fuser:
 
         causal, terms = self.masks.simplify(terms, xs[-2] if xs else None, xs[-1] if xs else None, shape_safe)
         mask, mask_kind = self.masks.assemble(b, terms, q.dtype, q4, k4, rank)
-        attn = self._attention(b, q4, k4, v4, mask, alpha, causal, softcap)
+        # A softmax the model ran in fp32 on half-precision scores stays in fp32.
+        low = q.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        extra = {"softmax_precision": int(ir.DataType.FLOAT)} if upcast and low else None
+        attn = self._attention(b, q4, k4, v4, mask, alpha, causal, softcap, extra)
         y = attn.outputs[0]
         old = pv.outputs[0]
         if rank == 3:
@@ -726,7 +754,7 @@ class _Fuser:
         if old.dtype is not None and q.dtype is not None and old.dtype != q.dtype:
             y = b.op("Cast", [y], to=old.dtype)
         y.type, y.shape = old.type, old.shape
-        self._finish(b, [(old, y)], attn, "matmul-softmax", q4, k4, v4, causal, mask_kind, alpha,
+        self._finish(b, [(old, y)], attn, "matmul-softmax", q4, k4, causal, mask_kind, alpha,
                      softcap, [pv, sm, *prob_nodes])
 
     def _walk_probs(self, sm: ir.Node):
@@ -781,7 +809,8 @@ class _Fuser:
         return where.outputs[0], [isnan, where]
 
     def _dropout_inactive(self, node: ir.Node) -> bool:
-        if _used(node.outputs[1]) if len(node.outputs) > 1 else False:
+        """Dropout is the identity unless training_mode is (or may be) true."""
+        if len(node.outputs) > 1 and _used(node.outputs[1]):
             return False
         training = _input(node, 2)
         if training is None:
@@ -816,10 +845,12 @@ class _Fuser:
         """Softmax input back to q@kᵀ, as ``softmax_in = softcap·tanh(alpha·qk/softcap) + Σ terms``.
 
         ``alpha`` accumulates every scalar multiplier between the product and the softmax;
-        each bias is recorded with the multiplier that applies to it."""
+        each bias is recorded with the multiplier that applies to it. Returns
+        (alpha, terms, softcap, product node, whether the scores were cast to fp32)."""
         alpha = 1.0
         terms: list[_Term] = []
         softcap = 0.0
+        upcast = False
         v = x
         for _ in range(64):
             p = v.producer()
@@ -831,10 +862,12 @@ class _Fuser:
                 a, c = p.inputs
                 if self.consts.is_static(a) or self.consts.is_static(c):
                     raise _Reject("scores are a product with a constant (a projection, not q@kᵀ)")
-                return alpha, terms, softcap, p
+                return alpha, terms, softcap, p, upcast
             if op == "Cast":
-                if not ir.DataType(p.attributes.get_int("to", 0)).is_floating_point():
+                to = ir.DataType(p.attributes.get_int("to", 0))
+                if not to.is_floating_point():
                     raise _Reject("scores are cast to a non-float type")
+                upcast = upcast or to == ir.DataType.FLOAT
                 v = p.inputs[0]
             elif op == "Identity":
                 v = p.inputs[0]
@@ -1063,7 +1096,7 @@ class _Fuser:
         if out3:
             y = b.merge_heads(y)
         y.type, y.shape = old.type, old.shape
-        self._finish(b, [(old, y), *extra_outputs], attn, source, q4, k4, v4, causal, kind,
+        self._finish(b, [(old, y), *extra_outputs], attn, source, q4, k4, causal, kind,
                      scale if scale is not None else float("nan"), softcap, [node])
 
     def onnx_attention(self, node: ir.Node):
@@ -1076,7 +1109,7 @@ class _Fuser:
         q, k, v, m = (_input(node, i) for i in range(4))
         attrs = node.attributes
         hq, hkv = attrs.get_int("q_num_heads", 0), attrs.get_int("kv_num_heads", 0)
-        b = _Builder(self.graph, node)
+        b = self._new_builder(node)
         out3 = _rank(q) == 3
         q4 = self._head_inputs(b, q, hq, "Q")
         k4 = self._head_inputs(b, k, hkv, "K")
@@ -1128,7 +1161,7 @@ class _Fuser:
             raise _Reject("packed QKV query is not normalized")
         if _rank(q) != 3 or _rank(k) not in (3, 4) or _rank(v) not in (3, 4):
             raise _Reject(f"query/key/value ranks {_rank(q)}/{_rank(k)}/{_rank(v)} are not the 3-D separate form")
-        b = _Builder(self.graph, node)
+        b = self._new_builder(node)
         if bias is not None:
             if _rank(k) != 3:
                 raise _Reject("bias with 4-D key is not normalized")
@@ -1170,7 +1203,7 @@ class _Fuser:
             if total is None or total % 3:
                 raise _Reject("weights width unknown; cannot split Q/K/V")
             sizes = [total // 3] * 3
-        b = _Builder(self.graph, node)
+        b = self._new_builder(node)
         # Packed projection as the contrib op computes it: x @ W + bias, then Q|K|V.
         qkv = b.op("MatMul", [x, w])
         if bias is not None:
@@ -1214,7 +1247,7 @@ class _Fuser:
         hq, hkv = attrs.get_int("num_heads", 0), attrs.get_int("kv_num_heads", 0)
         if _rank(q) != 3:
             raise _Reject(f"query of rank {_rank(q)} is not normalized")
-        b = _Builder(self.graph, node)
+        b = self._new_builder(node)
         if k is None:
             width = _int_dim(q, 2)
             if width is None or not hq or not hkv or width % (hq + 2 * hkv):

@@ -159,6 +159,8 @@ SPARSE = [
     "topk:blocks=2,block=8",
     "topk:mass=0.8,block=8",
     "heads[0]=fused;heads[*]=window:8,block=8",
+    "vslash:vertical=6,slash=4,last=8,sinks=2,local=3,block=8",
+    "heads[0-1]=topk:blocks=1,block=8;heads[*]=vslash:vertical=3,slash=2,last=4,sinks=1,local=1,block=4",
 ]
 
 
@@ -193,7 +195,8 @@ def test_sparse_lowering_does_only_the_kept_work():
     assert all(max(s) < 1024 for s in sizes if s), sizes  # no [.., 1024, 1024] product anywhere
 
 
-LINEAR = ["linear:elu,chunk=16", "linear:relu,chunk=16", "linear:favor,features=32,chunk=16", "linear:taylor,chunk=16"]
+LINEAR = ["linear:elu,chunk=16", "linear:relu,chunk=16", "linear:favor,features=32,chunk=16", "linear:taylor,chunk=16",
+          "hybrid:8,map=taylor,chunk=16", "hybrid:16,map=favor,features=32,chunk=16"]
 
 
 @pytest.mark.parametrize("spec", LINEAR)
@@ -293,11 +296,30 @@ def test_bad_backend_options():
         compiler.compile(model, x, backend_options={"intra_op_num_threads": 1}, show_progress=False)
 
 
-def test_variant_without_onnx_lowering_is_named():
-    model, x = _tiny()
-    with pytest.raises(BackendError, match="vslash has no ONNX lowering.*backend='torch'"):
-        compiler.compile(model, x, "vslash:vertical=4,slash=4,last=4,block=4", backend="onnxruntime",
-                         show_progress=False)
+@torch.library.custom_op("attnforge_test::halve", mutates_args=())
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x / 2
+
+
+@_halve.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_op_without_onnx_translation_is_named():
+    class WithCustomOp(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.attnforge_test.halve(F.scaled_dot_product_attention(q, k, v))
+
+    _, x = _tiny()
+    with pytest.raises(BackendError, match="attnforge_test.halve.*no ONNX translation.*backend='torch'"):
+        compiler.compile(WithCustomOp(), x, backend="onnxruntime", show_progress=False)
+
+
+def test_neighborhood_needs_static_shapes():
+    mod = OneOp("sparse", 0.3, False, spec="neighborhood:3x3,block=8")
+    with pytest.raises(BackendError, match="neighborhood attention needs a fixed sequence length"):
+        _export_dynamic(mod, None, seq=36)
 
 
 def test_wrong_inputs_at_run_time():

@@ -200,12 +200,12 @@ def vslash_keep(q, k, scale, causal, vertical, slash, last, sinks, local):
                     col[j] += float(p[j])
                     diag[i - j] = diag.get(i - j, 0.0) + float(p[j])
             cols = set(range(min(sinks, sk)))
-            cols |= set(sorted((j for j in range(sk) if j not in cols), key=lambda j: -col[j])[:vertical - len(cols)])
+            cols |= set(sorted((j for j in range(sk) if j not in cols), key=lambda j: -col[j])[:max(0, vertical - len(cols))])
             offsets = [dd for dd in range(-(sk - 1), sq) if not causal or dd >= 0]
             is_near = (lambda dd: 0 <= dd < local) if causal else (lambda dd: abs(dd) < local)
             diags = {dd for dd in offsets if is_near(dd)}
             rest = sorted((dd for dd in offsets if dd not in diags), key=lambda dd: -diag.get(dd, 0.0))
-            diags |= set(rest[:slash - len(diags)])
+            diags |= set(rest[:max(0, slash - len(diags))])
             for i in range(sq):
                 for j in range(sk):
                     keep[bi, h, i, j] = j in cols or (i - j) in diags
@@ -382,10 +382,10 @@ def test_topk_all_blocks_is_dense(causal, mask_kind):
 
 @settings(max_examples=25, **SETTINGS)
 @given(p=problems(), vertical=st.integers(1, 12), slash=st.integers(1, 12), last=st.integers(1, 40),
-       block=st.sampled_from([4, 8, 16]))
-def test_vslash_matches_keep_mask_oracle(p, vertical, slash, last, block):
+       block=st.sampled_from([4, 8, 16]), sinks=st.integers(0, 4), local=st.integers(0, 4))
+def test_vslash_matches_keep_mask_oracle(p, vertical, slash, last, block, sinks, local):
     """Content-selected: the op equals the dense oracle built from the library's keep mask."""
-    text = f"vslash:vertical={vertical},slash={slash},last={last},sinks=1,local=1,block={block}"
+    text = f"vslash:vertical={vertical},slash={slash},last={last},sinks={sinks},local={local},block={block}"
     q, k, v, m = p["q"], p["k"], p["v"], p["mask"]
     keep = sparse_keep_mask(q, k, spec(text), p["scale"], p["causal"])
     if p["causal"]:
@@ -400,12 +400,15 @@ def test_vslash_matches_keep_mask_oracle(p, vertical, slash, last, block):
     ((2, 4, 1, 16, 16), False), ((2, 4, 1, 17, 17), True), ((1, 2, 1, 17, 16), True),
     pytest.param((1, 2, 2, 33, 33), False), pytest.param((2, 4, 1, 17, 17), False),
 ])
-def test_vslash_selection_matches_definition(shape, causal):
-    """Last-queries estimate (last >= Sq, so every column and diagonal has mass, no ties)."""
+@pytest.mark.parametrize("forced", [(1, 1), (5, 6)], ids=["few-forced", "forced-beyond-counts"])
+def test_vslash_selection_matches_definition(shape, causal, forced):
+    """Last-queries estimate (last >= Sq, so every column and diagonal has mass, no ties). The
+    sink columns and local diagonals are kept even when they outnumber ``vertical``/``slash``."""
     b, hq, hkv, sq, sk = shape
+    sinks, local = forced
     q, k, v, _ = make_problem(11, b, hq, hkv, sq, sk, 8, 8, "none")
-    text = "vslash:vertical=3,slash=4,last=64,sinks=1,local=1,block=8"
-    keep = vslash_keep(q, k, 0.35, causal, vertical=3, slash=4, last=64, sinks=1, local=1)
+    text = f"vslash:vertical=3,slash=4,last=64,sinks={sinks},local={local},block=8"
+    keep = vslash_keep(q, k, 0.35, causal, vertical=3, slash=4, last=64, sinks=sinks, local=local)
     assert torch.equal(sparse_keep_mask(q, k, spec(text), 0.35, causal), keep)
     check_op(q, k, v, None, 0.35, causal, text, keep)
 
