@@ -27,7 +27,7 @@ from backends.onnx_sites import SiteShape, lowered_graph, splice
 from compiler import verify
 from compiler.budget import Fidelity
 from compiler.errors import BackendError, InputError, PolicyError
-from compiler.measure import SiteInputs, site_effect
+from compiler.measure import SiteInputs, exact_probabilities, site_effect
 from compiler.ops import attention_flops, causal_pairs
 from compiler.policy import PolicySpec, parse_policy
 from compiler.report import FidelityRecord, PassRecord, Report, SiteRecord
@@ -272,7 +272,7 @@ def _record(site: AttentionSite, variant, x: SiteInputs, lowering: str) -> SiteR
         lowering=lowering,
     )
     if not variant.exact:
-        e = site_effect(variant, x)
+        e = site_effect(variant, x, exact_probs=exact_probabilities(x))
         rec.flops_after, rec.density = e.flops, e.density
         rec.max_abs_error, rec.cosine_similarity, rec.kept_mass = e.max_abs_error, e.cosine_similarity, e.kept_mass
     return rec

@@ -69,9 +69,12 @@ def test_not_a_pt2(tmp_path):
 
 
 def test_wrong_suffix(tmp_path):
-    bad = tmp_path / "x.onnx"
+    bad = tmp_path / "x.txt"
     bad.write_bytes(b"\0")
-    _one_line_error(run("rewrite", str(bad), "-o", str(tmp_path / "o.pt2")), "expected a .pt2")
+    _one_line_error(run("rewrite", str(bad), "-o", str(tmp_path / "o.pt2")), "expected a .pt2", ".onnx")
+    onnx_in = tmp_path / "x.onnx"
+    onnx_in.write_bytes(b"\0")
+    _one_line_error(run("rewrite", str(onnx_in), "-o", str(tmp_path / "o.pt2")), "name the output .onnx")
 
 
 def test_truncated(gpt2_pt2, tmp_path):

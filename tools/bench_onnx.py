@@ -1,0 +1,683 @@
+"""attnforge's ONNX Runtime backend vs ORT's own attention ops and optimizers, on CPU.
+
+    python tools/bench_onnx.py [--quick] [--peers-only] [--only attention|e2e] [--budget-s 20]
+
+Everything fp32 on CPU: ORT with intra_op_num_threads=2, inter_op_num_threads=1, sequential
+execution, ORT_ENABLE_ALL; torch with set_num_threads(2). Times are medians over interleaved
+repeats (repeats outside, contenders inside) after one untimed warm-up call each; each contender
+gets as many repeats as fit in --budget-s per cell (at least --min-repeats).
+
+1. Attention alone, B=1, H=8, D=64, seq 1k/4k/16k, causal and not. Peers are ONNX graphs built
+   here: ``unfused`` (MatMul, Mul, causal -inf bias from Trilu, Softmax, MatMul), ``onnx-attention``
+   (ai.onnx Attention-23), ``mha`` (com.microsoft MultiHeadAttention, causal via unidirectional=1),
+   ``gqa`` (com.microsoft GroupQueryAttention, prefill form; non-causal via causal=0) and
+   ``gqa-window256``; ``torch-sdpa`` is context. Ours: compiler.compile(SDPA module,
+   backend="onnxruntime") with policy "fused" and "window:256". Outputs are checked at 1k against
+   scaled_dot_product_attention (dense, or with the window's boolean mask).
+2. End to end: all-MiniLM-L6-v2 (real weights) at batch 8 padded to its maximum length, and a
+   GPT-2-small-sized GPT2Model (random weights, eager attention) at 1k/2k/4k tokens: torch eager,
+   ORT on the dynamo export, after onnxscript's ort_fusions, after onnxruntime.transformers'
+   optimizer (on the legacy and the dynamo export), and ours.
+
+Writes docs/onnx_attention.csv and docs/onnx_e2e.csv, prints rich tables and a markdown snippet
+for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import io
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+import compiler
+from benchlib import (Contender, command_line, first_line, machine, markdown_table, mem_available_bytes,
+                      print_table, time_interleaved, today, versions, write_csv)
+
+THREADS = 2
+ORT_OPTIONS = {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}
+B, H, D = 1, 8, 64
+WINDOW = 256
+DENSE_PEERS = ("unfused", "onnx-attention", "mha", "gqa")
+# What each contender holds at its peak (ORT's arena keeps it until the session is freed), in units
+# of one fp32 score tensor B*H*S*S*4, (causal, bidirectional): peak RSS over the inputs, one
+# subprocess per contender, measured at S=4096 and 8192 on ORT 1.31.1 with --measure-memory, plus ~10%.
+SCORE_FACTORS = {"unfused": (4.3, 2.3), "onnx-attention": (2.3, 1.2), "mha": (2.5, 0.15), "gqa": (1.3, 1.3),
+                 "gqa-window256": (1.3, 1.3), "ours-fused": (1.3, 1.3), "ours-window256": (0.5, 0.5),
+                 "torch-sdpa": (0.05, 0.05)}
+MEMORY_HEADROOM = 0.85  # use at most this share of MemAvailable
+ATTN_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
+            "SparseAttention", "Softmax")
+
+log = logging.getLogger("bench_onnx")
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------
+
+
+def session_options() -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def session(model) -> ort.InferenceSession:
+    """``model``: a ModelProto or a path to an .onnx file."""
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+
+
+def ort_call(sess: ort.InferenceSession, arrays: list):
+    """A zero-argument call running ``sess`` on ``arrays`` (in the order of its inputs)."""
+    feeds = {i.name: a for i, a in zip(sess.get_inputs(), arrays)}
+    return lambda: sess.run(None, feeds)[0]
+
+
+def op_counts(model: onnx.ModelProto) -> collections.Counter:
+    c = collections.Counter(n.op_type for n in model.graph.node)
+    for f in model.functions:
+        c.update(n.op_type for n in f.node)
+    return c
+
+
+def attention_ops(model: onnx.ModelProto) -> str:
+    c = op_counts(model)
+    found = [f"{op}x{c[op]}" for op in ATTN_OPS if c[op]]
+    return " ".join(found) if found else "no attention op"
+
+
+@contextlib.contextmanager
+def quiet():
+    """Exporters and optimizers print progress and warnings; keep the benchmark's output readable."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        warnings.simplefilter("ignore")
+        yield buf
+
+
+# --- attention alone: the peers, built with onnx.helper --------------------------------------
+
+
+def _model(nodes, inits, s: int) -> onnx.ModelProto:
+    shape = [B, H, s, D]
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    graph = helper.make_graph(nodes, "attention", ins, out, initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    return m
+
+
+def _i64(name, values):
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+
+def build_unfused(s: int, causal: bool) -> onnx.ModelProto:
+    """What a plain export runs: MatMul(q, k^T) * scale (+ causal -inf bias from Trilu), Softmax, MatMul(v)."""
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+        helper.make_node("Mul", ["qk", "scale"], ["scores"]),
+    ]
+    inits = [helper.make_tensor("scale", TensorProto.FLOAT, [], [D ** -0.5])]
+    logits = "scores"
+    if causal:
+        nodes += [
+            helper.make_node("Shape", ["q"], ["n"], start=2, end=3),
+            helper.make_node("Concat", ["n", "n"], ["nn"], axis=0),
+            helper.make_node("ConstantOfShape", ["nn"], ["neg"],
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [float("-inf")])),
+            helper.make_node("Trilu", ["neg", "one"], ["bias"], upper=1),  # -inf strictly above the diagonal
+            helper.make_node("Add", ["scores", "bias"], ["masked"]),
+        ]
+        inits.append(helper.make_tensor("one", TensorProto.INT64, [], [1]))
+        logits = "masked"
+    nodes += [helper.make_node("Softmax", [logits], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    return _model(nodes, inits, s)
+
+
+def build_onnx_attention(s: int, causal: bool) -> onnx.ModelProto:
+    return _model([helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=int(causal))], [], s)
+
+
+def _packed_io(core: list, s: int, extra_inits=()) -> onnx.ModelProto:
+    """[B, H, S, D] -> [B, S, H*D] for q, k, v; ``core`` maps q3, k3, v3 to o3; back to [B, H, S, D]."""
+    nodes = []
+    for x in ("q", "k", "v"):
+        nodes += [helper.make_node("Transpose", [x], [x + "_t"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [x + "_t", "shape3"], [x + "3"])]
+    nodes += core
+    nodes += [helper.make_node("Reshape", ["o3", "shape4"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["y"], perm=[0, 2, 1, 3])]
+    inits = [_i64("shape3", [0, 0, H * D]), _i64("shape4", [0, 0, H, D]), *extra_inits]
+    return _model(nodes, inits, s)
+
+
+def build_mha(s: int, causal: bool) -> onnx.ModelProto:
+    node = helper.make_node("MultiHeadAttention", ["q3", "k3", "v3"], ["o3"], domain="com.microsoft",
+                            num_heads=H, unidirectional=int(causal))
+    return _packed_io([node], s)
+
+
+def gqa_local_window(window: int) -> int:
+    """ORT keeps ``local_window_size`` keys including the query's own (j > i - size); attnforge's
+    window:W keeps i-W <= j <= i, W+1 keys. Same keys: size = W + 1."""
+    return window + 1
+
+
+def build_gqa(s: int, causal: bool, window: Optional[int] = None) -> onnx.ModelProto:
+    node = helper.make_node(
+        "GroupQueryAttention", ["q3", "k3", "v3", "", "", "seqlens_k", "total_len"], ["o3"], domain="com.microsoft",
+        num_heads=H, kv_num_heads=H, causal=int(causal),
+        local_window_size=gqa_local_window(window) if window else -1)
+    inits = [helper.make_tensor("seqlens_k", TensorProto.INT32, [B], [s - 1] * B),  # prefill: S-1 per batch
+             helper.make_tensor("total_len", TensorProto.INT32, [], [s])]
+    return _packed_io([node], s, inits)
+
+
+class SDPA(torch.nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+def window_mask(s: int, causal: bool, window: int = WINDOW) -> torch.Tensor:
+    """attnforge's window:W: keys i-W <= j <= i (causal) or |i-j| <= W."""
+    i = torch.arange(s)
+    d = i[:, None] - i[None, :]
+    return (d <= window) & (d >= (0 if causal else -window))
+
+
+def compile_ours(module, inputs, policy: str, tmp: Path, tag: str, *, kwargs=None):
+    """(callable, note) or raises: compiler.compile on the onnxruntime backend, saved to read its ops."""
+    with quiet():
+        cm = compiler.compile(module, inputs, policy=policy, backend="onnxruntime", backend_options=dict(ORT_OPTIONS),
+                              verify=False, example_kwargs=kwargs, show_progress=False)
+    note = ""
+    try:
+        path = tmp / f"ours-{tag}.onnx"
+        cm.save(path)
+        note = attention_ops(onnx.load(str(path), load_external_data=False))
+    except Exception as e:  # noqa: BLE001 - the timing does not need the file
+        note = f"save failed ({first_line(e, 80)})"
+    return cm, note
+
+
+def score_bytes(s: int, batch: int = B, heads: int = H) -> int:
+    return batch * heads * s * s * 4
+
+
+def memory_need(name: str, s: int, causal: bool) -> float:
+    factors = SCORE_FACTORS.get(name, (0.0, 0.0))
+    return factors[0 if causal else 1] * score_bytes(s)
+
+
+def memory_groups(needs: list, capacity: float) -> list:
+    """First-fit: indices of contenders that may hold their buffers at the same time.
+
+    ORT's CPU arena keeps a session's peak buffers until the session is freed, so interleaved
+    contenders must fit together; at lengths where they do not, each group is timed interleaved
+    and its sessions freed before the next group is built."""
+    groups: list = []
+    loads: list = []
+    for i, need in enumerate(needs):
+        for g, load in enumerate(loads):
+            if load + need <= capacity:
+                groups[g].append(i)
+                loads[g] += need
+                break
+        else:
+            groups.append([i])
+            loads.append(need)
+    return groups
+
+
+def attention_cell(s: int, causal: bool, a, tmp: Path) -> list[dict]:
+    g = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(B, H, s, D, generator=g) for _ in range(3))
+    arrays = [q.numpy(), k.numpy(), v.numpy()]
+
+    def peer(build):
+        return lambda: ort_call(session(build()), arrays)
+
+    def ours(policy, tag):
+        def make():
+            try:
+                cm, note = compile_ours(SDPA(causal), (q, k, v), policy, tmp, tag)
+            except Exception as e:  # noqa: BLE001 - the backend is being written: report and go on
+                raise Unavailable(first_line(e, 120)) from None
+            return (lambda: cm(q, k, v)), note
+        return make
+
+    specs = [("torch-sdpa", lambda: (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
+              "context, not a peer"),
+             ("unfused", peer(lambda: build_unfused(s, causal)), "causal: Trilu -inf bias" if causal else ""),
+             ("onnx-attention", peer(lambda: build_onnx_attention(s, causal)), ""),
+             ("mha", peer(lambda: build_mha(s, causal)), "unidirectional=1" if causal else ""),
+             ("gqa", peer(lambda: build_gqa(s, causal)), "prefill form" if causal else "causal=0")]
+    if causal:
+        specs.append((f"gqa-window{WINDOW}", peer(lambda: build_gqa(s, True, WINDOW)),
+                      f"local_window_size={gqa_local_window(WINDOW)} (= window:{WINDOW})"))
+    if not a.peers_only:
+        specs += [("ours-fused", ours("fused", f"fused-{s}-{int(causal)}"), ""),
+                  (f"ours-window{WINDOW}", ours(f"window:{WINDOW}", f"window-{s}-{int(causal)}"), "")]
+
+    capacity = MEMORY_HEADROOM * mem_available_bytes()
+    contenders, makers, needs = [], [], []
+    for name, make, note in specs:
+        c = Contender(name, note=note)
+        need = memory_need(name, s, causal)
+        if need > capacity:
+            c.status = "skipped (memory)"
+            c.note = f"needs ~{need / 2**30:.0f} GiB, {capacity / 2**30:.0f} GiB usable"
+        contenders.append(c)
+        makers.append(make)
+        needs.append(need)
+    live = [i for i, c in enumerate(contenders) if c.status == "ok"]
+    groups = [[live[j] for j in grp] for grp in memory_groups([needs[i] for i in live], capacity)]
+    label = f"attention S={s} {'causal' if causal else 'bidirectional'}"
+    check = s == a.check_seq
+    for gi, grp in enumerate(groups):
+        batch = []
+        for i in grp:
+            c = contenders[i]
+            try:
+                made = makers[i]()
+                c.call, extra = made if isinstance(made, tuple) else (made, "")
+                c.note = "; ".join(x for x in (c.note, extra) if x)
+            except Unavailable as e:
+                c.status, c.note = "n/a (backend unavailable)", str(e)
+                continue
+            except Exception as e:  # noqa: BLE001
+                c.status = f"failed ({first_line(e)})"
+                continue
+            if len(groups) > 1:
+                c.note = "; ".join(x for x in (c.note, f"memory group {gi + 1}/{len(groups)}") if x)
+            batch.append(c)
+        time_interleaved(batch, min_repeats=a.min_repeats, max_repeats=a.max_repeats, budget_s=a.budget_s,
+                         label=label, keep_outputs=check)
+        if check:
+            dense_ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            win_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(s, causal))
+            for c in batch:
+                if c.output is not None:
+                    out = c.output if isinstance(c.output, torch.Tensor) else torch.from_numpy(np.asarray(c.output))
+                    c.error = float((out.float() - (win_ref if "window" in c.name else dense_ref)).abs().max())
+        for c in batch:  # free the sessions (and their arenas) before the next group
+            c.call, c.output = None, None
+        del batch
+        gc.collect()
+
+    by = {c.name: c for c in contenders}
+    dense = [(by[n].ms, n) for n in DENSE_PEERS if n in by and by[n].ms is not None]
+    best_ms, best = min(dense) if dense else (None, "")
+    attn_ms = by["onnx-attention"].ms
+    gqaw_ms = by[f"gqa-window{WINDOW}"].ms if f"gqa-window{WINDOW}" in by else None
+    rows = []
+    for c in contenders:
+        ms = c.ms
+        rows.append({
+            "seq": s, "causal": causal, "contender": c.name, "status": c.status, "ms": round(ms, 2) if ms else None,
+            "repeats": len(c.times), "max_abs_err": getattr(c, "error", None),
+            "best_dense_peer": best, "time_vs_best_dense_peer": round(ms / best_ms, 3) if ms and best_ms else None,
+            "speedup_vs_onnx_attention": round(attn_ms / ms, 2) if ms and attn_ms else None,
+            "speedup_vs_gqa_window256": round(gqaw_ms / ms, 2) if ms and gqaw_ms and "window" in c.name else None,
+            "notes": c.note,
+        })
+    return rows
+
+
+class Unavailable(Exception):
+    """compiler.compile(..., backend="onnxruntime") raised."""
+
+
+def run_attention(a, tmp: Path) -> list[dict]:
+    rows = []
+    for s in a.seqs:
+        for causal in (True, False):
+            cell = attention_cell(s, causal, a, tmp)
+            rows += cell
+            print_table(cell, ATTN_COLUMNS, f"attention alone, S={s}, {'causal' if causal else 'bidirectional'}")
+    return rows
+
+
+ATTN_COLUMNS = ["seq", "causal", "contender", "status", "ms", "repeats", "max_abs_err", "best_dense_peer",
+                "time_vs_best_dense_peer", "speedup_vs_onnx_attention", "speedup_vs_gqa_window256", "notes"]
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+class LastHidden(torch.nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state: one tensor in, one out, for every exporter."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def export_dynamo(model, args, path: Path) -> Path:
+    with quiet():
+        prog = torch.onnx.export(model, args, dynamo=True, verbose=False, input_names=["input_ids", "attention_mask"],
+                                 output_names=["last_hidden_state"])
+        prog.save(str(path))
+    return path
+
+
+def export_legacy(model, args, path: Path) -> Path:
+    with quiet():
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+    return path
+
+
+def ort_fusions(src: Path, dst: Path) -> tuple[Path, str]:
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    with quiet():
+        model, counts = optimize_for_ort(ir.load(str(src)))
+        ir.save(model, str(dst))
+    found = " ".join(f"{k}={v}" for k, v in counts.items() if v) or "no fusions"
+    return dst, found
+
+
+def transformers_optimizer(src: Path, dst: Path, model_type: str, num_heads: int, hidden: int) -> tuple[Path, str]:
+    from onnxruntime.transformers import optimizer
+
+    with quiet():
+        opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden)
+        opt.save_model_to_file(str(dst))
+    stats = opt.get_fused_operator_statistics()
+    attn = sum(v for k, v in stats.items() if "Attention" in k)
+    others = " ".join(f"{k}={v}" for k, v in stats.items() if v and "Attention" not in k)
+    return dst, f"fused attention nodes={attn}; {others}"
+
+
+def e2e_cell(title: str, seq: int, batch: int, model, args: tuple, model_type: str, heads: int, hidden: int,
+             policies: list, a, tmp: Path, files: dict) -> list[dict]:
+    """``files``: exports reused across cells (keyed by kind); built on first use."""
+    arrays = [t.numpy() for t in args]
+    contenders = []
+
+    def eager():
+        with torch.no_grad():
+            return model(*args)
+
+    contenders.append(Contender("torch-eager", eager))
+
+    def add_ort(name: str, make) -> None:
+        c = Contender(name)
+        try:
+            path, c.note = make()
+            c.call = ort_call(session(path), arrays)
+        except Exception as e:  # noqa: BLE001 - a peer that fails is a finding
+            c.status = f"failed ({first_line(e, 100)})"
+        contenders.append(c)
+
+    def cached(key, make):
+        if key not in files:
+            try:
+                files[key] = (make(), None)
+            except Exception as e:  # noqa: BLE001
+                files[key] = (None, e)
+        value, err = files[key]
+        if err is not None:
+            raise err
+        return value
+
+    stem = tmp / f"{title}-{seq}"
+    dyn = lambda: cached(("dynamo", seq), lambda: export_dynamo(model, args, Path(f"{stem}-dynamo.onnx")))  # noqa: E731
+    legacy = lambda: cached(("legacy", seq), lambda: export_legacy(model, args, Path(f"{stem}-legacy.onnx")))  # noqa: E731
+    add_ort("ort-dynamo", lambda: (dyn(), ""))
+    add_ort("ort-dynamo+ort_fusions", lambda: ort_fusions(dyn(), Path(f"{stem}-fusions.onnx")))
+    add_ort("ort-legacy+transformers_opt", lambda: transformers_optimizer(
+        legacy(), Path(f"{stem}-legacy-opt.onnx"), model_type, heads, hidden))
+    add_ort("ort-dynamo+transformers_opt", lambda: transformers_optimizer(
+        dyn(), Path(f"{stem}-dynamo-opt.onnx"), model_type, heads, hidden))
+    if not a.peers_only:
+        for name, policy in policies:
+            c = Contender(name)
+            try:
+                cm, c.note = compile_ours(model, args, policy, tmp, f"{title}-{seq}-{policy}")
+                c.call = lambda cm=cm: cm(*args)
+            except Exception as e:  # noqa: BLE001
+                c.status = "n/a (backend unavailable)"
+                c.note = first_line(e, 120)
+            contenders.append(c)
+
+    time_interleaved(contenders, min_repeats=a.min_repeats, max_repeats=a.max_repeats, budget_s=a.budget_s,
+                     label=f"{title} seq {seq}")
+    ref = contenders[0].output
+    by = {c.name: c for c in contenders}
+    eager_ms = by["torch-eager"].ms
+    peer_ms = [(c.ms, c.name) for c in contenders if c.name.startswith("ort-") and c.ms is not None]
+    best_ms, best = min(peer_ms) if peer_ms else (None, "")
+    rows = []
+    for c in contenders:
+        err = None
+        if c.output is not None and ref is not None:
+            out = c.output if isinstance(c.output, torch.Tensor) else torch.from_numpy(np.asarray(c.output))
+            err = float((out.float() - ref.float()).abs().max())
+        ms = c.ms
+        rows.append({
+            "model": title, "batch": batch, "seq": seq, "contender": c.name, "status": c.status,
+            "ms": round(ms, 1) if ms else None, "repeats": len(c.times), "max_abs_err": err,
+            "speedup_vs_eager": round(eager_ms / ms, 2) if ms and eager_ms else None,
+            "best_ort_peer": best, "time_vs_best_ort_peer": round(ms / best_ms, 3) if ms and best_ms else None,
+            "notes": c.note,
+        })
+        c.output = None
+    gc.collect()
+    return rows
+
+
+E2E_COLUMNS = ["model", "batch", "seq", "contender", "status", "ms", "repeats", "max_abs_err", "speedup_vs_eager",
+               "best_ort_peer", "time_vs_best_ort_peer", "notes"]
+
+
+def minilm_texts(n: int) -> list[str]:
+    from compiler.minilm import PARAGRAPHS, SENTENCES
+
+    texts = [PARAGRAPHS[i] + " " + PARAGRAPHS[(i + 1) % len(PARAGRAPHS)] for i in range(len(PARAGRAPHS))]
+    texts += [" ".join(PARAGRAPHS[:3]), SENTENCES[0]]  # one fills the window, one is mostly padding
+    return texts[:n]
+
+
+def run_minilm(a, tmp: Path) -> list[dict]:
+    from compiler.minilm import load_minilm
+
+    with quiet():
+        mini = load_minilm("eager")
+    cfg = mini.model.config
+    length = a.minilm_length or min(int(mini.tokenizer.model_max_length), int(cfg.max_position_embeddings))
+    enc = mini.tokenizer(minilm_texts(a.minilm_batch), padding="max_length", truncation=True, max_length=length,
+                         return_tensors="pt")
+    args = (enc["input_ids"], enc["attention_mask"])
+    model = LastHidden(mini.model).eval()
+    policies = [("ours-fused", "fused")]
+    rows = e2e_cell("all-MiniLM-L6-v2", length, a.minilm_batch, model, args, "bert", cfg.num_attention_heads,
+                    cfg.hidden_size, policies, a, tmp, {})
+    print_table(rows, E2E_COLUMNS, f"all-MiniLM-L6-v2, batch {a.minilm_batch} x {length} "
+                                   f"({int(enc['attention_mask'].sum())} real tokens)")
+    return rows
+
+
+def run_gpt2(a, tmp: Path) -> list[dict]:
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=max(a.gpt2_seqs), use_cache=False)
+    with quiet():
+        gpt2 = GPT2Model._from_config(cfg, attn_implementation="eager").eval()
+    model = LastHidden(gpt2).eval()
+    policies = [("ours-fused", "fused"), ("ours-window256-sinks4 (approx)", "window:256,sinks:4")]
+    rows = []
+    for seq in a.gpt2_seqs:
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+        args = (ids, torch.ones_like(ids))
+        cell = e2e_cell("gpt2-small-random", seq, 1, model, args, "gpt2", cfg.n_head, cfg.n_embd, policies, a, tmp,
+                        {})
+        print_table(cell, E2E_COLUMNS, f"GPT-2-small-sized (random weights), batch 1 x {seq}")
+        rows += cell
+        for p in tmp.glob("gpt2-small-random-*"):
+            p.unlink()
+    return rows
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def snippet(a, attn_rows: list, e2e_rows: list) -> str:
+    lines = [
+        "## attnforge's ONNX Runtime backend vs ORT's attention ops and optimizers",
+        "",
+        f"Command: `{command_line()}` (writes `{a.attention_out}` and `{a.e2e_out}`).",
+        f"Machine: {machine()}, no GPU; "
+        f"{versions('torch', 'onnxruntime', 'onnx', 'onnxscript', 'transformers')}. Date: {today()}.",
+        f"fp32; ORT CPUExecutionProvider, intra_op_num_threads={THREADS}, inter_op_num_threads=1, sequential, "
+        f"ORT_ENABLE_ALL; torch set_num_threads({THREADS}). Medians over interleaved repeats after a warm-up call, "
+        f"at least {a.min_repeats} repeats, as many as fit in {a.budget_s:g} s per contender per cell.",
+    ]
+    if attn_rows:
+        lines += [
+            "",
+            f"### Attention alone (B={B}, H={H}, D={D})",
+            "",
+            f"Max abs error vs scaled_dot_product_attention (window rows: with the window's mask) at S={a.check_seq}. "
+            "time vs best = ms / the fastest of unfused, onnx-attention, mha, gqa in that cell (< 1: faster). "
+            "\"skipped (memory)\": its dense score buffers would not fit in MemAvailable.",
+            "",
+            markdown_table(attn_rows, ["seq", "causal", "contender", "status", "ms", "max_abs_err", "best_dense_peer",
+                                       "time_vs_best_dense_peer", "speedup_vs_onnx_attention",
+                                       "speedup_vs_gqa_window256", "notes"],
+                           ["seq", "causal", "contender", "status", "ms", "max abs err", "best dense peer",
+                            "time vs best", "speedup vs onnx-attention", "speedup vs gqa-window256", "notes"]),
+        ]
+    if e2e_rows:
+        lines += [
+            "",
+            "### End to end",
+            "",
+            "Max abs error: last hidden state vs torch eager. time vs best = ms / the fastest ORT peer in that cell.",
+            "",
+            markdown_table(e2e_rows, E2E_COLUMNS[:4] + E2E_COLUMNS[4:],
+                           ["model", "batch", "seq", "contender", "status", "ms", "repeats", "max abs err",
+                            "speedup vs eager", "best ORT peer", "time vs best", "notes"]),
+        ]
+    return "\n".join(lines)
+
+
+def measure_memory(a) -> None:
+    """Peak RSS of each dense contender at --seqs[0], one per subprocess: where SCORE_FACTORS come from."""
+    import subprocess
+
+    s = a.seqs[0]
+    for name in SCORE_FACTORS:
+        for causal in (True, False):
+            if name == "gqa-window256" and not causal:
+                continue
+            code = (f"import sys; sys.path.insert(0, 'tools'); import bench_onnx as b; "
+                    f"b.measure_one({name!r}, {s}, {causal})")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            last = (out.stdout.strip().splitlines() or [out.stderr.strip()[-200:]])[-1]
+            print(f"{name:15s} causal={causal!s:5s} S={s}: {last}", flush=True)
+
+
+def measure_one(name: str, s: int, causal: bool) -> None:
+    import resource
+
+    torch.set_num_threads(THREADS)
+    q, k, v = (torch.randn(B, H, s, D) for _ in range(3))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if name == "torch-sdpa":
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    elif name.startswith("ours-"):
+        policy = "fused" if name == "ours-fused" else f"window:{WINDOW}"
+        cm, _ = compile_ours(SDPA(causal), (q, k, v), policy, Path(tempfile.mkdtemp()), "m")
+        fn = lambda: cm(q, k, v)  # noqa: E731
+    else:
+        build = {"unfused": build_unfused, "onnx-attention": build_onnx_attention, "mha": build_mha,
+                 "gqa": build_gqa, "gqa-window256": lambda s, c: build_gqa(s, c, WINDOW)}[name]
+        fn = ort_call(session(build(s, causal)), [q.numpy(), k.numpy(), v.numpy()])
+    base = max(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    fn()
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"peak - base = {(peak - base) / 2**20:.0f} MiB = {(peak - base) / score_bytes(s):.2f} x scores")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: attention at 1k and 4k, MiniLM, GPT-2 at 1k; "
+                    "fewer repeats")
+    ap.add_argument("--peers-only", action="store_true", help="leave out attnforge's rows")
+    ap.add_argument("--only", choices=("attention", "e2e"), help="run one part")
+    ap.add_argument("--seqs", type=int, nargs="+", help="attention lengths (default 1024 4096 16384)")
+    ap.add_argument("--gpt2-seqs", type=int, nargs="+", help="GPT-2 lengths (default 1024 2048 4096)")
+    ap.add_argument("--minilm-batch", type=int, default=8)
+    ap.add_argument("--minilm-length", type=int, help="default: the shipped tokenizer's / config's maximum")
+    ap.add_argument("--min-repeats", type=int, default=3)
+    ap.add_argument("--max-repeats", type=int)
+    ap.add_argument("--budget-s", type=float, help="time per contender per cell (default 20, --quick 4)")
+    ap.add_argument("--attention-out", default="docs/onnx_attention.csv")
+    ap.add_argument("--e2e-out", default="docs/onnx_e2e.csv")
+    ap.add_argument("--measure-memory", action="store_true", help="print each dense contender's peak memory at "
+                    "--seqs[0] (to set SCORE_FACTORS) and exit")
+    a = ap.parse_args()
+    a.seqs = a.seqs or ([1024, 4096] if a.quick else [1024, 4096, 16384])
+    a.gpt2_seqs = a.gpt2_seqs or ([1024] if a.quick else [1024, 2048, 4096])
+    a.max_repeats = a.max_repeats or (5 if a.quick else 15)
+    a.budget_s = a.budget_s if a.budget_s is not None else (4.0 if a.quick else 20.0)
+    a.check_seq = 1024 if 1024 in a.seqs else a.seqs[0]
+
+    torch.set_num_threads(THREADS)
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("onnxscript", "onnx_ir", "onnxruntime", "torch.onnx", "transformers", "fusion_base", "onnx_model"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if a.measure_memory:
+        measure_memory(a)
+        return
+    print(f"{machine()}; {versions('torch', 'onnxruntime', 'onnx', 'onnxscript', 'transformers')}", flush=True)
+    attn_rows, e2e_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as d:
+        tmp = Path(d)
+        if a.only in (None, "attention"):
+            attn_rows = run_attention(a, tmp)
+            write_csv(attn_rows, a.attention_out)
+        if a.only in (None, "e2e"):
+            e2e_rows = run_minilm(a, tmp)
+            e2e_rows += run_gpt2(a, tmp)
+            write_csv(e2e_rows, a.e2e_out)
+    print()
+    print(snippet(a, attn_rows, e2e_rows))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
