@@ -1,4 +1,5 @@
-"""Lowering backends. Each exposes ``load(ep, options) -> callable`` running an ExportedProgram."""
+"""Lowering backends. ``load(name, ep, options)`` returns a callable running an ExportedProgram
+by its execution plan (``backends.planner``); the plan is the callable's ``plan`` attribute."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ AVAILABLE = ("torch", "onnxruntime")
 PLANNED = ("triton",)
 
 
-def load(name: str, ep, options=None):
+def load(name: str, ep, options=None, plan=None):
+    """``plan``: a saved plan to run instead of planning again (it must fit the program)."""
     if name == "torch":
         from backends.torch_backend import load as load_torch
 
         if options:
             raise BackendError(f"backend 'torch' takes no options; got {', '.join(sorted(options))}")
-        return load_torch(ep)
+        return load_torch(ep, plan)
     if name == "onnxruntime":
-        from backends.onnxruntime_backend import load as load_ort
+        from backends.plan_executor import load_onnxruntime
 
-        return load_ort(ep, options)
+        return load_onnxruntime(ep, options, plan)
     if name in PLANNED:
         raise BackendError(f"backend {name!r} is not available in this version; use backend='torch' or "
                            "backend='onnxruntime'")

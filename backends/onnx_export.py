@@ -62,6 +62,17 @@ def _site_nodes(ep: ExportedProgram) -> list[tuple[str, object]]:
             if n.op == "call_function" and n.target in TRANSLATIONS]
 
 
+def carry_site_ids(src: torch.fx.Graph, dst: torch.fx.Graph) -> None:
+    """Re-tracing and decomposing drop node metadata; give our ops in ``dst`` the site ids of
+    those in ``src`` (they come out in the same order), so the report can say how each site was
+    lowered."""
+    ours = [n for n in src.nodes if n.op == "call_function" and n.target in TRANSLATIONS]
+    again = [n for n in dst.nodes if n.op == "call_function" and n.target in TRANSLATIONS]
+    for old, new in zip(ours, again):
+        if SITE_META in old.meta:
+            new.meta[SITE_META] = old.meta[SITE_META]
+
+
 def _our_error(e: BaseException) -> Optional[AttnforgeError]:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -127,10 +138,14 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             inner = e
             while inner.__cause__ is not None:
                 inner = inner.__cause__
-            raise BackendError(f"lowering {failing} to ONNX failed ({type(inner).__name__}: "
-                               f"{str(inner).strip()[:300]}); please report it, and use backend='torch' meanwhile") from e
+            err = BackendError(f"lowering {failing} to ONNX failed ({type(inner).__name__}: "
+                               f"{str(inner).strip()[:300]}); please report it, and use backend='torch' meanwhile")
+            err.op = failing
+            raise err from e
         what = f"op {failing} has no ONNX translation" if failing else (str(e).strip().splitlines() or ["?"])[0][:200]
-        raise BackendError(f"cannot export to ONNX: {what}; run it with backend='torch'") from None
+        err = BackendError(f"cannot export to ONNX: {what}; run it with backend='torch'")
+        err.op = failing or None
+        raise err from None
     finally:
         EXPORT_PROVIDER.reset(tokens[0])
         FUSED_CHOICES.reset(tokens[1])

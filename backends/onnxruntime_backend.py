@@ -41,6 +41,10 @@ class OrtOptions:
     optimized_model_path: Optional[str] = None  # where ORT writes the model it optimized
     io_binding: bool = True
     fused_lowering: Optional[str] = None  # force "attention", "gqa" or "mha" where a site allows it
+    # ORT keeps freed memory in its arena and preallocates by its own plan; off, every tensor is
+    # its own allocation, freed after last use (what the plan predicts and what memory tests measure).
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "OrtOptions":
@@ -68,6 +72,8 @@ class OrtOptions:
         so.graph_optimization_level = _LEVELS[self.graph_optimization_level]
         if self.optimized_model_path:
             so.optimized_model_filepath = str(self.optimized_model_path)
+        so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
+        so.enable_mem_pattern = self.enable_mem_pattern
         so.log_severity_level = 3  # errors only: ORT's warnings are about its own fusions
         return so
 
@@ -159,7 +165,3 @@ class OrtProgram:
 
     def save(self, path) -> Path:
         return save_onnx(self.exported.model, path)
-
-
-def load(ep: ExportedProgram, options: Optional[dict] = None) -> OrtProgram:
-    return OrtProgram(ep, OrtOptions.from_dict(options))

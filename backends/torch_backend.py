@@ -1,26 +1,28 @@
-"""The ``torch`` backend: eager PyTorch, attnforge ops running their reference implementation."""
+"""The ``torch`` backend: eager PyTorch, attnforge ops running their reference implementation,
+in the plan's memory-aware order."""
 
 from __future__ import annotations
 
-import torch
 from torch.export import ExportedProgram
 
+from backends.plan_executor import PlannedProgram
+from backends.planner import fitting_plan
 from compiler.errors import InputError
 
 
-def load(ep: ExportedProgram):
-    module = ep.module()
+class TorchProgram(PlannedProgram):
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except AssertionError as e:
+            if "Guard failed" not in str(e):
+                raise
+            # The program was captured for other shapes; say which, not where in the guards.
+            raise InputError(f"the inputs do not fit the captured program ({str(e).strip()}); "
+                             "call it with the shapes it was compiled for, or compile with "
+                             "dynamic_shapes") from None
 
-    def run(*args, **kwargs):
-        with torch.no_grad():
-            try:
-                return module(*args, **kwargs)
-            except AssertionError as e:
-                if "Guard failed" not in str(e):
-                    raise
-                # The program was captured for other shapes; say which, not where in the guards.
-                raise InputError(f"the inputs do not fit the captured program ({str(e).strip()}); "
-                                 "call it with the shapes it was compiled for, or compile with "
-                                 "dynamic_shapes") from None
 
-    return run
+def load(ep: ExportedProgram, plan=None) -> TorchProgram:
+    gm = ep.module()
+    return TorchProgram(gm, fitting_plan(gm, "torch", plan))

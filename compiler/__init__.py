@@ -5,7 +5,7 @@ need before ``torch.export.load``.
 """
 
 from compiler import linear_ops, ops, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
-from compiler.api import CompiledModel, compile, compile_program
+from compiler.api import CompiledModel, compile, compile_program, load
 from compiler.budget import Fidelity
 from compiler.capture import capture
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "Fidelity", "InputError",
-    "Policy", "PolicyError", "Report", "capture", "compile", "compile_program", "parse_policy",
+    "Policy", "PolicyError", "Report", "capture", "compile", "compile_program", "load", "parse_policy",
 ]

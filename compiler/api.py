@@ -21,6 +21,7 @@ from compiler.graph import shape
 from compiler.measure import SiteEffect, exact_probabilities, record_site_inputs, site_effect
 from compiler.ops import attention_flops, causal_pairs
 from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
+from compiler.plan import Plan
 from compiler.policy import Policy, PolicySpec, parse_policy
 from compiler.progress import status
 from compiler.program import clone_program
@@ -34,34 +35,74 @@ class CompiledModel:
     """The rewritten program, runnable on a backend, with the report of how it was made."""
 
     def __init__(self, exported_program: ExportedProgram, report: Report, backend: str = "torch",
-                 default_kwargs: Optional[dict] = None, backend_options: Optional[dict] = None):
+                 default_kwargs: Optional[dict] = None, backend_options: Optional[dict] = None,
+                 plan: Optional[Plan] = None):
         self.exported_program = exported_program
         self.report = report
         self.backend = backend
         # Keyword arguments fixed at capture (use_cache=False for Hugging Face models).
         self.default_kwargs = dict(default_kwargs or {})
-        self._run = backends.load(backend, exported_program, backend_options)
+        self._run = backends.load(backend, exported_program, backend_options, plan)
+        self.plan: Plan = self._run.plan
+        report.plan = self.plan.summary()
 
     def __call__(self, *args, **kwargs):
         return self._run(*args, **{**self.default_kwargs, **kwargs})
 
     def save(self, path) -> Path:
         """Write the rewritten program: ``.onnx`` as an ONNX model (the one the onnxruntime backend
-        runs), anything else with ``torch.export.save`` (load it after ``import compiler``)."""
+        runs), anything else with ``torch.export.save`` (read it back with ``compiler.load``). The
+        plan goes next to it, as ``<path>.plan.json``."""
         path = Path(path)
         if path.suffix == ".onnx":
-            if hasattr(self._run, "save"):
-                return self._run.save(path)
-            from backends.onnx_export import export_onnx, save_onnx
+            if self.backend == "onnxruntime":
+                self._run.save(path)
+            else:
+                from backends.onnx_export import export_onnx, save_onnx
 
-            return save_onnx(export_onnx(self.exported_program).model, path)
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            torch.export.save(self.exported_program, tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+                save_onnx(export_onnx(self.exported_program).model, path)
+        else:
+            tmp = path.with_name(path.name + ".partial")
+            try:
+                torch.export.save(self.exported_program, tmp)
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.plan.save(plan_path(path))
         return path
+
+
+def plan_program(ep: ExportedProgram, backend: str = "torch") -> Plan:
+    """The execution plan ``backend`` would run ``ep`` by, without lowering or running anything."""
+    from backends.capabilities import prepare
+    from backends.planner import make_plan
+
+    if backend not in backends.AVAILABLE:
+        backends.load(backend, None)  # raises the one-line reason
+    return make_plan(prepare(ep, backend).module(), backend)
+
+
+def plan_path(path) -> Path:
+    """Where a compiled model's plan is saved, next to it."""
+    path = Path(path)
+    return path.with_name(path.name + ".plan.json")
+
+
+def load(path, backend: str = "torch", backend_options: Optional[dict] = None) -> CompiledModel:
+    """A compiled model saved as ``.pt2`` by ``CompiledModel.save``, with the plan saved next to it
+    (planned again if the plan is missing or was made for another backend)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; give a .pt2 written by CompiledModel.save")
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise InputError(f"{path}: not a readable torch.export program ({type(e).__name__}); give a .pt2 "
+                         "written by CompiledModel.save") from None
+    sidecar = plan_path(path)
+    plan = Plan.load(sidecar) if sidecar.is_file() else None
+    report = Report(model=path.stem, policy="(loaded)", backend=backend)
+    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan)
 
 
 def _intermediate_bytes(nodes) -> int:
@@ -271,13 +312,15 @@ def compile_program(
 def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_outputs: bool) -> None:
     """What the backend made of each site, and how far its outputs are from the torch backend's."""
     run = cm._run
-    exported = getattr(run, "exported", None)
-    if exported is None:
+    exports = [run.exported] if hasattr(run, "exported") else [s.exported for s in getattr(run, "segments", [])]
+    if not exports:
         return
+    lowerings = {k: v for e in exports for k, v in e.lowerings.items()}
     for rec in cm.report.sites:
-        rec.lowering = exported.lowerings.get(rec.id)
-    low = {"format": "onnx", "opset": exported.opset, "providers": list(run.options.providers),
-           "export_seconds": round(exported.seconds, 4), "max_abs_error_vs_torch": None}
+        rec.lowering = lowerings.get(rec.id)
+    low = {"format": "onnx", "opset": exports[0].opset, "providers": list(run.options.providers),
+           "export_seconds": round(sum(e.seconds for e in exports), 4), "onnx_segments": len(exports),
+           "max_abs_error_vs_torch": None}
     if verify_outputs:
         # The backend must agree with the program it lowered; a mismatch is a lowering bug.
         cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), cm(*args, **kwargs))

@@ -184,6 +184,29 @@ def cmd_rewrite(a) -> int:
     return _finish(a, cm, out)
 
 
+def cmd_plan(a) -> int:
+    from compiler.api import plan_program
+    from compiler.plan import plan_lines
+
+    src = Path(a.input)
+    if src.suffix != ".pt2":
+        raise InputError(f"{src}: plan takes a .pt2 file from torch.export.save (or CompiledModel.save)")
+    ep = _load_pt2(src)
+    plan = plan_program(ep, a.backend)
+    for line in plan_lines(plan.summary()):
+        print(line)
+    if a.steps:
+        for seg in plan.segments:
+            print(f"segment {seg.index} ({seg.backend}):")
+            for name in seg.steps:
+                step = next(s for s in plan.steps if s.name == name)
+                print(f"  {name} = {step.op}({', '.join(step.inputs)})")
+    if a.json:
+        plan.save(a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
 def _finish(a, result, out: Path) -> int:
     result.save(out)
     if a.report:
@@ -294,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--example-shape", action="append", help="example input, e.g. input_ids=1x128:int64 (repeatable)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_rewrite)
+
+    pl = sub.add_parser("plan", help="print the execution plan of a .pt2 program for a backend, without running it")
+    pl.add_argument("input", help=".pt2 file written by torch.export.save or CompiledModel.save")
+    pl.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime"])
+    pl.add_argument("--steps", action="store_true", help="also list every step, segment by segment")
+    pl.add_argument("--json", help="write the whole plan (registers, steps, buffers) as JSON here")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("inspect", help="show a JSON pass report, in the terminal or as an HTML page")
     i.add_argument("report")

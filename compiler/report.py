@@ -82,6 +82,7 @@ class Report:
     budget: Optional[dict] = None  # the Fidelity budget, when one was given
     auto: Optional[dict] = None  # policy="auto": candidates measured per site, choices, trials
     lowering: Optional[dict] = None  # backend details: format, providers, export time, error vs torch
+    plan: Optional[dict] = None  # the execution plan's summary (compiler.plan.Plan.summary)
     schema: str = SCHEMA
 
     # ------------------------------------------------------------------ derived
@@ -141,6 +142,7 @@ class Report:
             budget=d.get("budget"),
             auto=d.get("auto"),
             lowering=d.get("lowering"),
+            plan=d.get("plan"),
         )
 
     @classmethod

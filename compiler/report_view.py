@@ -7,6 +7,7 @@ import io
 from rich.console import Console
 from rich.table import Table
 
+from compiler.plan import plan_lines
 from compiler.variants import compact_text
 
 
@@ -70,6 +71,9 @@ def render(report, console: Console | None = None) -> None:
         console.print(f"lowered to {low.get('format')} (opset {low.get('opset')}, {', '.join(low.get('providers', []))})"
                       f" in {low.get('export_seconds', 0.0):.2f}s; sites: {per_site or '-'}; "
                       f"max abs error vs the torch backend {_fmt_err(err)}")
+    if report.plan:
+        for line in plan_lines(report.plan):
+            console.print(line)
     if report.auto:
         a = report.auto
         cal = a.get("verified_calibration_fidelity") or a.get("calibration_fidelity") or {}

@@ -306,14 +306,23 @@ def _(x):
     return torch.empty_like(x)
 
 
-def test_op_without_onnx_translation_is_named():
-    class WithCustomOp(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.ops.attnforge_test.halve(F.scaled_dot_product_attention(q, k, v))
+class _WithCustomOp(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.ops.attnforge_test.halve(F.scaled_dot_product_attention(q, k, v))
 
+
+def test_op_without_onnx_translation_is_named():
     _, x = _tiny()
+    ep = torch.export.export(_WithCustomOp(), x)
     with pytest.raises(BackendError, match="attnforge_test.halve.*no ONNX translation.*backend='torch'"):
-        compiler.compile(WithCustomOp(), x, backend="onnxruntime", show_progress=False)
+        export_onnx(ep)
+
+
+def test_op_without_onnx_translation_runs_on_torch():
+    _, x = _tiny()
+    cm = compiler.compile(_WithCustomOp(), x, backend="onnxruntime", show_progress=False)
+    assert [s.backend for s in cm.plan.segments] == ["onnxruntime", "torch"]
+    torch.testing.assert_close(cm(*x), _WithCustomOp()(*x), atol=1e-5, rtol=0)
 
 
 def test_neighborhood_needs_static_shapes():

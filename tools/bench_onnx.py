@@ -1,6 +1,6 @@
 """attnforge's ONNX Runtime backend vs ORT's own attention ops and optimizers, on CPU.
 
-    python tools/bench_onnx.py [--quick] [--peers-only] [--only attention|e2e] [--budget-s 20]
+    python tools/bench_onnx.py [--quick] [--peers-only] [--only attention|e2e] [--budget-s 15]
 
 Everything fp32 on CPU: ORT with intra_op_num_threads=2, inter_op_num_threads=1, sequential
 execution, ORT_ENABLE_ALL; torch with set_num_threads(2). Times are medians over interleaved
@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import gc
 import io
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -46,8 +47,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 import compiler
-from benchlib import (Contender, command_line, first_line, machine, markdown_table, mem_available_bytes,
-                      print_table, time_interleaved, today, versions, write_csv)
+from benchlib import (Contender, NotRun, command_line, first_line, machine, markdown_table, mem_available_bytes,
+                      print_table, time_in_memory_groups, today, versions, write_csv)
 
 THREADS = 2
 ORT_OPTIONS = {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}
@@ -56,16 +57,14 @@ WINDOW = 256
 DENSE_PEERS = ("unfused", "onnx-attention", "mha", "gqa")
 # What each contender holds at its peak (ORT's arena keeps it until the session is freed), in units
 # of one fp32 score tensor B*H*S*S*4, (causal, bidirectional): peak RSS over the inputs, one
-# subprocess per contender, measured at S=4096 and 8192 on ORT 1.31.1 with --measure-memory, plus ~10%.
-SCORE_FACTORS = {"unfused": (4.3, 2.3), "onnx-attention": (2.3, 1.2), "mha": (2.5, 0.15), "gqa": (1.3, 1.3),
-                 "gqa-window256": (1.3, 1.3), "ours-fused": (1.3, 1.3), "ours-window256": (0.5, 0.5),
-                 "torch-sdpa": (0.05, 0.05)}
-MEMORY_HEADROOM = 0.85  # use at most this share of MemAvailable
+# subprocess per contender, measured at S=4096 and 8192 on ORT 1.31.1 with --measure-memory (the
+# factor is the same at both), plus ~5%. ours-fused takes the larger of its lowerings' (gqa, mha).
+SCORE_FACTORS = {"unfused": (4.1, 2.2), "onnx-attention": (2.2, 1.1), "mha": (2.4, 0.1), "gqa": (1.16, 1.16),
+                 "gqa-window256": (1.16, 1.16), "ours-fused": (1.16, 1.16), "ours-window256": (0.3, 0.45),
+                 "torch-sdpa": (0.02, 0.02)}
+MEMORY_HEADROOM = 0.9  # use at most this share of MemAvailable
 ATTN_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
             "SparseAttention", "Softmax")
-
-log = logging.getLogger("bench_onnx")
-
 
 # --- ONNX Runtime ----------------------------------------------------------------------------
 
@@ -76,7 +75,7 @@ def session_options() -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, reported in the table
     return so
 
 
@@ -86,9 +85,18 @@ def session(model) -> ort.InferenceSession:
     return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
 
 
-def ort_call(sess: ort.InferenceSession, arrays: list):
-    """A zero-argument call running ``sess`` on ``arrays`` (in the order of its inputs)."""
-    feeds = {i.name: a for i, a in zip(sess.get_inputs(), arrays)}
+def ort_call(sess: ort.InferenceSession, arrays: list, names: Optional[list] = None):
+    """A zero-argument call running ``sess`` on ``arrays``: by ``names`` where given (an optimizer may
+    drop an input it found unused), else in the order of the session's inputs."""
+    wanted = [i.name for i in sess.get_inputs()]
+    if names:
+        given = dict(zip(names, arrays))
+        missing = [n for n in wanted if n not in given]
+        if missing:
+            raise ValueError(f"the model wants inputs {missing} that the benchmark does not have")
+        feeds = {n: given[n] for n in wanted}
+    else:
+        feeds = dict(zip(wanted, arrays))
     return lambda: sess.run(None, feeds)[0]
 
 
@@ -234,26 +242,6 @@ def memory_need(name: str, s: int, causal: bool) -> float:
     return factors[0 if causal else 1] * score_bytes(s)
 
 
-def memory_groups(needs: list, capacity: float) -> list:
-    """First-fit: indices of contenders that may hold their buffers at the same time.
-
-    ORT's CPU arena keeps a session's peak buffers until the session is freed, so interleaved
-    contenders must fit together; at lengths where they do not, each group is timed interleaved
-    and its sessions freed before the next group is built."""
-    groups: list = []
-    loads: list = []
-    for i, need in enumerate(needs):
-        for g, load in enumerate(loads):
-            if load + need <= capacity:
-                groups[g].append(i)
-                loads[g] += need
-                break
-        else:
-            groups.append([i])
-            loads.append(need)
-    return groups
-
-
 def attention_cell(s: int, causal: bool, a, tmp: Path) -> list[dict]:
     g = torch.Generator().manual_seed(s)
     q, k, v = (torch.randn(B, H, s, D, generator=g) for _ in range(3))
@@ -267,7 +255,7 @@ def attention_cell(s: int, causal: bool, a, tmp: Path) -> list[dict]:
             try:
                 cm, note = compile_ours(SDPA(causal), (q, k, v), policy, tmp, tag)
             except Exception as e:  # noqa: BLE001 - the backend is being written: report and go on
-                raise Unavailable(first_line(e, 120)) from None
+                raise NotRun("n/a (backend unavailable)", first_line(e, 120)) from None
             return (lambda: cm(q, k, v)), note
         return make
 
@@ -285,50 +273,30 @@ def attention_cell(s: int, causal: bool, a, tmp: Path) -> list[dict]:
                   (f"ours-window{WINDOW}", ours(f"window:{WINDOW}", f"window-{s}-{int(causal)}"), "")]
 
     capacity = MEMORY_HEADROOM * mem_available_bytes()
-    contenders, makers, needs = [], [], []
-    for name, make, note in specs:
+    contenders, needs = [], []
+    for name, _, note in specs:
         c = Contender(name, note=note)
         need = memory_need(name, s, causal)
         if need > capacity:
             c.status = "skipped (memory)"
             c.note = f"needs ~{need / 2**30:.0f} GiB, {capacity / 2**30:.0f} GiB usable"
         contenders.append(c)
-        makers.append(make)
         needs.append(need)
-    live = [i for i, c in enumerate(contenders) if c.status == "ok"]
-    groups = [[live[j] for j in grp] for grp in memory_groups([needs[i] for i in live], capacity)]
-    label = f"attention S={s} {'causal' if causal else 'bidirectional'}"
     check = s == a.check_seq
-    for gi, grp in enumerate(groups):
-        batch = []
-        for i in grp:
-            c = contenders[i]
-            try:
-                made = makers[i]()
-                c.call, extra = made if isinstance(made, tuple) else (made, "")
-                c.note = "; ".join(x for x in (c.note, extra) if x)
-            except Unavailable as e:
-                c.status, c.note = "n/a (backend unavailable)", str(e)
-                continue
-            except Exception as e:  # noqa: BLE001
-                c.status = f"failed ({first_line(e)})"
-                continue
-            if len(groups) > 1:
-                c.note = "; ".join(x for x in (c.note, f"memory group {gi + 1}/{len(groups)}") if x)
-            batch.append(c)
-        time_interleaved(batch, min_repeats=a.min_repeats, max_repeats=a.max_repeats, budget_s=a.budget_s,
-                         label=label, keep_outputs=check)
-        if check:
-            dense_ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            win_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(s, causal))
-            for c in batch:
-                if c.output is not None:
-                    out = c.output if isinstance(c.output, torch.Tensor) else torch.from_numpy(np.asarray(c.output))
-                    c.error = float((out.float() - (win_ref if "window" in c.name else dense_ref)).abs().max())
-        for c in batch:  # free the sessions (and their arenas) before the next group
-            c.call, c.output = None, None
-        del batch
-        gc.collect()
+
+    def errors(group):
+        if not check:
+            return
+        dense_ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        win_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(s, causal))
+        for c in group:
+            if c.output is not None:
+                c.error = max_abs_error(c.output, win_ref if "window" in c.name else dense_ref)
+
+    groups = time_in_memory_groups(
+        contenders, [make for _, make, _ in specs], needs, on_group_done=errors, headroom=MEMORY_HEADROOM,
+        min_repeats=a.min_repeats, max_repeats=a.max_repeats, budget_s=a.budget_s, keep_outputs=check,
+        gap_s=a.gap_s, label=f"attention S={s} {'causal' if causal else 'bidirectional'}")
 
     by = {c.name: c for c in contenders}
     dense = [(by[n].ms, n) for n in DENSE_PEERS if n in by and by[n].ms is not None]
@@ -338,28 +306,34 @@ def attention_cell(s: int, causal: bool, a, tmp: Path) -> list[dict]:
     rows = []
     for c in contenders:
         ms = c.ms
+        note = c.note
+        if groups > 1 and c.group:
+            note = "; ".join(x for x in (note, f"memory group {c.group}/{groups}") if x)
         rows.append({
             "seq": s, "causal": causal, "contender": c.name, "status": c.status, "ms": round(ms, 2) if ms else None,
-            "repeats": len(c.times), "max_abs_err": getattr(c, "error", None),
+            "repeats": len(c.times), "max_abs_err": c.error,
             "best_dense_peer": best, "time_vs_best_dense_peer": round(ms / best_ms, 3) if ms and best_ms else None,
             "speedup_vs_onnx_attention": round(attn_ms / ms, 2) if ms and attn_ms else None,
             "speedup_vs_gqa_window256": round(gqaw_ms / ms, 2) if ms and gqaw_ms and "window" in c.name else None,
-            "notes": c.note,
+            "notes": note,
         })
     return rows
 
 
-class Unavailable(Exception):
-    """compiler.compile(..., backend="onnxruntime") raised."""
+def max_abs_error(out, ref: torch.Tensor) -> float:
+    out = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))
+    return float((out.float() - ref.float()).abs().max())
 
 
 def run_attention(a, tmp: Path) -> list[dict]:
     rows = []
     for s in a.seqs:
         for causal in (True, False):
+            t0 = time.perf_counter()
             cell = attention_cell(s, causal, a, tmp)
             rows += cell
-            print_table(cell, ATTN_COLUMNS, f"attention alone, S={s}, {'causal' if causal else 'bidirectional'}")
+            print_table(cell, ATTN_COLUMNS, f"attention alone, S={s}, {'causal' if causal else 'bidirectional'} "
+                                            f"({time.perf_counter() - t0:.0f} s)")
     return rows
 
 
@@ -368,6 +342,9 @@ ATTN_COLUMNS = ["seq", "causal", "contender", "status", "ms", "repeats", "max_ab
 
 
 # --- end to end -----------------------------------------------------------------------------
+
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
 class LastHidden(torch.nn.Module):
@@ -381,18 +358,25 @@ class LastHidden(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def export_dynamo(model, args, path: Path) -> Path:
+def export_dynamo(model, args, path: Path, dynamic: bool = False) -> Path:
+    shapes = None
+    if dynamic:
+        seq = torch.export.Dim("seq", min=2, max=1 << 16)
+        shapes = ({1: seq}, {1: seq})
     with quiet():
-        prog = torch.onnx.export(model, args, dynamo=True, verbose=False, input_names=["input_ids", "attention_mask"],
-                                 output_names=["last_hidden_state"])
+        prog = torch.onnx.export(model, args, dynamo=True, verbose=False, input_names=INPUT_NAMES,
+                                 output_names=["last_hidden_state"], dynamic_shapes=shapes)
         prog.save(str(path))
+    model.eval()
     return path
 
 
-def export_legacy(model, args, path: Path) -> Path:
+def export_legacy(model, args, path: Path, dynamic: bool = False) -> Path:
+    axes = {n: {1: "seq"} for n in (*INPUT_NAMES, "last_hidden_state")} if dynamic else None
     with quiet():
-        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=INPUT_NAMES,
+                          output_names=["last_hidden_state"], dynamic_axes=axes)
+    model.eval()  # the legacy exporter puts back the top module's mode with train(), on every submodule
     return path
 
 
@@ -404,7 +388,7 @@ def ort_fusions(src: Path, dst: Path) -> tuple[Path, str]:
         model, counts = optimize_for_ort(ir.load(str(src)))
         ir.save(model, str(dst))
     found = " ".join(f"{k}={v}" for k, v in counts.items() if v) or "no fusions"
-    return dst, found
+    return dst, f"ort_fusions: {found}"
 
 
 def transformers_optimizer(src: Path, dst: Path, model_type: str, num_heads: int, hidden: int) -> tuple[Path, str]:
@@ -419,86 +403,121 @@ def transformers_optimizer(src: Path, dst: Path, model_type: str, num_heads: int
     return dst, f"fused attention nodes={attn}; {others}"
 
 
-def e2e_cell(title: str, seq: int, batch: int, model, args: tuple, model_type: str, heads: int, hidden: int,
-             policies: list, a, tmp: Path, files: dict) -> list[dict]:
-    """``files``: exports reused across cells (keyed by kind); built on first use."""
+class Exports:
+    """One model's ONNX files for the ORT peers, each built on first use and kept (failures too).
+
+    ``dynamic``: exported once with a dynamic sequence axis (from ``args``) and reused at every length."""
+
+    def __init__(self, model, args: tuple, tmp: Path, tag: str, model_type: str, heads: int, hidden: int,
+                 dynamic: bool = False):
+        self.model, self.args, self.tmp, self.tag, self.dynamic = model, args, tmp, tag, dynamic
+        self.model_type, self.heads, self.hidden = model_type, heads, hidden
+        self.done: dict = {}
+
+    def _path(self, kind: str) -> Path:
+        return self.tmp / f"{self.tag}-{kind}.onnx"
+
+    def _build(self, kind: str) -> tuple[Path, str]:
+        if kind == "dynamo":
+            return export_dynamo(self.model, self.args, self._path(kind), self.dynamic), ""
+        if kind == "legacy":
+            return export_legacy(self.model, self.args, self._path(kind), self.dynamic), ""
+        if kind == "dynamo+ort_fusions":
+            return ort_fusions(self.get("dynamo")[0], self._path("fusions"))
+        if kind in ("legacy+transformers_opt", "dynamo+transformers_opt"):
+            src = self.get(kind.split("+")[0])[0]
+            return transformers_optimizer(src, self._path(kind.replace("+", "-")), self.model_type, self.heads,
+                                          self.hidden)
+        raise KeyError(kind)
+
+    def get(self, kind: str) -> tuple[Path, str]:
+        if kind not in self.done:
+            try:
+                self.done[kind] = (self._build(kind), None)
+            except Exception as e:  # noqa: BLE001 - kept, so a failed export fails every cell the same way
+                self.done[kind] = (None, e)
+        value, err = self.done[kind]
+        if err is not None:
+            raise err
+        return value
+
+
+PEER_KINDS = ("dynamo", "dynamo+ort_fusions", "legacy+transformers_opt", "dynamo+transformers_opt")
+
+
+def e2e_cell(title: str, seq: int, batch: int, model, args: tuple, exports: Exports, policies: list, a,
+             tmp: Path) -> list[dict]:
     arrays = [t.numpy() for t in args]
-    contenders = []
 
     def eager():
         with torch.no_grad():
             return model(*args)
 
-    contenders.append(Contender("torch-eager", eager))
-
-    def add_ort(name: str, make) -> None:
-        c = Contender(name)
-        try:
-            path, c.note = make()
-            c.call = ort_call(session(path), arrays)
-        except Exception as e:  # noqa: BLE001 - a peer that fails is a finding
-            c.status = f"failed ({first_line(e, 100)})"
-        contenders.append(c)
-
-    def cached(key, make):
-        if key not in files:
+    def ort_peer(kind):
+        def make():
+            path, note = exports.get(kind)
             try:
-                files[key] = (make(), None)
-            except Exception as e:  # noqa: BLE001
-                files[key] = (None, e)
-        value, err = files[key]
-        if err is not None:
-            raise err
-        return value
+                return ort_call(session(path), arrays, INPUT_NAMES), note
+            except Exception as e:  # noqa: BLE001 - a peer that cannot load is a finding
+                raise NotRun(f"failed ({first_line(e, 200)})", note) from None
+        return make
 
-    stem = tmp / f"{title}-{seq}"
-    dyn = lambda: cached(("dynamo", seq), lambda: export_dynamo(model, args, Path(f"{stem}-dynamo.onnx")))  # noqa: E731
-    legacy = lambda: cached(("legacy", seq), lambda: export_legacy(model, args, Path(f"{stem}-legacy.onnx")))  # noqa: E731
-    add_ort("ort-dynamo", lambda: (dyn(), ""))
-    add_ort("ort-dynamo+ort_fusions", lambda: ort_fusions(dyn(), Path(f"{stem}-fusions.onnx")))
-    add_ort("ort-legacy+transformers_opt", lambda: transformers_optimizer(
-        legacy(), Path(f"{stem}-legacy-opt.onnx"), model_type, heads, hidden))
-    add_ort("ort-dynamo+transformers_opt", lambda: transformers_optimizer(
-        dyn(), Path(f"{stem}-dynamo-opt.onnx"), model_type, heads, hidden))
+    def ours(policy):
+        def make():
+            try:
+                cm, note = compile_ours(model, args, policy, tmp, f"{title}-{seq}-{policy.replace(':', '')}")
+            except Exception as e:  # noqa: BLE001 - the backend is being written: report and go on
+                raise NotRun("n/a (backend unavailable)", first_line(e, 120)) from None
+            return (lambda: cm(*args)), note
+        return make
+
+    specs = [("torch-eager", lambda: eager, "")]
+    specs += [(f"ort-{kind}", ort_peer(kind), "dynamic seq axis" if exports.dynamic else "") for kind in PEER_KINDS]
     if not a.peers_only:
-        for name, policy in policies:
-            c = Contender(name)
-            try:
-                cm, c.note = compile_ours(model, args, policy, tmp, f"{title}-{seq}-{policy}")
-                c.call = lambda cm=cm: cm(*args)
-            except Exception as e:  # noqa: BLE001
-                c.status = "n/a (backend unavailable)"
-                c.note = first_line(e, 120)
-            contenders.append(c)
+        specs += [(name, ours(policy), "") for name, policy in policies]
+    contenders = [Contender(name, note=note) for name, _, note in specs]
+    ref: list = []
 
-    time_interleaved(contenders, min_repeats=a.min_repeats, max_repeats=a.max_repeats, budget_s=a.budget_s,
-                     label=f"{title} seq {seq}")
-    ref = contenders[0].output
+    def errors(group):
+        for c in group:
+            if c.name == "torch-eager" and c.output is not None:
+                ref.append(c.output)
+        for c in group:
+            if c.output is not None and ref:
+                c.error = max_abs_error(c.output, ref[0])
+
+    groups = time_in_memory_groups(
+        contenders, [make for _, make, _ in specs], on_group_done=errors, headroom=MEMORY_HEADROOM,
+        min_repeats=a.min_repeats, max_repeats=a.max_repeats, budget_s=a.budget_s, gap_s=a.gap_s,
+        label=f"{title} seq {seq}")
     by = {c.name: c for c in contenders}
     eager_ms = by["torch-eager"].ms
     peer_ms = [(c.ms, c.name) for c in contenders if c.name.startswith("ort-") and c.ms is not None]
     best_ms, best = min(peer_ms) if peer_ms else (None, "")
     rows = []
     for c in contenders:
-        err = None
-        if c.output is not None and ref is not None:
-            out = c.output if isinstance(c.output, torch.Tensor) else torch.from_numpy(np.asarray(c.output))
-            err = float((out.float() - ref.float()).abs().max())
         ms = c.ms
+        note = c.note
+        if groups > 1 and c.group:
+            note = "; ".join(x for x in (note, f"memory group {c.group}/{groups}") if x)
         rows.append({
             "model": title, "batch": batch, "seq": seq, "contender": c.name, "status": c.status,
-            "ms": round(ms, 1) if ms else None, "repeats": len(c.times), "max_abs_err": err,
+            "ms": round(ms, 1) if ms else None, "repeats": len(c.times), "max_abs_err": c.error,
             "speedup_vs_eager": round(eager_ms / ms, 2) if ms and eager_ms else None,
             "best_ort_peer": best, "time_vs_best_ort_peer": round(ms / best_ms, 3) if ms and best_ms else None,
-            "notes": c.note,
+            "notes": note,
         })
-        c.output = None
-    gc.collect()
     return rows
 
 
 E2E_COLUMNS = ["model", "batch", "seq", "contender", "status", "ms", "repeats", "max_abs_err", "speedup_vs_eager",
                "best_ort_peer", "time_vs_best_ort_peer", "notes"]
+
+
+def clear(tmp: Path) -> None:
+    """Drop a cell's exported models (GPT-2's are ~0.5 GB each)."""
+    for p in tmp.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def minilm_texts(n: int) -> list[str]:
@@ -520,11 +539,13 @@ def run_minilm(a, tmp: Path) -> list[dict]:
                          return_tensors="pt")
     args = (enc["input_ids"], enc["attention_mask"])
     model = LastHidden(mini.model).eval()
-    policies = [("ours-fused", "fused")]
-    rows = e2e_cell("all-MiniLM-L6-v2", length, a.minilm_batch, model, args, "bert", cfg.num_attention_heads,
-                    cfg.hidden_size, policies, a, tmp, {})
+    exports = Exports(model, args, tmp, "minilm", "bert", cfg.num_attention_heads, cfg.hidden_size)
+    t0 = time.perf_counter()
+    rows = e2e_cell("all-MiniLM-L6-v2", length, a.minilm_batch, model, args, exports, [("ours-fused", "fused")], a,
+                    tmp)
     print_table(rows, E2E_COLUMNS, f"all-MiniLM-L6-v2, batch {a.minilm_batch} x {length} "
-                                   f"({int(enc['attention_mask'].sum())} real tokens)")
+                                   f"({int(enc['attention_mask'].sum())} real tokens; {time.perf_counter() - t0:.0f} s)")
+    clear(tmp)
     return rows
 
 
@@ -537,16 +558,24 @@ def run_gpt2(a, tmp: Path) -> list[dict]:
         gpt2 = GPT2Model._from_config(cfg, attn_implementation="eager").eval()
     model = LastHidden(gpt2).eval()
     policies = [("ours-fused", "fused"), ("ours-window256-sinks4 (approx)", "window:256,sinks:4")]
+
+    def inputs(seq):
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+        return ids, torch.ones_like(ids)
+
+    # One export per exporter with a dynamic sequence axis (traced at 256 tokens, cheap), reused at
+    # every length: the legacy exporter runs the model to trace it, 30 s at 4k on 2 cores.
+    exports = Exports(model, inputs(256), tmp, "gpt2", "gpt2", cfg.n_head, cfg.n_embd, dynamic=True)
     rows = []
     for seq in a.gpt2_seqs:
-        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
-        args = (ids, torch.ones_like(ids))
-        cell = e2e_cell("gpt2-small-random", seq, 1, model, args, "gpt2", cfg.n_head, cfg.n_embd, policies, a, tmp,
-                        {})
-        print_table(cell, E2E_COLUMNS, f"GPT-2-small-sized (random weights), batch 1 x {seq}")
+        t0 = time.perf_counter()
+        cell = e2e_cell("gpt2-small-random", seq, 1, model, inputs(seq), exports, policies, a, tmp)
+        print_table(cell, E2E_COLUMNS, f"GPT-2-small-sized (random weights), batch 1 x {seq} "
+                                       f"({time.perf_counter() - t0:.0f} s)")
         rows += cell
-        for p in tmp.glob("gpt2-small-random-*"):
+        for p in tmp.glob("ours-*"):
             p.unlink()
+    clear(tmp)
     return rows
 
 
@@ -562,8 +591,12 @@ def snippet(a, attn_rows: list, e2e_rows: list) -> str:
         f"{versions('torch', 'onnxruntime', 'onnx', 'onnxscript', 'transformers')}. Date: {today()}.",
         f"fp32; ORT CPUExecutionProvider, intra_op_num_threads={THREADS}, inter_op_num_threads=1, sequential, "
         f"ORT_ENABLE_ALL; torch set_num_threads({THREADS}). Medians over interleaved repeats after a warm-up call, "
-        f"at least {a.min_repeats} repeats, as many as fit in {a.budget_s:g} s per contender per cell.",
+        f"at least {a.min_repeats} repeats, as many as fit in {a.budget_s:g} s per contender per cell (at most "
+        f"{a.max_repeats}), an untimed pause before each call ({a.gap_s:g} s, or 30% of the previous call up to 1 s: "
+        "ORT's and OpenMP's worker threads spin after a run and would slow the next contender).",
     ]
+    if a.peers_only:
+        lines.append("attnforge's own rows were left out (--peers-only).")
     if attn_rows:
         lines += [
             "",
@@ -580,13 +613,26 @@ def snippet(a, attn_rows: list, e2e_rows: list) -> str:
                             "time vs best", "speedup vs onnx-attention", "speedup vs gqa-window256", "notes"]),
         ]
     if e2e_rows:
+        mini = next((r for r in e2e_rows if r["model"].startswith("all-MiniLM")), None)
         lines += [
             "",
             "### End to end",
             "",
-            "Max abs error: last hidden state vs torch eager. time vs best = ms / the fastest ORT peer in that cell.",
+            (f"all-MiniLM-L6-v2 with its real weights, batch {mini['batch']} padded to {mini['seq']} tokens (the shipped "
+             "tokenizer's model_max_length and the config's max_position_embeddings; sentence-transformers itself "
+             "truncates at 256): pairs of the paragraphs in compiler/minilm.py, one longer text and one short "
+             "sentence, so most rows carry padding. " if mini else "")
+            + "GPT-2-small-sized: GPT2Model(n_embd=768, n_layer=12, n_head=12), random weights, eager attention, "
+            "use_cache=False, batch 1, all-ones attention mask; its ORT peers come from one export per exporter "
+            "with a dynamic sequence axis, reused at every length (ours is compiled per length). "
+            "Peers: `ort-dynamo` = ORT on `torch.onnx.export(dynamo=True)`; `+ort_fusions` = after "
+            "`onnxscript.rewriter.ort_fusions.optimize_for_ort`; `+transformers_opt` = after "
+            "`onnxruntime.transformers.optimizer.optimize_model` (model_type bert / gpt2) on the legacy "
+            "(`dynamo=False`, opset 17) or the dynamo export; notes give what each fused. "
+            "Max abs error: last hidden state vs torch eager (the window+sinks row is an approximation, not exact). "
+            "time vs best = ms / the fastest ORT peer in that cell.",
             "",
-            markdown_table(e2e_rows, E2E_COLUMNS[:4] + E2E_COLUMNS[4:],
+            markdown_table(e2e_rows, E2E_COLUMNS,
                            ["model", "batch", "seq", "contender", "status", "ms", "repeats", "max abs err",
                             "speedup vs eager", "best ORT peer", "time vs best", "notes"]),
         ]
@@ -643,8 +689,10 @@ def main() -> None:
     ap.add_argument("--minilm-batch", type=int, default=8)
     ap.add_argument("--minilm-length", type=int, help="default: the shipped tokenizer's / config's maximum")
     ap.add_argument("--min-repeats", type=int, default=3)
-    ap.add_argument("--max-repeats", type=int)
-    ap.add_argument("--budget-s", type=float, help="time per contender per cell (default 20, --quick 4)")
+    ap.add_argument("--max-repeats", type=int, help="default 10, --quick 5")
+    ap.add_argument("--budget-s", type=float, help="time per contender per cell (default 15, --quick 4)")
+    ap.add_argument("--gap-s", type=float, default=0.1, help="untimed pause before each call (at least; 30%% of "
+                    "the previous call up to 1 s), so its spinning worker threads do not slow the next (default 0.1)")
     ap.add_argument("--attention-out", default="docs/onnx_attention.csv")
     ap.add_argument("--e2e-out", default="docs/onnx_e2e.csv")
     ap.add_argument("--measure-memory", action="store_true", help="print each dense contender's peak memory at "
@@ -652,8 +700,8 @@ def main() -> None:
     a = ap.parse_args()
     a.seqs = a.seqs or ([1024, 4096] if a.quick else [1024, 4096, 16384])
     a.gpt2_seqs = a.gpt2_seqs or ([1024] if a.quick else [1024, 2048, 4096])
-    a.max_repeats = a.max_repeats or (5 if a.quick else 15)
-    a.budget_s = a.budget_s if a.budget_s is not None else (4.0 if a.quick else 20.0)
+    a.max_repeats = a.max_repeats or (5 if a.quick else 10)
+    a.budget_s = a.budget_s if a.budget_s is not None else (4.0 if a.quick else 15.0)
     a.check_seq = 1024 if 1024 in a.seqs else a.seqs[0]
 
     torch.set_num_threads(THREADS)
@@ -664,6 +712,7 @@ def main() -> None:
         measure_memory(a)
         return
     print(f"{machine()}; {versions('torch', 'onnxruntime', 'onnx', 'onnxscript', 'transformers')}", flush=True)
+    started = time.perf_counter()
     attn_rows, e2e_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as d:
         tmp = Path(d)
@@ -674,7 +723,7 @@ def main() -> None:
             e2e_rows = run_minilm(a, tmp)
             e2e_rows += run_gpt2(a, tmp)
             write_csv(e2e_rows, a.e2e_out)
-    print()
+    print(f"\ntotal {time.perf_counter() - started:.0f} s\n")
     print(snippet(a, attn_rows, e2e_rows))
 
 

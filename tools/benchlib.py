@@ -84,7 +84,10 @@ def today() -> str:
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
+    """The exception's type and first line; for ONNX Runtime, the message after its source-path prefix."""
     text = (str(e).strip().splitlines() or [""])[0]
+    if "[ONNXRuntimeError]" in text:
+        return text.rsplit("[ONNXRuntimeError] : ", 1)[-1].split(" : ", 2)[-1][:limit]
     return f"{type(e).__name__}: {text}"[:limit]
 
 
@@ -101,7 +104,9 @@ class Contender:
     note: str = ""
     times: list = field(default_factory=list)
     output: Any = None  # the warm-up call's output, for checking
+    error: Optional[float] = None  # max abs error of that output, where checked
     planned: int = 0
+    group: int = 0  # which memory group it was timed in (time_in_memory_groups)
 
     @property
     def ok(self) -> bool:
@@ -115,44 +120,136 @@ class Contender:
         self.status, self.call, self.output = status, None, None
 
 
-def time_interleaved(contenders: list, *, min_repeats: int = 3, max_repeats: int = 10, budget_s: float = 20.0,
-                     label: str = "", keep_outputs: bool = True) -> list:
-    """Medians over interleaved repeats: repeats outside, contenders inside, so drift hits all alike.
+_last_call_s = 0.0
 
-    One untimed warm-up call each first (its output kept in ``c.output``); its time sets how many
-    repeats fit in ``budget_s`` for that contender, between ``min_repeats`` and ``max_repeats``.
-    A contender whose call raises is marked failed and the rest go on.
-    """
+
+def _pause(gap_s: float) -> None:
+    """Sleep ``gap_s``, longer after a long call (30% of it, up to 1 s): worker threads that spin
+    after a run slow whatever runs next; see ``time_interleaved``."""
+    time.sleep(max(gap_s, min(1.0, 0.3 * _last_call_s)) if gap_s > 0 else 0.0)
+
+
+def _timed(call) -> tuple[Any, float]:
+    global _last_call_s
+    t0 = time.perf_counter()
+    try:
+        out = call()
+    finally:
+        _last_call_s = time.perf_counter() - t0
+    return out, _last_call_s
+
+
+class NotRun(Exception):
+    """Raised by a contender's maker: it will not run, with this status ("n/a (...)") and note."""
+
+    def __init__(self, status: str, note: str = ""):
+        super().__init__(status)
+        self.status, self.note = status, note
+
+
+def warm_up(c: Contender, *, min_repeats: int, max_repeats: int, budget_s: float, keep_output: bool,
+            gap_s: float) -> None:
+    """One untimed call (its output kept in ``c.output``); its time sets ``c.planned``, the number of
+    repeats that fit in ``budget_s``, between ``min_repeats`` and ``max_repeats``."""
+    _pause(gap_s)
+    try:
+        out, dt = _timed(c.call)
+    except Exception as e:  # noqa: BLE001 - a contender that cannot run is a result, not a crash
+        c.fail(f"failed ({first_line(e)})")
+        return
+    c.output = out if keep_output else None
+    c.planned = max(min_repeats, min(max_repeats, int(budget_s / max(dt, 1e-6))))
+
+
+def time_repeats(live: list, *, label: str = "", gap_s: float = 0.1) -> None:
+    """The timed calls, interleaved: repeats outside, contenders inside, so drift hits all alike."""
     from compiler.progress import progress
 
-    for c in contenders:
-        if not c.ok:
-            continue
-        try:
-            t0 = time.perf_counter()
-            out = c.call()
-            dt = time.perf_counter() - t0
-        except Exception as e:  # noqa: BLE001 - a contender that cannot run is a result, not a crash
-            c.fail(f"failed ({first_line(e)})")
-            continue
-        c.output = out if keep_outputs else None
-        c.planned = max(min_repeats, min(max_repeats, int(budget_s / max(dt, 1e-6))))
-    live = [c for c in contenders if c.ok]
-    rounds = max((c.planned for c in live), default=0)
+    live = [c for c in live if c.ok]
     with progress(label or "timing", sum(c.planned for c in live)) as advance:
-        for r in range(rounds):
+        for r in range(max((c.planned for c in live), default=0)):
             for c in live:
                 if r >= c.planned or not c.ok:
                     continue
+                _pause(gap_s)
                 try:
-                    t0 = time.perf_counter()
-                    c.call()
-                    c.times.append(time.perf_counter() - t0)
+                    c.times.append(_timed(c.call)[1])
                 except Exception as e:  # noqa: BLE001
                     c.fail(f"failed ({first_line(e)})")
                 advance()
+
+
+def time_interleaved(contenders: list, *, min_repeats: int = 3, max_repeats: int = 10, budget_s: float = 20.0,
+                     label: str = "", keep_outputs: bool = True, gap_s: float = 0.1) -> list:
+    """Medians over interleaved repeats after one warm-up call each (see ``warm_up``, ``time_repeats``).
+
+    ``gap_s``: an untimed pause before every call (longer after a long call: 30% of it, up to 1 s).
+    ONNX Runtime's and OpenMP's worker threads spin for tens of ms after a run; on a small machine
+    that spinning slows whichever contender runs next (by 20-40% on 2 cores), which interleaving
+    would otherwise charge to its neighbour.
+    """
+    for c in contenders:
+        if c.ok:
+            warm_up(c, min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s,
+                    keep_output=keep_outputs, gap_s=gap_s)
+    time_repeats(contenders, label=label, gap_s=gap_s)
     gc.collect()
     return contenders
+
+
+def time_in_memory_groups(contenders: list, makers: list, needs: Optional[list] = None, *,
+                          on_group_done: Optional[Callable[[list], None]] = None, headroom: float = 0.9,
+                          reserve_bytes: float = 1.5 * 2**30, min_repeats: int = 3, max_repeats: int = 10,
+                          budget_s: float = 20.0, label: str = "", keep_outputs: bool = True,
+                          gap_s: float = 0.1) -> int:
+    """``time_interleaved`` for contenders that may not all fit in memory at once.
+
+    ``makers[i]()`` builds contender i (returns its call, or (call, note); raises ``NotRun`` or
+    fails) just before its warm-up. Sessions that keep their peak buffers (ONNX Runtime's CPU
+    arena does, until the session is freed) add up, so before each build the next contender's
+    need (``needs[i]`` in bytes, or the largest growth seen so far in this call) is checked
+    against MemAvailable; when it does not fit, the group so far is timed interleaved, handed to
+    ``on_group_done`` (outputs still there), its calls dropped and a new group started. Each
+    contender's ``group`` is set; returns the number of groups.
+    """
+    group: list = []
+    n_groups, biggest = 1, 0.0
+
+    def finish() -> None:
+        time_repeats(group, label=label + (f" (group {n_groups})" if n_groups > 1 else ""), gap_s=gap_s)
+        if on_group_done is not None:
+            on_group_done(list(group))
+        for c in group:  # free the sessions (and their arenas) before the next group is built
+            c.call, c.output = None, None
+        group.clear()
+        gc.collect()
+
+    for i, c in enumerate(contenders):
+        if c.status != "ok":
+            continue
+        need = needs[i] if needs is not None and needs[i] is not None else biggest
+        if group and need > headroom * mem_available_bytes() - reserve_bytes:
+            finish()
+            n_groups += 1
+        before = mem_available_bytes()
+        try:
+            made = makers[i]()
+        except NotRun as e:
+            c.status, c.note = e.status, "; ".join(x for x in (c.note, e.note) if x)
+            continue
+        except Exception as e:  # noqa: BLE001 - a contender that cannot be built is a result
+            c.fail(f"failed ({first_line(e, 200)})")
+            continue
+        c.call, extra = made if isinstance(made, tuple) else (made, "")
+        c.note = "; ".join(x for x in (c.note, extra) if x)
+        warm_up(c, min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, keep_output=keep_outputs,
+                gap_s=gap_s)
+        biggest = max(biggest, before - mem_available_bytes())
+        c.group = n_groups
+        if c.ok:
+            group.append(c)
+    finish()
+    return n_groups
 
 
 # --- tables ----------------------------------------------------------------------------------
