@@ -144,10 +144,31 @@ def _ort_fused_lowering(node: torch.fx.Node) -> str:
     return choose_fused(feats, "CPUExecutionProvider")
 
 
-# Peak memory of ORT's CPU attention kernels over their inputs and output, in fp32 score tensors
-# (B*H*Sq*Sk*4 bytes), measured by ``tools/bench_onnx.py --measure-memory`` (ORT 1.31.1):
-# (causal, bidirectional).
-ORT_WORKSPACE = {"attention": (2.2, 1.1), "gqa": (1.16, 1.16), "mha": (2.4, 0.1)}
+# Memory ORT's CPU attention kernels hold while they run, beyond inputs and output, in fp32
+# score tensors (B*H*Sq*Sk*4 bytes), (causal, bidirectional); measured on ORT 1.31.1 with
+# ``backends.memory_probe`` (B=8, H=12, S=512, D=32). The contrib ops also hold packed
+# [B, S, H*D] copies of q, k, v and of their output.
+ORT_WORKSPACE = {"attention": (2.2, 1.06), "gqa": (1.12, 1.12), "mha": (2.4, 0.1)}
+PACKED_LOWERINGS = {"gqa", "mha"}
+
+
+_TRANSPOSES = {"permute", "transpose"}
+
+
+def _is_transpose(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+        getattr(node.target, "_schema", None) is not None and \
+        node.target._schema.name.split("::")[-1] in _TRANSPOSES
+
+
+def _packing_copies(node: torch.fx.Node) -> int:
+    """Packed [B, S, H*D] copies a contrib-op lowering makes: one per distinct q/k/v and one for the
+    output, except where the value is itself a transpose of that layout (ORT cancels the pair)."""
+    inputs = {a for a in node.args[:3] if isinstance(a, torch.fx.Node)}
+    copies = sum(not _is_transpose(a) for a in inputs)
+    if not node.users or not all(_is_transpose(u) for u in node.users):
+        copies += 1
+    return copies
 
 
 def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
@@ -165,7 +186,13 @@ def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
     if backend == "onnxruntime":
         if node.target != ATTENTION_OPS[0]:
             return 0
-        factor = ORT_WORKSPACE[_ort_fused_lowering(node)][0 if causal else 1]
+        lowering = _ort_fused_lowering(node)
+        q = node.args[0].meta["val"]
+        numel = 1
+        for d in q.shape:
+            numel *= size_hint(d)
+        packed = _packing_copies(node) * numel * q.element_size() if lowering in PACKED_LOWERINGS else 0
+        return int(ORT_WORKSPACE[lowering][0 if causal else 1] * _score_bytes(node)) + packed
     else:
         factor = 3.0 if masked else 2.0
     return int(factor * _score_bytes(node))

@@ -107,6 +107,8 @@ class OrtProgram:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_specs = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # DLPack has no bool: ORT hands bool outputs over as uint8, viewed back without a copy.
+        self._bool_outputs = [o.type == "tensor(bool)" for o in self.session.get_outputs()]
         tensor_inputs = [s for s in user_in if isinstance(s.arg, TensorArgument)]
         if len(tensor_inputs) != len(self.input_names):
             raise BackendError(f"the ONNX model has {len(self.input_names)} inputs but the program takes "
@@ -145,7 +147,9 @@ class OrtProgram:
             for name in self.output_names:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
-            return [torch.from_dlpack(v._ortvalue) if v.has_value() else None for v in binding.get_outputs()]
+            outs = [torch.from_dlpack(v._ortvalue) if v.has_value() else None for v in binding.get_outputs()]
+            return [o.view(torch.bool) if o is not None and is_bool and o.dtype == torch.uint8 else o
+                    for o, is_bool in zip(outs, self._bool_outputs)]
         arrays = {n: t.cpu().numpy() if _numpy_dtype(t) is not None else t.float().cpu().numpy()
                   for n, t in zip(self.input_names, feeds)}
         return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, arrays)]

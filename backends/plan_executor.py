@@ -21,6 +21,7 @@ from backends.capabilities import prepare, size_hint
 from backends.onnx_export import carry_site_ids, export_onnx
 from backends.onnxruntime_backend import OrtOptions, OrtProgram
 from backends.planner import fitting_plan, make_plan
+from backends.typed_lowering import GUARDS
 from compiler.errors import BackendError
 from compiler.plan import Plan
 
@@ -34,7 +35,7 @@ def reorder(gm: GraphModule, rank: dict) -> None:
     position = {n.name: i for i, n in enumerate(old)}
 
     def key(n: Node):
-        if n.op in ("placeholder", "get_attr") or (n.op == "call_module" and n.target == "_guards_fn"):
+        if n.op in ("placeholder", "get_attr") or (n.op == "call_module" and n.target == GUARDS):
             return (0, position[n.name], 0)
         if n.op == "output":
             return (3, 0, 0)

@@ -35,6 +35,17 @@ def _(x):
 HALVE = torch.ops.attnforge_plan_test.halve.default
 
 
+@torch.library.custom_op("attnforge_plan_test::rotate_half", mutates_args=())
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@rotate_half.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def check_plan(plan: Plan) -> None:
     """The invariants every plan must hold."""
     position = {s.name: i for i, s in enumerate(plan.steps)}
@@ -239,6 +250,28 @@ def test_unsupported_op_runs_in_a_torch_segment_with_fewest_switches():
     assert {t.register for t in plan.transitions} >= {"halve"}
     with pytest.raises(compiler.BackendError, match="3 segments.*halve.*save it as .pt2"):
         ort.save("unused.onnx")
+
+
+def test_hf_llama_with_a_custom_kernel_groups_work_around_it(monkeypatch):
+    """Llama's rotate_half as a custom op ONNX cannot express: per layer, export order would switch
+    backend four times (q*cos, rotate q, k*cos, rotate k, ...); the plan runs both rotations in
+    one torch segment, two switches per layer. A bool mask crosses segments too."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "rotate_half", torch.ops.attnforge_plan_test.rotate_half)
+    z = hf_model("llama", "sdpa")
+    cm = compiler.compile(z.model, z.args, example_kwargs=z.kwargs, backend="onnxruntime", show_progress=False)
+    with torch.no_grad():
+        ref = z.model(**z.kwargs).last_hidden_state
+    torch.testing.assert_close(cm(**z.kwargs).last_hidden_state, ref, atol=1e-4, rtol=0)
+    plan = cm.plan
+    check_plan(plan)
+    layers = z.model.config.num_hidden_layers
+    assert plan.switches == 2 * layers
+    assert plan.greedy_transitions == 4 * layers
+    assert {s.backend for s in plan.segments} == {"onnxruntime", "torch"}
+    assert any(plan.registers[t.register].dtype == "bool" for t in plan.transitions) or \
+        any(plan.registers[r].dtype == "bool" for seg in plan.segments[1:] for r in seg.inputs)
 
 
 def test_mixed_plan_keeps_dynamic_sequence_length():

@@ -212,8 +212,10 @@ def main() -> None:
     llama = llama_with_custom_rope(128 if a.quick else 256)
     segments = segment_rows(*llama, a)
     print_table(segments, list(segments[0]), "Llama-shaped, custom rotate_half: segments and transitions")
-    write_csv([{"table": "memory", **r} for r in memory] + [{"table": "measured", **r} for r in measured]
-              + [{"table": "latency", **r} for r in latency] + [{"table": "segments", **r} for r in segments], a.out)
+    rows = [{"table": "memory", **r} for r in memory] + [{"table": "measured", **r} for r in measured] \
+        + [{"table": "latency", **r} for r in latency] + [{"table": "segments", **r} for r in segments]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    write_csv([{k: r.get(k) for k in columns} for r in rows], a.out)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s\n")
     lines = ["## Execution plan: memory, segments, transitions",
              "", f"Command: `{command_line()}` (writes `{a.out}`).",
