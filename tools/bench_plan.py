@@ -91,32 +91,47 @@ def minilm(batch: int, length: int):
     return mini.model, (), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def measured_rows(model, args, kwargs) -> list:
-    """Predicted vs measured peak for MiniLM, per backend."""
+MEASURED_RUNS = ("torch, planned order", "onnxruntime (arena off)", "torch, export order (ep.module())")
+
+
+def measure_one(run: str, batch: int, length: int) -> dict:
+    """One run's predicted and measured peak, in this (fresh) process."""
+    model, args, kwargs = minilm(batch, length)
+    backend = "onnxruntime" if run.startswith("onnxruntime") else "torch"
+    cm = compiler.compile(model, args, example_kwargs=kwargs, policy="fused", backend=backend,
+                          backend_options=ORT_MEASURE if backend == "onnxruntime" else None, show_progress=False,
+                          verify=False)
+    full = {**cm.default_kwargs, **kwargs}
+    export_order = "export order" in run
+    runner = cm.exported_program.module() if export_order else cm
+    predicted = cm.plan.naive.peak_live_bytes if export_order else cm.plan.planned.peak_live_bytes
+
+    def fn():
+        with torch.no_grad():
+            return runner(*args, **full)
+    fn()
+    measured = min(memory_probe.peak_bytes(fn)[0] for _ in range(3))
+    return {"run": run, "predicted_MiB": round(predicted / MIB, 2), "measured_MiB": round(measured / MIB, 2),
+            "error_pct": round(100 * (predicted - measured) / measured, 1)}
+
+
+def measured_rows(batch: int, length: int) -> list:
+    """Predicted vs measured peak for MiniLM, each run in a fresh process: a process that has
+    already allocated and freed a lot keeps heap pages a new measurement would count."""
+    import json
+    import subprocess
+
     if not memory_probe.available():
         return []
     rows = []
-    base = compiler.compile(model, args, example_kwargs=kwargs, policy="fused", show_progress=False, verify=False)
-    exported = base.exported_program.module()
-    runs = [("torch, planned order", base, base.plan),
-            ("onnxruntime (arena off)", compiler.compile(model, args, example_kwargs=kwargs, policy="fused",
-                                                          backend="onnxruntime", backend_options=ORT_MEASURE,
-                                                          show_progress=False, verify=False), None)]
-    for name, cm, _ in runs:
-        full = {**cm.default_kwargs, **kwargs}
-        with torch.no_grad():
-            cm(*args, **full)
-            measured = min(memory_probe.peak_bytes(lambda: cm(*args, **full))[0] for _ in range(3))
-        predicted = cm.plan.planned.peak_live_bytes
-        rows.append({"run": name, "predicted_MiB": round(predicted / MIB, 2), "measured_MiB": round(measured / MIB, 2),
-                     "error_pct": round(100 * (predicted - measured) / measured, 1)})
-    full = {**base.default_kwargs, **kwargs}
-    with torch.no_grad():
-        exported(*args, **full)
-        measured = min(memory_probe.peak_bytes(lambda: exported(*args, **full))[0] for _ in range(3))
-    predicted = base.plan.naive.peak_live_bytes
-    rows.append({"run": "torch, export order (ep.module())", "predicted_MiB": round(predicted / MIB, 2),
-                 "measured_MiB": round(measured / MIB, 2), "error_pct": round(100 * (predicted - measured) / measured, 1)})
+    for run in MEASURED_RUNS:
+        code = (f"import sys; sys.path.insert(0, 'tools'); import json, bench_plan as b; "
+                f"print(json.dumps(b.measure_one({run!r}, {batch}, {length})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        rows.append(json.loads(lines[-1]) if lines else {"run": run, "predicted_MiB": None, "measured_MiB": None,
+                                                          "error_pct": None})
     return rows
 
 
@@ -204,7 +219,7 @@ def main() -> None:
     for backend, plan in plans_for(cm).items():
         memory.append(memory_row("all-MiniLM-L6-v2 8x128", backend, plan))
     print_table(memory, list(memory[0]), "predicted memory: naive vs planned")
-    measured = measured_rows(model, args, kwargs)
+    measured = measured_rows(8, 64 if a.quick else 128)
     if measured:
         print_table(measured, list(measured[0]), "MiniLM: predicted vs measured peak")
     latency = latency_rows(model, args, kwargs, a)
