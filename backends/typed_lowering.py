@@ -130,7 +130,9 @@ def lower(gm: GraphModule, backend_of: dict) -> tuple[dict, list, list]:
         outs = []
         if isinstance(val, torch.Tensor):
             reg = register_for(node.name, val, "value", CAPABILITIES[backend].device)
-            if is_alias(node, backend) and inputs and registers[inputs[0]].kind != "constant":
+            if backend == "onnxruntime" and inputs and all(registers[r].kind == "constant" for r in inputs):
+                reg.kind = "constant"  # ORT folds ops on initializers when it loads the session
+            elif is_alias(node, backend) and inputs:
                 reg.kind, reg.alias_of = "alias", owner(inputs[0])
             registers[node.name] = reg
             outs = [node.name]

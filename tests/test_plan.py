@@ -35,16 +35,6 @@ def _(x):
 HALVE = torch.ops.attnforge_plan_test.halve.default
 
 
-@torch.library.custom_op("attnforge_plan_test::rotate_half", mutates_args=())
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-@rotate_half.register_fake
-def _(x):
-    return torch.empty_like(x)
-
 
 def check_plan(plan: Plan) -> None:
     """The invariants every plan must hold."""
@@ -258,7 +248,7 @@ def test_hf_llama_with_a_custom_kernel_groups_work_around_it(monkeypatch):
     one torch segment, two switches per layer. A bool mask crosses segments too."""
     from transformers.models.llama import modeling_llama
 
-    monkeypatch.setattr(modeling_llama, "rotate_half", torch.ops.attnforge_plan_test.rotate_half)
+    monkeypatch.setattr(modeling_llama, "rotate_half", torch.ops.attnforge_zoo.rotate_half)
     z = hf_model("llama", "sdpa")
     cm = compiler.compile(z.model, z.args, example_kwargs=z.kwargs, backend="onnxruntime", show_progress=False)
     with torch.no_grad():

@@ -101,3 +101,15 @@ def torch_model(kind: str) -> ZooModel:
 
 HF_CASES = [(k, i) for k in ("gpt2", "llama", "bert", "vit") for i in ("eager", "sdpa")]
 TORCH_CASES = ["encoder", "encoder-causal", "mha", "mha-weights"]
+
+
+@torch.library.custom_op("attnforge_zoo::rotate_half", mutates_args=())
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Llama's rotate_half as a custom kernel that ONNX has no translation for (tests of mixed plans)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@rotate_half.register_fake
+def _(x):
+    return torch.empty_like(x)

@@ -46,16 +46,6 @@ ORT_MEASURE = {**ORT, "enable_cpu_mem_arena": False, "enable_mem_pattern": False
 MIB = 2 ** 20
 
 
-@torch.library.custom_op("attnforge_bench::rotate_half", mutates_args=())
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-@rotate_half.register_fake
-def _(x):
-    return torch.empty_like(x)
-
 
 def memory_row(name: str, backend: str, plan) -> dict:
     n, p = plan.naive, plan.planned
@@ -139,7 +129,7 @@ def llama_with_custom_rope(seq: int):
     import transformers as tf
     from transformers.models.llama import modeling_llama
 
-    modeling_llama.rotate_half = torch.ops.attnforge_bench.rotate_half
+    modeling_llama.rotate_half = torch.ops.attnforge_zoo.rotate_half
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=seq,
