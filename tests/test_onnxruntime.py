@@ -106,6 +106,13 @@ def test_fused_standard_attention(causal, mask):
     assert _check_lengths(OneOp("fused", 0.3, causal), mask, fused_lowering="attention") == "attention"
 
 
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m or "nomask")
+def test_fused_gqa_takes_masks_as_bias(mask):
+    """Causal GQA with any mask as attention_bias, fully masked rows zeroed, at three lengths."""
+    assert _check_lengths(OneOp("fused", 0.3, True), mask, fused_lowering="gqa") == "gqa"
+    assert _check_lengths(OneOp("fused", 0.3, True, softcap=2.0), mask, fused_lowering="gqa") == "gqa"
+
+
 def test_fused_softcap_and_cross_lengths():
     mod = OneOp("fused", 0.25, True, softcap=3.0)
     ep = torch.export.export(mod, _inputs(9, "full-bool", sk=13))
@@ -141,11 +148,14 @@ def test_capability_table_never_picks_an_unsupporting_lowering():
                     chosen = choose_fused(f, "CPUExecutionProvider")
                     assert f.supported_by(chosen)
                     if chosen == "gqa":
-                        assert causal and mask == "none" and square
+                        assert causal and square
                     if chosen == "mha":
                         assert not causal and not grouped and mask == "none"
-    # With a mask only the standard op is exact (the contrib ops give masked rows other values).
+    # A causal site's mask rides along as GQA's attention_bias; a bidirectional masked one needs the
+    # standard op (MHA gives fully masked rows other values).
     assert choose_fused(FusedFeatures(True, "bool", False, True, True, "float32", 64),
+                        "CPUExecutionProvider") == "gqa"
+    assert choose_fused(FusedFeatures(False, "bool", False, False, True, "float32", 64),
                         "CPUExecutionProvider") == "attention"
     # ORT's GQA kernel needs D % 8 == 0 (TransformerEncoderLayer(16, 4) has D = 4).
     assert choose_fused(FusedFeatures(True, "none", False, False, True, "float32", 4),
