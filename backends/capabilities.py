@@ -192,7 +192,10 @@ def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
         for d in q.shape:
             numel *= size_hint(d)
         packed = _packing_copies(node) * numel * q.element_size() if lowering in PACKED_LOWERINGS else 0
-        return int(ORT_WORKSPACE[lowering][0 if causal else 1] * _score_bytes(node)) + packed
+        # GQA takes a mask as a float attention_bias with a row per query: one score tensor per head.
+        bias = _score_bytes(node) // size_hint(q.shape[1]) if lowering == "gqa" and _argument(node, "mask") is not None \
+            else 0
+        return int(ORT_WORKSPACE[lowering][0 if causal else 1] * _score_bytes(node)) + packed + bias
     else:
         factor = 3.0 if masked else 2.0
     return int(factor * _score_bytes(node))
