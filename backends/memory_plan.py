@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from compiler.plan import MemoryStats, Register, Step
+from compiler.plan import MemoryStats, Step
 
 
 @dataclass(frozen=True)
@@ -211,5 +211,5 @@ def planned_stats(registers: dict, order: list, outputs: list) -> tuple[MemorySt
     return stats, assignment, sizes
 
 
-__all__ = ["Interval", "Register", "intervals", "linear_scan", "memory_order", "naive_stats", "peak_live_bytes",
+__all__ = ["Interval", "intervals", "linear_scan", "memory_order", "naive_stats", "peak_live_bytes",
            "planned_stats"]
