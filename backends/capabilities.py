@@ -53,10 +53,11 @@ def _onnx_registry():
     return _registration.ONNXRegistry.from_torchlib()
 
 
-def _assertions() -> set:
+@functools.lru_cache(maxsize=1)
+def _assertions() -> frozenset:
     a = torch.ops.aten
-    return {a.sym_constrain_range_for_size.default, a._assert_async.default, a._assert_async.msg,
-            a._assert_scalar.default, a._assert_tensor_metadata.default}
+    return frozenset({a.sym_constrain_range_for_size.default, a._assert_async.default, a._assert_async.msg,
+                      a._assert_scalar.default, a._assert_tensor_metadata.default})
 
 
 def prepare(ep, backend: str):
@@ -118,12 +119,26 @@ def _score_bytes(node: torch.fx.Node) -> int:
 
 
 def size_hint(x) -> int:
+    """A size, symbolic or not, at its example value."""
     if isinstance(x, int):
         return x
     node = getattr(x, "node", None)
     if node is not None and node.hint is not None:
         return int(node.hint)
     return int(node.shape_env.size_hint(node.expr))
+
+
+def numel_hint(shape) -> int:
+    numel = 1
+    for d in shape:
+        numel *= size_hint(d)
+    return numel
+
+
+def op_name(node) -> str:
+    """The ATen (or custom) op's name without namespace or overload ("permute"), or "" if none."""
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else ""
 
 
 def _ort_fused_lowering(node: torch.fx.Node) -> str:
@@ -156,9 +171,7 @@ _TRANSPOSES = {"permute", "transpose"}
 
 
 def _is_transpose(node) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and \
-        getattr(node.target, "_schema", None) is not None and \
-        node.target._schema.name.split("::")[-1] in _TRANSPOSES
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and op_name(node) in _TRANSPOSES
 
 
 def _packing_copies(node: torch.fx.Node) -> int:
@@ -182,20 +195,15 @@ def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
     if node.op != "call_function" or node.target not in OUR_OPS:
         return 0
     causal = bool(_argument(node, "is_causal"))
-    masked = causal or _argument(node, "mask") is not None
-    if backend == "onnxruntime":
-        if node.target != ATTENTION_OPS[0]:
-            return 0
-        lowering = _ort_fused_lowering(node)
-        q = node.args[0].meta["val"]
-        numel = 1
-        for d in q.shape:
-            numel *= size_hint(d)
-        packed = _packing_copies(node) * numel * q.element_size() if lowering in PACKED_LOWERINGS else 0
-        # GQA takes a mask as a float attention_bias with a row per query: one score tensor per head.
-        bias = _score_bytes(node) // size_hint(q.shape[1]) if lowering == "gqa" and _argument(node, "mask") is not None \
-            else 0
-        return int(ORT_WORKSPACE[lowering][0 if causal else 1] * _score_bytes(node)) + packed + bias
-    else:
-        factor = 3.0 if masked else 2.0
-    return int(factor * _score_bytes(node))
+    masked = _argument(node, "mask") is not None
+    scores = _score_bytes(node)
+    if backend != "onnxruntime":
+        return int((3.0 if causal or masked else 2.0) * scores)
+    if node.target != ATTENTION_OPS[0]:
+        return 0
+    lowering = _ort_fused_lowering(node)
+    q = node.args[0].meta["val"]
+    packed = _packing_copies(node) * numel_hint(q.shape) * q.element_size() if lowering in PACKED_LOWERINGS else 0
+    # GQA takes a mask as a float attention_bias with a row per query: one score tensor per head.
+    bias = scores // size_hint(q.shape[1]) if lowering == "gqa" and masked else 0
+    return int(ORT_WORKSPACE[lowering][0 if causal else 1] * scores) + packed + bias

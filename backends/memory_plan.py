@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from compiler.plan import MemoryStats, Step
+from compiler.plan import MemoryStats, Step, storage_owner
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,11 @@ class Interval:
     dtype: str
 
 
-def owner(registers: dict, name: str) -> str:
-    r = registers[name]
-    return r.alias_of if r.kind == "alias" and r.alias_of else name
-
-
 def _owned(registers: dict, names) -> list:
     """The storage-owning value registers behind ``names`` (inputs and constants dropped)."""
     out = []
     for n in names:
-        o = owner(registers, n)
+        o = storage_owner(registers, n)
         if registers[o].kind == "value" and o not in out:
             out.append(o)
     return out

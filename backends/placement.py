@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch.fx import GraphModule
 
 from backends.capabilities import supports
-from backends.typed_lowering import GUARDS
+from backends.typed_lowering import step_nodes
 
 
 @dataclass
@@ -21,16 +21,11 @@ class Placement:
     fallbacks: dict = field(default_factory=dict)  # op -> why it runs on torch
 
 
-def compute_nodes(gm: GraphModule) -> list:
-    """The nodes the plan places (ep.module()'s input-guard call stays in front, on torch)."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" or (n.op == "call_module" and n.target != GUARDS)]
-
-
 def place(gm: GraphModule, backend: str, refused: dict | None = None) -> Placement:
     """``refused``: op -> reason, for ops an attempted lowering on ``backend`` already failed."""
     refused = dict(refused or {})
     backend_of, fallbacks = {}, dict(refused)
-    for node in compute_nodes(gm):
+    for node in step_nodes(gm):
         if supports(backend, node, frozenset(refused)):
             backend_of[node.name] = backend
         else:
@@ -42,7 +37,7 @@ def place(gm: GraphModule, backend: str, refused: dict | None = None) -> Placeme
 def greedy_segments(gm: GraphModule, backend_of: dict) -> int:
     """The naive partition: export order, a new segment wherever the backend changes."""
     count, last = 0, None
-    for node in compute_nodes(gm):
+    for node in step_nodes(gm):
         b = backend_of[node.name]
         if b != last:
             count, last = count + 1, b

@@ -9,7 +9,6 @@ dimensions.
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +20,7 @@ from backends.capabilities import prepare, size_hint
 from backends.onnx_export import carry_site_ids, export_onnx
 from backends.onnxruntime_backend import OrtOptions, OrtProgram
 from backends.planner import fitting_plan, make_plan
-from backends.typed_lowering import GUARDS
+from backends.typed_lowering import GUARDS, is_tuple_read
 from compiler.errors import BackendError
 from compiler.plan import Plan
 
@@ -51,11 +50,10 @@ def reorder(gm: GraphModule, rank: dict) -> None:
 
 
 def _ranks(gm: GraphModule, plan: Plan) -> dict:
-    """Plan position per node; a getitem goes right after the node it reads."""
+    """Plan position per node; a tuple read goes right after the node it reads."""
     rank = {s.name: float(i) for i, s in enumerate(plan.steps)}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], Node) \
-                and n.args[0].name in rank:
+        if is_tuple_read(n) and n.args[0].name in rank:
             rank[n.name] = rank[n.args[0].name] + 0.5
     return rank
 
@@ -117,7 +115,7 @@ class PlannedProgram:
                 members = {by_name[name]: None for name in seg.steps}
                 for n in list(members):
                     for user in n.users:
-                        if user.target is operator.getitem:
+                        if is_tuple_read(user):
                             members[user] = None
                 partitions.append(members)
             vals_by_name = {n.name: n.meta.get("val") for n in gm.graph.nodes}
@@ -156,25 +154,16 @@ class PlannedProgram:
 
 
 def _segment_ranks(gm: GraphModule, plan: Plan) -> dict:
-    """Ranks after fusing: a segment call at its first step's plan position, its getitems after it,
-    torch nodes at their own."""
-    rank = {s.name: float(i) for i, s in enumerate(plan.steps)}
-    first = {}
-    for seg in plan.segments:
-        if seg.backend == "onnxruntime":
-            first[seg.index] = min(rank[name] for name in seg.steps)
-    ort_order = sorted(first, key=first.get)
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(SEGMENT_PREFIX)]
-    # fuse_by_partitions names segments in the order of the partitions it was given.
-    for node in calls:
-        idx = int(str(node.target)[len(SEGMENT_PREFIX):])
-        rank[node.name] = first[ort_order[idx]] if idx < len(ort_order) else 0.0
-        for user in node.users:
-            rank[user.name] = rank[node.name] + 0.5
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], Node) \
-                and n.args[0].name in rank and n.name not in rank:
-            rank[n.name] = rank[n.args[0].name] + 0.5
+    """Ranks after fusing: a segment call at its first step's plan position, its tuple reads after
+    it, torch nodes at their own."""
+    rank = _ranks(gm, plan)
+    # fuse_by_partitions names segments in the order of the partitions it was given: plan order.
+    first = [rank[seg.steps[0]] for seg in plan.segments if seg.backend == "onnxruntime"]
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(SEGMENT_PREFIX):
+            rank[node.name] = first[int(str(node.target)[len(SEGMENT_PREFIX):])]
+            for user in node.users:
+                rank[user.name] = rank[node.name] + 0.5
     return rank
 
 

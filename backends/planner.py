@@ -5,15 +5,14 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import torch
 from torch.fx import GraphModule
 
 from backends.capabilities import CAPABILITIES, transition_cost_us
-from backends.memory_plan import memory_order, naive_stats, owner, planned_stats
+from backends.memory_plan import memory_order, naive_stats, planned_stats
 from backends.placement import greedy_segments, place
-from backends.typed_lowering import GUARDS, lower
+from backends.typed_lowering import lower, step_nodes
 from compiler.errors import BackendError
-from compiler.plan import Plan, Segment, Transition
+from compiler.plan import Plan, Segment, Transition, storage_owner
 
 
 def _segments(order: list, registers: dict, outputs: list) -> tuple[list, dict]:
@@ -63,7 +62,7 @@ def make_plan(gm: GraphModule, backend: str, refused: Optional[dict] = None, str
     transitions = []
     for seg in segments:
         for r in seg.inputs:
-            src = defined_in.get(owner(registers, r), defined_in.get(r))
+            src = defined_in.get(storage_owner(registers, r), defined_in.get(r))
             if src is not None and segments[src].backend != seg.backend:
                 nbytes = registers[r].nbytes
                 transitions.append(Transition(r, src, seg.index, nbytes, round(transition_cost_us(nbytes), 2)))
@@ -77,19 +76,7 @@ def make_plan(gm: GraphModule, backend: str, refused: Optional[dict] = None, str
 
 def fitting_plan(gm: GraphModule, backend: str, plan: Optional[Plan] = None, refused: Optional[dict] = None) -> Plan:
     """``plan`` if it was made for this graph and backend (a saved one), else a new plan."""
-    if plan is not None and plan.backend == backend:
-        names = {n.name for n in gm.graph.nodes}
-        if all(s.name in names for s in plan.steps) and len(plan.steps) == sum(
-                1 for n in gm.graph.nodes if n.op in ("call_function", "call_module")) - _uncounted(gm):
-            return plan
+    if plan is not None and plan.backend == backend and \
+            sorted(s.name for s in plan.steps) == sorted(n.name for n in step_nodes(gm)):
+        return plan
     return make_plan(gm, backend, refused)
-
-
-def _uncounted(gm: GraphModule) -> int:
-    """Nodes the typed lowering does not make steps of: tuple reads and the input guards."""
-    import operator
-
-    return sum(1 for n in gm.graph.nodes
-               if (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)
-                   and isinstance(n.args[1], int))
-               or (n.op == "call_module" and n.target == GUARDS))

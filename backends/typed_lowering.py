@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from backends.capabilities import CAPABILITIES, size_hint, workspace_bytes
-from compiler.plan import Register, Step
+from backends.capabilities import CAPABILITIES, numel_hint, op_name, workspace_bytes
+from compiler.plan import Register, Step, storage_owner
 
 # Aliasing in ONNX Runtime's CPU kernels (they reuse the input buffer).
 _ORT_ALIASES = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "alias", "detach", "flatten",
@@ -47,24 +47,28 @@ def _bounds(shape) -> dict:
 
 
 def register_for(name: str, val, kind: str, device: Optional[str] = None) -> Register:
-    numel = 1
-    for d in val.shape:
-        numel *= size_hint(d)
     return Register(name=name, dtype=str(val.dtype).replace("torch.", ""), shape=[_dim_text(d) for d in val.shape],
-                    device=device or val.device.type, nbytes=int(numel * val.element_size()), kind=kind,
-                    bounds=_bounds(val.shape))
+                    device=device or val.device.type, nbytes=int(numel_hint(val.shape) * val.element_size()),
+                    kind=kind, bounds=_bounds(val.shape))
 
 
-def _base_name(node: Node) -> str:
-    target = node.target
-    return target._schema.name.split("::")[-1] if isinstance(target, torch._ops.OpOverload) else ""
+def is_tuple_read(node: Node) -> bool:
+    """``getitem(x, i)`` on a node's tuple result: names a value, computes nothing."""
+    return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node) \
+        and isinstance(node.args[1], int)
+
+
+def step_nodes(gm: GraphModule) -> list:
+    """The nodes the typed lowering makes steps of (not tuple reads, not ep.module()'s input guards)."""
+    return [n for n in gm.graph.nodes
+            if (n.op == "call_function" and not is_tuple_read(n)) or (n.op == "call_module" and n.target != GUARDS)]
 
 
 def is_alias(node: Node, backend: str) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    base = _base_name(node)
+    base = op_name(node)
     if backend == "onnxruntime":
         return base in _ORT_ALIASES
     if base in _EXTRA_TORCH_ALIASES:
@@ -94,10 +98,6 @@ def lower(gm: GraphModule, backend_of: dict) -> tuple[dict, list, list]:
     outputs: list = []
     step_of: dict = {}  # node name -> the step that computes it (getitem: its source's)
 
-    def owner(name: str) -> str:
-        r = registers[name]
-        return r.alias_of if r.kind == "alias" else name
-
     for node in gm.graph.nodes:
         val = _value(node, gm)
         if node.op in ("placeholder", "get_attr"):
@@ -114,8 +114,7 @@ def lower(gm: GraphModule, backend_of: dict) -> tuple[dict, list, list]:
             for a in _flat_nodes(node.args):
                 outputs += regs_of.get(a.name, [])
             continue
-        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node) \
-                and isinstance(node.args[1], int):
+        if is_tuple_read(node):
             src = regs_of.get(node.args[0].name, [])
             picked = f"{node.args[0].name}.{node.args[1]}"
             regs_of[node.name] = [picked] if picked in src else []
@@ -133,7 +132,7 @@ def lower(gm: GraphModule, backend_of: dict) -> tuple[dict, list, list]:
             if backend == "onnxruntime" and inputs and all(registers[r].kind == "constant" for r in inputs):
                 reg.kind = "constant"  # ORT folds ops on initializers when it loads the session
             elif is_alias(node, backend) and inputs:
-                reg.kind, reg.alias_of = "alias", owner(inputs[0])
+                reg.kind, reg.alias_of = "alias", storage_owner(registers, inputs[0])
             registers[node.name] = reg
             outs = [node.name]
         elif isinstance(val, (tuple, list)):
@@ -152,7 +151,7 @@ def lower(gm: GraphModule, backend_of: dict) -> tuple[dict, list, list]:
         step_of[node.name] = node.name
         steps.append(Step(name=node.name, op=op, backend=backend, inputs=inputs, outputs=outs,
                           workspace_bytes=workspace_bytes(node, backend), deps=deps,
-                          inplace=backend == "onnxruntime" and _base_name(node) in _ORT_INPLACE))
+                          inplace=backend == "onnxruntime" and op_name(node) in _ORT_INPLACE))
     return registers, steps, outputs
 
 

@@ -196,10 +196,11 @@ def cmd_plan(a) -> int:
     for line in plan_lines(plan.summary()):
         print(line)
     if a.steps:
+        by_name = {s.name: s for s in plan.steps}
         for seg in plan.segments:
             print(f"segment {seg.index} ({seg.backend}):")
             for name in seg.steps:
-                step = next(s for s in plan.steps if s.name == name)
+                step = by_name[name]
                 print(f"  {name} = {step.op}({', '.join(step.inputs)})")
     if a.json:
         plan.save(a.json)

@@ -31,6 +31,12 @@ class Register:
     bounds: dict = field(default_factory=dict)  # symbol -> [min, max] from export
 
 
+def storage_owner(registers: dict, name: str) -> str:
+    """The register that owns ``name``'s storage: itself, or the base of a view."""
+    r = registers[name]
+    return r.alias_of if r.kind == "alias" and r.alias_of else name
+
+
 @dataclass
 class Step:
     """One op: reads registers, defines registers, runs on one backend."""
