@@ -5,8 +5,19 @@ from __future__ import annotations
 
 from compiler.errors import BackendError
 
-AVAILABLE = ("torch", "onnxruntime")
-PLANNED = ("triton",)
+AVAILABLE = ("torch", "onnxruntime", "triton")
+
+
+def check(name: str) -> None:
+    """Raise the one-line reason ``name`` cannot run here (unknown, or needs what is missing)."""
+    if name not in AVAILABLE:
+        raise BackendError(f"unknown backend {name!r}; valid backends: {', '.join(AVAILABLE)}")
+    if name == "triton":
+        from backends.triton_backend import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise BackendError(reason)
 
 
 def load(name: str, ep, options=None, plan=None):
@@ -21,7 +32,8 @@ def load(name: str, ep, options=None, plan=None):
         from backends.plan_executor import load_onnxruntime
 
         return load_onnxruntime(ep, options, plan)
-    if name in PLANNED:
-        raise BackendError(f"backend {name!r} is not available in this version; use backend='torch' or "
-                           "backend='onnxruntime'")
-    raise BackendError(f"unknown backend {name!r}; valid backends: {', '.join(AVAILABLE)}")
+    if name == "triton":
+        from backends.triton_backend import load as load_triton
+
+        return load_triton(ep, options, plan)
+    check(name)

@@ -24,12 +24,14 @@ class Capability:
     backend: str
     device: str
     runs_everything: bool = False
+    shares_torch_memory: bool = False  # values cross to and from torch without a copy
+    attention_only: bool = False  # runs our attention ops by design; the rest on torch is no fallback
 
 
 CAPABILITIES = {
     "torch": Capability("torch", "cpu", runs_everything=True),
     "onnxruntime": Capability("onnxruntime", "cpu"),
-    "triton": Capability("triton", "cuda"),
+    "triton": Capability("triton", "cuda", shares_torch_memory=True, attention_only=True),
 }
 
 # A value moving between backends on one host: a copy at memory bandwidth plus a fixed cost for
@@ -38,8 +40,19 @@ COPY_BYTES_PER_US = 5_000.0  # ~5 GB/s: a conservative single-stream host memcpy
 SWITCH_US = 30.0
 
 
-def transition_cost_us(nbytes: int) -> float:
-    return SWITCH_US + nbytes / COPY_BYTES_PER_US
+def segment_device(segment_backend: str, plan_backend: str) -> str:
+    """Where a segment's values live: torch runs beside Triton on its GPU, and Triton's
+    interpreter runs on the host."""
+    if plan_backend == "triton":
+        import os
+
+        return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    return CAPABILITIES[segment_backend].device
+
+
+def transition_cost_us(nbytes: int, src: str, dst: str) -> float:
+    copies = not (CAPABILITIES[src].shares_torch_memory or CAPABILITIES[dst].shares_torch_memory)
+    return SWITCH_US + (nbytes / COPY_BYTES_PER_US if copies else 0.0)
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
-from backends.capabilities import supports
+from backends.capabilities import CAPABILITIES, supports
 from backends.typed_lowering import step_nodes
 
 
@@ -30,7 +30,8 @@ def place(gm: GraphModule, backend: str, refused: dict | None = None) -> Placeme
             backend_of[node.name] = backend
         else:
             backend_of[node.name] = "torch"
-            fallbacks.setdefault(str(node.target), f"no {backend} lowering")
+            if not CAPABILITIES[backend].attention_only:
+                fallbacks.setdefault(str(node.target), f"no {backend} lowering")
     return Placement(backend_of, fallbacks)
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch.fx import GraphModule
 
-from backends.capabilities import CAPABILITIES, transition_cost_us
+from backends.capabilities import CAPABILITIES, segment_device, transition_cost_us
 from backends.memory_plan import memory_order, naive_stats, planned_stats
 from backends.placement import greedy_segments, place
 from backends.typed_lowering import lower, step_nodes
@@ -15,7 +15,7 @@ from compiler.errors import BackendError
 from compiler.plan import Plan, Segment, Transition, storage_owner
 
 
-def _segments(order: list, registers: dict, outputs: list) -> tuple[list, dict]:
+def _segments(order: list, registers: dict, outputs: list, plan_backend: str) -> tuple[list, dict]:
     """Consecutive steps on one backend form a segment."""
     groups: list = []
     for step in order:
@@ -38,7 +38,7 @@ def _segments(order: list, registers: dict, outputs: list) -> tuple[list, dict]:
             ins += [r for r in s.inputs if r not in inside and r not in ins and registers[r].kind != "constant"]
         outs = [r for r in sorted(inside, key=position.__getitem__)
                 if any(j > i for j in read_by.get(r, ())) or r in outputs]
-        segments.append(Segment(i, backend, CAPABILITIES[backend].device, [s.name for s in steps], ins, outs))
+        segments.append(Segment(i, backend, segment_device(backend, plan_backend), [s.name for s in steps], ins, outs))
     return segments, defined_in
 
 
@@ -58,14 +58,15 @@ def make_plan(gm: GraphModule, backend: str, refused: Optional[dict] = None, str
     naive = naive_stats(registers, steps, outputs)
     order = memory_order(registers, steps, outputs) if strategy == "planned" else list(steps)
     planned, buffers, sizes = planned_stats(registers, order, outputs)
-    segments, defined_in = _segments(order, registers, outputs)
+    segments, defined_in = _segments(order, registers, outputs, backend)
     transitions = []
     for seg in segments:
         for r in seg.inputs:
             src = defined_in.get(storage_owner(registers, r), defined_in.get(r))
             if src is not None and segments[src].backend != seg.backend:
                 nbytes = registers[r].nbytes
-                transitions.append(Transition(r, src, seg.index, nbytes, round(transition_cost_us(nbytes), 2)))
+                cost = transition_cost_us(nbytes, segments[src].backend, seg.backend)
+                transitions.append(Transition(r, src, seg.index, nbytes, round(cost, 2)))
     greedy = greedy_segments(gm, placement.backend_of)
     return Plan(backend=backend, registers=registers, steps=order, outputs=outputs, segments=segments,
                 transitions=transitions,

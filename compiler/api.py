@@ -77,8 +77,7 @@ def plan_program(ep: ExportedProgram, backend: str = "torch") -> Plan:
     from backends.capabilities import prepare
     from backends.planner import make_plan
 
-    if backend not in backends.AVAILABLE:
-        backends.load(backend, None)  # raises the one-line reason
+    backends.check(backend)
     return make_plan(prepare(ep, backend).module(), backend)
 
 
@@ -312,18 +311,22 @@ def compile_program(
 def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_outputs: bool) -> None:
     """What the backend made of each site, and how far its outputs are from the torch backend's."""
     run = cm._run
-    exports = [run.exported] if hasattr(run, "exported") else [s.exported for s in getattr(run, "segments", [])]
-    if not exports:
-        return
-    lowerings = {k: v for e in exports for k, v in e.lowerings.items()}
+    ours = cm(*args, **kwargs) if verify_outputs else None  # Triton kernels record their choices as they run
+    if hasattr(run, "summary"):
+        lowerings, low = run.lowerings, run.summary()
+    else:
+        exports = [run.exported] if hasattr(run, "exported") else [s.exported for s in getattr(run, "segments", [])]
+        if not exports:
+            return
+        lowerings = {k: v for e in exports for k, v in e.lowerings.items()}
+        low = {"format": "onnx", "opset": exports[0].opset, "providers": list(run.options.providers),
+               "export_seconds": round(sum(e.seconds for e in exports), 4), "onnx_segments": len(exports),
+               "max_abs_error_vs_torch": None}
     for rec in cm.report.sites:
         rec.lowering = lowerings.get(rec.id)
-    low = {"format": "onnx", "opset": exports[0].opset, "providers": list(run.options.providers),
-           "export_seconds": round(sum(e.seconds for e in exports), 4), "onnx_segments": len(exports),
-           "max_abs_error_vs_torch": None}
-    if verify_outputs:
+    if ours is not None:
         # The backend must agree with the program it lowered; a mismatch is a lowering bug.
-        cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), cm(*args, **kwargs))
+        cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), ours)
         low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
     cm.report.lowering = low
 
@@ -358,8 +361,7 @@ def compile(
     InferenceSession; ``backend_options`` sets its ``providers``, ``intra_op_num_threads``,
     ``graph_optimization_level``, ``optimized_model_path`` and ``io_binding``.
     """
-    if backend not in backends.AVAILABLE:
-        backends.load(backend, None)  # raises the one-line reason
+    backends.check(backend)
     t0 = time.perf_counter()
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)

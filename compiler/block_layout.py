@@ -52,34 +52,41 @@ class BlockLayout:
         """Query positions [nqb, bs, 1] and gathered key positions [Bl, Hl, nqb, 1, K*bs]."""
         bl, hl, nqb, nk = self.kv_blocks.shape
         bs = self.block
-        i = (torch.arange(nqb).view(-1, 1) * bs + torch.arange(bs)).view(nqb, bs, 1)
-        j = (self.kv_blocks.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs)).view(bl, hl, nqb, 1, nk * bs)
+        dev = self.kv_blocks.device
+        i = (torch.arange(nqb, device=dev).view(-1, 1) * bs + torch.arange(bs, device=dev)).view(nqb, bs, 1)
+        j = (self.kv_blocks.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs, device=dev)).view(bl, hl, nqb, 1, nk * bs)
         return i, j
+
+    def gathered_keep(self, causal: bool, blocks: slice = slice(None)) -> Tensor:
+        """Which gathered pairs are attended, [Bl, Hl, n, bs | 1, K*bs], for query blocks ``blocks``."""
+        i, j = self.positions()
+        i, j = i[blocks], j[:, :, blocks]
+        valid = (self.kv_blocks[:, :, blocks] >= 0).repeat_interleave(self.block, -1).unsqueeze(-2)
+        keep = (j < self.sk) & valid
+        if causal:
+            keep = keep & (j <= i)
+        if self.pair_keep is not None:
+            keep = keep & self.pair_keep(i, j)
+        return keep
 
     def gathered_drop(self, causal: bool) -> Tensor:
         """Which gathered pairs are *not* attended, [Bl, Hl, nqb, bs, K*bs]. A static layout is
         reused across calls, so this is computed once per layout."""
         if causal not in self._keep_cache:
-            i, j = self.positions()
-            valid = (self.kv_blocks >= 0).repeat_interleave(self.block, -1).unsqueeze(-2)
-            keep = (j < self.sk) & valid
-            if causal:
-                keep = keep & (j <= i)
-            if self.pair_keep is not None:
-                keep = keep & self.pair_keep(i, j)
-            self._keep_cache[causal] = ~keep
+            self._keep_cache[causal] = ~self.gathered_keep(causal)
         return self._keep_cache[causal]
 
     def dense_keep(self, causal: bool) -> Tensor:
         """The layout as a dense [Bl, Hl, Sq, Sk] keep mask (calibration and test oracles only)."""
         bl, hl, nqb, _ = self.kv_blocks.shape
         nkb = -(-self.sk // self.block)
-        bm = torch.zeros(bl, hl, nqb, nkb + 1, dtype=torch.bool)
+        dev = self.kv_blocks.device
+        bm = torch.zeros(bl, hl, nqb, nkb + 1, dtype=torch.bool, device=dev)
         bm.scatter_(-1, torch.where(self.kv_blocks >= 0, self.kv_blocks, nkb), True)
         keep = bm[..., :nkb].repeat_interleave(self.block, -2).repeat_interleave(self.block, -1)
         keep = keep[..., : self.sq, : self.sk]
-        i = torch.arange(self.sq).view(1, 1, -1, 1)
-        j = torch.arange(self.sk).view(1, 1, 1, -1)
+        i = torch.arange(self.sq, device=dev).view(1, 1, -1, 1)
+        j = torch.arange(self.sk, device=dev).view(1, 1, 1, -1)
         if self.pair_keep is not None:
             keep = keep & self.pair_keep(i, j)
         if causal:
@@ -87,18 +94,21 @@ class BlockLayout:
         return keep
 
 
-def block_lists(bm: Tensor) -> Tensor:
-    """Boolean block mask [.., nqb, nkb] -> ascending kept-block lists padded with -1."""
+def block_lists(bm: Tensor, width: Optional[int] = None) -> Tensor:
+    """Boolean block mask [.., nqb, nkb] -> ascending kept-block lists padded with -1.
+
+    ``width``: the list length when the caller knows a bound, which spares reading the
+    longest list's length back from the device."""
     counts = bm.sum(-1, keepdim=True)
-    k = max(int(counts.max()) if counts.numel() else 0, 1)
+    k = width if width is not None else max(int(counts.max()) if counts.numel() else 0, 1)
     # Stable sort of "not kept" brings kept block ids to the front in ascending order.
     order = torch.sort((~bm).to(torch.int8), dim=-1, stable=True).indices[..., :k]
-    return torch.where(torch.arange(k) < counts, order, torch.full_like(order, -1))
+    return torch.where(torch.arange(k, device=bm.device) < counts, order, torch.full_like(order, -1))
 
 
-def _causal_blocks(nqb: int, nkb: int, block: int) -> Tensor:
-    qb = torch.arange(nqb).view(-1, 1)
-    kb = torch.arange(nkb).view(1, -1)
+def _causal_blocks(nqb: int, nkb: int, block: int, device=None) -> Tensor:
+    qb = torch.arange(nqb, device=device).view(-1, 1)
+    kb = torch.arange(nkb, device=device).view(1, -1)
     return kb * block <= qb * block + block - 1
 
 
@@ -210,7 +220,7 @@ def _pool_blocks(x: Tensor, block: int) -> Tensor:
     b, h, s, d = x.shape
     nb = -(-s // block)
     xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - s))
-    counts = torch.full((nb,), float(block))
+    counts = torch.full((nb,), float(block), device=x.device)
     counts[-1] = s - (nb - 1) * block
     return xp.view(b, h, nb, block, d).sum(3) / counts.view(1, 1, -1, 1)
 
@@ -218,13 +228,25 @@ def _pool_blocks(x: Tensor, block: int) -> Tensor:
 def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> BlockLayout:
     """Per (b, h, query block): local and sink blocks, plus the top ``blocks`` key blocks by
     pooled score (or, with ``mass``, the fewest blocks holding that share of pooled softmax)."""
-    sq, sk = q.shape[2], k.shape[2]
+    return BlockLayout(p.block, q.shape[2], k.shape[2], block_lists(topk_block_mask(p, q, k, scale, causal)))
+
+
+def topk_width(p: TopK, sk: int, causal: bool) -> int:
+    """A bound on the blocks ``topk_block_mask`` keeps per query block."""
+    nkb = -(-sk // p.block)
+    near = p.local + 1 if causal else 2 * p.local + 1
+    return nkb if p.mass > 0 else min(nkb, p.blocks + near + p.sinks)
+
+
+def topk_block_mask(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
+    """The blocks ``topk_layout`` keeps, [B, H, nqb, nkb] bool, on q's device."""
+    dev = q.device
     pq, pk = _pool_blocks(q, p.block), _pool_blocks(k, p.block)
     scores = pq @ pk.transpose(-1, -2) * scale  # [B, H, nqb, nkb]
     nqb, nkb = scores.shape[-2:]
-    qb = torch.arange(nqb).view(-1, 1)
-    kb = torch.arange(nkb).view(1, -1)
-    allowed = _causal_blocks(nqb, nkb, p.block) if causal else torch.ones(nqb, nkb, dtype=torch.bool)
+    qb = torch.arange(nqb, device=dev).view(-1, 1)
+    kb = torch.arange(nkb, device=dev).view(1, -1)
+    allowed = _causal_blocks(nqb, nkb, p.block, dev) if causal else torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
     near = (kb <= qb) & (kb >= qb - p.local) if causal else (kb - qb).abs() <= p.local
     forced = (near | (kb < p.sinks)) & allowed
     cand = scores.masked_fill(~allowed | forced, float("-inf"))
@@ -239,8 +261,9 @@ def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> Bl
         chosen = torch.zeros_like(take).scatter(-1, order, take)
     else:
         top = cand.topk(min(p.blocks, nkb), dim=-1)
-        chosen = torch.zeros(cand.shape, dtype=torch.bool).scatter(-1, top.indices, top.values > float("-inf"))
-    return BlockLayout(p.block, sq, sk, block_lists(chosen | forced))
+        chosen = torch.zeros(cand.shape, dtype=torch.bool, device=dev).scatter(-1, top.indices,
+                                                                               top.values > float("-inf"))
+    return chosen | forced
 
 
 def _lookup(table: Tensor, idx: Tensor) -> Tensor:
@@ -256,8 +279,9 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     last = min(p.last, sq)
-    i = torch.arange(sq - last, sq).view(-1, 1)
-    j = torch.arange(sk).view(1, -1)
+    dev = q.device
+    i = torch.arange(sq - last, sq, device=dev).view(-1, 1)
+    j = torch.arange(sk, device=dev).view(1, -1)
     s = (q[:, :, -last:].float() @ k.float().transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(j > i, float("-inf"))
@@ -267,8 +291,8 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
     # The forced columns (sinks) and diagonals (local) are always kept, even past the counts.
     cols = vert.topk(min(max(p.vertical, min(p.sinks, sk)), sk), -1).indices  # [B, H, nv]
     ndiag = sq + sk - 1  # offset d = i - j, stored at d + sk - 1
-    slash = torch.zeros(b, h, ndiag).index_add_(-1, (i - j + sk - 1).flatten(), probs.flatten(2))
-    d = torch.arange(ndiag) - (sk - 1)
+    slash = torch.zeros(b, h, ndiag, device=dev).index_add_(-1, (i - j + sk - 1).flatten(), probs.flatten(2))
+    d = torch.arange(ndiag, device=dev) - (sk - 1)
     near = (d >= 0) & (d < p.local) if causal else d.abs() < p.local
     slash[..., near] = float("inf")
     if causal:
@@ -276,16 +300,16 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
     top = slash.topk(min(max(p.slash, int(near.sum())), ndiag), -1)
     diags = torch.where(top.values > float("-inf"), top.indices - (sk - 1), torch.full_like(top.indices, sq + sk))
 
-    col_keep = torch.zeros(b, h, sk, dtype=torch.bool).scatter_(-1, cols, True)
-    diag_keep = torch.zeros(b, h, ndiag + 1, dtype=torch.bool)
+    col_keep = torch.zeros(b, h, sk, dtype=torch.bool, device=dev).scatter_(-1, cols, True)
+    diag_keep = torch.zeros(b, h, ndiag + 1, dtype=torch.bool, device=dev)
     diag_keep.scatter_(-1, (diags + sk - 1).clamp(max=ndiag), True)
     diag_keep = diag_keep[..., :ndiag]
 
     nqb, nkb = -(-sq // p.block), -(-sk // p.block)
-    bm = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool)
-    col_blocks = torch.zeros(b, h, nkb + 1, dtype=torch.bool).scatter_(-1, cols // p.block, True)
+    bm = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool, device=dev)
+    col_blocks = torch.zeros(b, h, nkb + 1, dtype=torch.bool, device=dev).scatter_(-1, cols // p.block, True)
     bm |= col_blocks.unsqueeze(2)
-    q0 = (torch.arange(nqb) * p.block).view(1, 1, -1, 1)
+    q0 = (torch.arange(nqb, device=dev) * p.block).view(1, 1, -1, 1)
     dd = diags.unsqueeze(2)  # [B, H, 1, ns]
     # Diagonal d meets query rows [q0, q1] at keys [q0 - d, q1 - d]; clipped to the real keys,
     # that span is at most one block long, so its two ends name every key block it touches.
@@ -296,7 +320,7 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
         bm.scatter_(-1, torch.where(hit, end // p.block, torch.full_like(end, nkb)), True)
     bm = bm[..., :nkb]
     if causal:
-        bm &= _causal_blocks(nqb, nkb, p.block)
+        bm &= _causal_blocks(nqb, nkb, p.block, dev)
 
     def keep(ii, jj):
         cv = _lookup(col_keep, jj.clamp(0, sk - 1))

@@ -253,23 +253,32 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _on(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def cmd_demo(a) -> int:
     import torch
 
     import compiler
     from compiler.minilm import PARAGRAPHS, SENTENCES, load_minilm, sentence_embeddings
 
+    import backends
+
+    backends.check(a.backend)  # before loading anything: the reason a backend cannot run here
     mini = load_minilm(a.attn_implementation)
+    device = "cuda" if a.backend == "triton" and torch.cuda.is_available() else "cpu"
+    mini.model.to(device)
     policy = compiler.parse_policy(_policy_arg(a.policy))
     budget = _budget_arg(a)
     calibration = None
     if policy.auto:
         # Long paragraphs, two per batch, at one length: sparse patterns only pay off on long inputs.
-        inputs = mini.encode_inputs(PARAGRAPHS[:2], max_length=128)
-        calibration = [inputs, mini.encode_inputs(PARAGRAPHS[2:4], max_length=128)]
+        inputs = _on(mini.encode_inputs(PARAGRAPHS[:2], max_length=128), device)
+        calibration = [inputs, _on(mini.encode_inputs(PARAGRAPHS[2:4], max_length=128), device)]
         budget = budget or compiler.Fidelity(min_cosine=0.99)
     else:
-        inputs = mini.encode_inputs(SENTENCES)
+        inputs = _on(mini.encode_inputs(SENTENCES), device)
     cm = compiler.compile(mini.model, (), policy=policy, example_kwargs=inputs, dynamic_shapes=None,
                           calibration=calibration, budget=budget, attention_maps=a.attention_maps,
                           backend=a.backend)
@@ -321,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="print the execution plan of a .pt2 program for a backend, without running it")
     pl.add_argument("input", help=".pt2 file written by torch.export.save or CompiledModel.save")
-    pl.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime"])
+    pl.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime", "triton"])
     pl.add_argument("--steps", action="store_true", help="also list every step, segment by segment")
     pl.add_argument("--json", help="write the whole plan (registers, steps, buffers) as JSON here")
     pl.set_defaults(func=cmd_plan)
@@ -338,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", default="fused", help="as for rewrite; auto calibrates on long paragraphs")
     _budget_flags(d)
     d.add_argument("--attn-implementation", default="eager", choices=["eager", "sdpa"])
-    d.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                   help="run the rewritten model in PyTorch or exported to ONNX in onnxruntime")
+    d.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "triton"],
+                   help="run the rewritten model in PyTorch, exported to ONNX in onnxruntime, or with "
+                        "attention in Triton kernels (CUDA GPU)")
     d.add_argument("--report", help="also write the report as JSON here")
     d.add_argument("--attention-maps", action="store_true", help="store attention maps in the report")
     d.set_defaults(func=cmd_demo)

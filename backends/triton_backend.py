@@ -1,0 +1,98 @@
+"""The ``triton`` backend: every attention site runs in attnforge's Triton kernels, the rest of
+the program in PyTorch, or through ``torch.compile`` with ``compile_rest`` (our kernels stay
+opaque ops inside the compiled graph).
+
+It needs a CUDA GPU. With ``TRITON_INTERPRET=1`` set before anything imports Triton, the same
+kernels run on CPU tensors in Triton's interpreter: that is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import GraphModule
+
+from backends.planner import fitting_plan
+from backends.torch_backend import TorchProgram
+from compiler.errors import BackendError
+from compiler.plan import Plan
+
+SITE_META = "attnforge_site"
+OPTIONS = ("compile_rest",)
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the backend cannot run here, in one line, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "backend 'triton' needs the triton package: pip install 'attnforge[triton]'"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if not torch.cuda.is_available():
+        return ("backend 'triton' needs a CUDA GPU and none is visible; use backend='torch' or "
+                "backend='onnxruntime' (TRITON_INTERPRET=1 runs the kernels in Triton's CPU interpreter, "
+                "for testing)")
+    return None
+
+
+def swap_ops(gm: GraphModule) -> dict:
+    """Point our reference ops at their Triton versions, each told its site id; site -> node name."""
+    from backends.triton_ops import SWAP
+
+    sites = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SWAP:
+            site = node.meta.get(SITE_META, node.name)
+            node.target = SWAP[node.target]
+            node.kwargs = {**node.kwargs, "site": site}
+            sites[site] = node.name
+    gm.recompile()
+    return sites
+
+
+class TritonProgram(TorchProgram):
+    def __init__(self, gm: GraphModule, plan: Plan, compile_rest=False):
+        super().__init__(gm, plan)
+        self.sites = swap_ops(self.module)
+        self.compile_rest = compile_rest
+        if compile_rest:
+            backend = compile_rest if isinstance(compile_rest, str) else "inductor"
+            self.module = torch.compile(self.module, backend=backend, dynamic=None)
+
+    @property
+    def lowerings(self) -> dict:
+        """Site id -> what its last call ran as (kernel, configuration, split count)."""
+        from backends.triton_ops import RECORDS
+
+        out = {}
+        for site in self.sites:
+            rec = RECORDS.get(site)
+            if rec is not None:
+                out[site] = " ".join(f"{k}={v}" if k != "kernel" else str(v) for k, v in rec.items())
+        return out
+
+    def summary(self) -> dict:
+        from backends.triton_schedule import SCHEDULER, interpreting
+
+        dev = "interpreter (CPU)" if interpreting() else torch.cuda.get_device_name()
+        return {"format": "triton", "device": dev, "compile_rest": self.compile_rest or False,
+                "config_cache": str(SCHEDULER.cache.path), "max_abs_error_vs_torch": None}
+
+
+def load(ep: ExportedProgram, options: Optional[dict] = None, plan: Optional[Plan] = None) -> TritonProgram:
+    reason = unavailable_reason()
+    if reason:
+        raise BackendError(reason)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise BackendError(f"backend 'triton' does not take {', '.join(unknown)}; options: {', '.join(OPTIONS)}")
+    compile_rest = options.get("compile_rest", False)
+    if not isinstance(compile_rest, (bool, str)):
+        raise BackendError("compile_rest must be True, False or a torch.compile backend name")
+    gm = ep.module()
+    return TritonProgram(gm, fitting_plan(gm, "triton", plan), compile_rest)
