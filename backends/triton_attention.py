@@ -33,6 +33,7 @@ FULL_SLOT = -1  # slot kind: every pair of the tile is kept
 PARTIAL_SLOT = -2  # slot kind: apply bounds and causality only; >= 0: also a keep tile
 FULL: tl.constexpr = tl.constexpr(FULL_SLOT)
 PARTIAL: tl.constexpr = tl.constexpr(PARTIAL_SLOT)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -66,9 +67,14 @@ def _attention_fwd(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCKS_INNER: tl.constexpr,  # launch order: a head's query blocks side by side (K/V shared in L2)
 ):
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
+    if BLOCKS_INNER:
+        slot = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+    else:
+        bh = tl.program_id(0).to(tl.int64)  # batch and head offsets can pass 2**31 elements
+        slot = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // HQ
     h = bh % HQ
@@ -121,16 +127,18 @@ def _attention_fwd(
         col_ok = offs_n < SK
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale
+        # Scores are kept in base 2 (times log2 e) so the softmax uses exp2, one multiply fewer.
         if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = (softcap * LOG2E) * _tanh(tl.dot(q, k, input_precision=PRECISION) * (scale / softcap))
+        else:
+            s = tl.dot(q, k, input_precision=PRECISION) * (scale * LOG2E)
         if MASK_KIND != 0:
             mvals = tl.load(m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                             mask=row_ok[:, None] & col_ok[None, :], other=0)
             if MASK_KIND == 1:
                 s = tl.where(mvals != 0, s, float("-inf"))
             else:
-                s = s + mvals.to(tl.float32)
+                s = s + mvals.to(tl.float32) * LOG2E
         if kind != FULL:
             keep = col_ok[None, :] & row_ok[:, None]
             if CAUSAL:
@@ -144,8 +152,8 @@ def _attention_fwd(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing kept so far has m = -inf; shifting by 0 keeps exp() at 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -157,7 +165,7 @@ def _attention_fwd(
               + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     if NUM_SPLITS > 1:
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) / LOG2E)
         tl.store(Lse + b * stride_lb + h * stride_lh + split * stride_ls + offs_m * stride_lm, lse, mask=row_ok)
 
 
@@ -174,6 +182,10 @@ class SparseTables:
     kinds: Tensor  # int32 [Bl, Hl, nqb, K]: FULL, PARTIAL or a row of ``tiles``
     tiles: Tensor  # uint8 [T, block, block]: keep tiles of blocks only partly kept
     order: Tensor  # int32 [Bl, Hl, nqb]: query blocks, heaviest first
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
+PACK_ROWS = 64  # decode: the query heads of one kv head packed as the rows of one tile, up to this many
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -227,7 +239,8 @@ def _launch(q, k, v, mask, scale, causal, softcap, config: KernelConfig, splits:
         counts, order, tiles = _b_h(tables.counts, b, hq), _b_h(tables.order, b, hq), tables.tiles
         i_strides, c_strides = tuple(blocks.stride()), tuple(counts.stride()[:2])
         assert kinds.stride() == blocks.stride(), "kinds must be laid out like kv_blocks"
-    grid = (b * hq, nqb, splits)
+    blocks_inner = config.blocks_inner and b * hq <= MAX_GRID_Y
+    grid = (nqb, b * hq, splits) if blocks_inner else (b * hq, nqb, splits)
     _attention_fwd[grid](
         q, k, v, m4 if m4 is not None else q, out, lse,
         blocks, counts, kinds, tiles, order,
@@ -237,7 +250,7 @@ def _launch(q, k, v, mask, scale, causal, softcap, config: KernelConfig, splits:
         GROUP=hq // hkv, CAUSAL=bool(causal), MASK_KIND=mask_kind, SOFTCAP=softcap > 0.0,
         SPARSE=tables is not None, NUM_SPLITS=splits,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCKS_INNER=blocks_inner,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits == 1:
@@ -263,6 +276,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def _packable(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool) -> bool:
+    """Grouped query heads can share one tile when a row's position does not matter: no causality
+    and a mask (if any) that is the same for every head and query, a key mask."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or causal or group * q.shape[2] > PACK_ROWS:
+        return False
+    if mask is None:
+        return True
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return shape[1] == 1 and shape[2] == 1
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
               is_causal: bool = False, softcap: float = 0.0, config: Optional[KernelConfig] = None,
               splits: Optional[int] = None, record: Optional[dict] = None) -> Tensor:
@@ -271,7 +296,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, sc
     scheduler (tests and benchmarks); ``record`` receives what was chosen."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
-    sk = k.shape[2]
+    hkv, sk = k.shape[1], k.shape[2]
+    if _packable(q, k, mask, is_causal):
+        # The query heads sharing a kv head become rows of one tile, so each K/V tile is read once
+        # per kv head instead of once per query head: decode is bound by reading the cache.
+        packed = attention(q.reshape(b, hkv, (hq // hkv) * sq, d), k, v, mask, scale, False, softcap, config,
+                           splits, record)
+        if record is not None:
+            record["packed_heads"] = hq // hkv
+        return packed.reshape(b, hq, sq, v.shape[-1])
 
     def pick_splits(c: KernelConfig) -> int:
         if splits is not None:

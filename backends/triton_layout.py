@@ -114,7 +114,7 @@ def pattern_tables(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv
     """Tables of one pattern for the heads of ``q`` (``kv_map[h]``: their kv heads in ``k``)."""
     sq, sk = q.shape[2], k.shape[2]
     if isinstance(pattern, TopK):
-        bm = topk_block_mask(pattern, q, k.index_select(1, kv_map.to(k.device)), scale, causal)
+        bm = topk_block_mask(pattern, q, k, scale, causal, kv_map)
         layout = BlockLayout(pattern.block, sq, sk, block_lists(bm, topk_width(pattern, sk, causal)))
         return tables_from_layout(layout, causal)
     if isinstance(pattern, VerticalSlash):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -28,9 +28,12 @@ class KernelConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    blocks_inner: bool = False  # launch a head's query blocks next to each other instead of its heads
 
     def text(self) -> str:
-        return f"block_m={self.block_m} block_n={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+        order = "blocks" if self.blocks_inner else "heads"
+        return (f"block_m={self.block_m} block_n={self.block_n} warps={self.num_warps} stages={self.num_stages} "
+                f"inner={order}")
 
 
 def interpreting() -> bool:
@@ -40,14 +43,16 @@ def interpreting() -> bool:
 def dense_candidates(head_dim: int) -> list[KernelConfig]:
     """Tiles that fit shared memory for the head dim (the padded power of two)."""
     if head_dim > 128:
-        return [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2)]
-    return [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 3),
-            KernelConfig(64, 32, 4, 3), KernelConfig(128, 128, 8, 2)]
+        tiles = [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2)]
+    else:
+        tiles = [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 3),
+                 KernelConfig(64, 32, 4, 3), KernelConfig(128, 128, 8, 2)]
+    return tiles + [replace(c, blocks_inner=True) for c in tiles[:2]]
 
 
 def sparse_candidates(block: int) -> list[KernelConfig]:
     """A sparse layout fixes the tiles to its block; only warps and stages are free."""
-    return [KernelConfig(block, block, w, s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
+    return [KernelConfig(block, block, w, s, inner) for w, s in ((4, 2), (8, 2), (8, 3)) for inner in (False, True)]
 
 
 def bucket(n: int) -> int:
@@ -122,7 +127,8 @@ class Scheduler:
     def __init__(self, cache: Optional[ConfigCache] = None, timer: Optional[Callable] = None, tune: Optional[bool] = None):
         self.cache = cache or ConfigCache()
         self.timer = timer or _do_bench
-        self.tune = (not interpreting()) if tune is None else tune
+        # ATTNFORGE_TUNE=0: take the first candidate without timing (quick test runs on a GPU).
+        self.tune = (not interpreting() and os.environ.get("ATTNFORGE_TUNE") != "0") if tune is None else tune
         self.chosen: dict[str, Choice] = {}
 
     def choose(self, key: str, candidates: Sequence[KernelConfig], run: Callable[[KernelConfig], object]) -> Choice:

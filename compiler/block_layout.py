@@ -219,10 +219,11 @@ def _pool_blocks(x: Tensor, block: int) -> Tensor:
     only its real tokens)."""
     b, h, s, d = x.shape
     nb = -(-s // block)
-    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - s))
+    # Summed in fp32 as read: no fp32 copy of the whole tensor (it dominated selection on a GPU).
+    xp = x if nb * block == s else torch.nn.functional.pad(x, (0, 0, 0, nb * block - s))
     counts = torch.full((nb,), float(block), device=x.device)
     counts[-1] = s - (nb - 1) * block
-    return xp.view(b, h, nb, block, d).sum(3) / counts.view(1, 1, -1, 1)
+    return xp.reshape(b, h, nb, block, d).sum(3, dtype=torch.float32) / counts.view(1, 1, -1, 1)
 
 
 def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> BlockLayout:
@@ -238,10 +239,14 @@ def topk_width(p: TopK, sk: int, causal: bool) -> int:
     return nkb if p.mass > 0 else min(nkb, p.blocks + near + p.sinks)
 
 
-def topk_block_mask(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
-    """The blocks ``topk_layout`` keeps, [B, H, nqb, nkb] bool, on q's device."""
+def topk_block_mask(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool,
+                    kv_map: Optional[Tensor] = None) -> Tensor:
+    """The blocks ``topk_layout`` keeps, [B, H, nqb, nkb] bool, on q's device. ``kv_map[h]``: the
+    kv head of query head ``h`` when ``k`` has fewer heads (pooled first, then repeated: cheap)."""
     dev = q.device
     pq, pk = _pool_blocks(q, p.block), _pool_blocks(k, p.block)
+    if kv_map is not None:
+        pk = pk.index_select(1, kv_map.to(dev))
     scores = pq @ pk.transpose(-1, -2) * scale  # [B, H, nqb, nkb]
     nqb, nkb = scores.shape[-2:]
     qb = torch.arange(nqb, device=dev).view(-1, 1)

@@ -74,7 +74,7 @@ def features(x: Tensor, p, scale: float, stabilize: str) -> tuple[Tensor, Tensor
     if p.map == "taylor":
         second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0)
         return torch.cat([torch.ones_like(x[..., :1]), x, second], -1), zero
-    w = orthogonal_features(p.features, x.shape[-1], p.seed)
+    w = orthogonal_features(p.features, x.shape[-1], p.seed).to(x.device)
     h = x @ w.T - (x * x).sum(-1, keepdim=True) / 2
     off = h.amax(-1, keepdim=True) if stabilize == "row" else h.amax((-2, -1), keepdim=True)
     return torch.exp(h - off) / math.sqrt(p.features), off
@@ -128,7 +128,10 @@ def _hybrid_window(p: Hybrid, causal: bool) -> Window:
 
 
 def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
-                               is_causal: bool = False, spec: str = "") -> Tensor:
+                               is_causal: bool = False, spec: str = "", terms=None) -> Tensor:
+    """``terms(fq, fk, v, causal, chunk) -> (num, den)`` computes the linear sums; the Triton
+    backend passes its kernels, everything around them stays this one definition."""
+    terms = terms or _linear_terms
     p = parse_variant(spec).pattern
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
@@ -140,7 +143,7 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
     fk, ok = features(k, p, scale, "all")
     vf = v.float()
     fkw = fk if w is None else fk * w
-    num, den = _linear_terms(fq, fkw, vf, is_causal, p.chunk)
+    num, den = terms(fq, fkw, vf, is_causal, p.chunk)
     if isinstance(p, Linear):
         return (num / den.clamp_min(_EPS)).to(v.dtype)
     return _hybrid(p, q, k, vf, fq, oq, fkw, ok, num, den, mask, scale, is_causal).to(v.dtype)
@@ -158,7 +161,7 @@ def _hybrid(p: Hybrid, q, k, vf, fq, oq, fkw, ok, lin_num, lin_den, mask, scale,
     layout = static_layout(_hybrid_window(p, causal), sq, sk, causal)
     bs, nqb = layout.block, layout.num_q_blocks
     nk = layout.kv_blocks.shape[-1]
-    idx = layout.kv_blocks.clamp(min=0)[0, 0]  # [nqb, K]
+    idx = layout.kv_blocks.clamp(min=0)[0, 0].to(q.device)  # [nqb, K]
     nkb = -(-sk // bs)
 
     def gather(x):
@@ -168,7 +171,7 @@ def _hybrid(p: Hybrid, q, k, vf, fq, oq, fkw, ok, lin_num, lin_den, mask, scale,
     def rows(x):
         return F.pad(x, (0, 0, 0, nqb * bs - sq)).view(b, hq, nqb, bs, x.shape[-1])
 
-    drop = layout.gathered_drop(causal)
+    drop = layout.gathered_drop(causal).to(q.device)
     scores = rows(q.float() * scale) @ gather(k.float()).transpose(-1, -2)  # [B, H, nqb, bs, K*bs]
     if mask is not None and mask.dtype != torch.bool:
         scores = scores + gather(mask.float().expand(b, hq, 1, sk).transpose(-1, -2)).transpose(-1, -2)

@@ -69,7 +69,7 @@ def _pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
         return None
     if bool(full.all()):
         return "all"
-    tril = torch.ones(sq, sk, dtype=torch.bool).tril()
+    tril = torch.ones(sq, sk, dtype=torch.bool, device=v.device).tril()
     if torch.equal(full, tril.expand_as(full)):
         return "causal"
     return None

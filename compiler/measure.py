@@ -110,7 +110,7 @@ def exact_probabilities(x: SiteInputs) -> Optional[torch.Tensor]:
     b, hq, sq, _ = x.q.shape
     if b * hq * sq * x.k.shape[2] > _MASS_LIMIT:
         return None
-    eye = torch.eye(x.k.shape[2], dtype=x.v.dtype).expand(b, x.k.shape[1], -1, -1)
+    eye = torch.eye(x.k.shape[2], dtype=x.v.dtype, device=x.v.device).expand(b, x.k.shape[1], -1, -1)
     # Attention applied to the identity "values" is the probability matrix itself.
     return attention_reference(x.q, x.k, eye, x.mask, x.scale, x.causal, x.softcap).float()
 

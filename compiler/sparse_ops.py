@@ -57,19 +57,20 @@ def run_layout(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, kv_map: Ten
     """
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
+    dev = q.device
     bs = layout.block
     nqb, nkb = -(-sq // bs), -(-sk // bs)
     qp = F.pad(q, (0, 0, 0, nqb * bs - sq)).view(b, hq, nqb, bs, d)
     kp = F.pad(k, (0, 0, 0, nkb * bs - sk)).view(b, k.shape[1], nkb, bs, d)
     vp = F.pad(v, (0, 0, 0, nkb * bs - sk)).view(b, v.shape[1], nkb, bs, dv)
 
-    blocks = layout.kv_blocks.expand(b, hq, nqb, -1)
+    blocks = layout.kv_blocks.to(dev).expand(b, hq, nqb, -1)
     nk = blocks.shape[-1]
     idx = blocks.clamp(min=0)
-    bi = torch.arange(b).view(-1, 1, 1, 1)
-    hi = kv_map.view(1, -1, 1, 1)
-    drop = layout.gathered_drop(causal)
-    pos_i, pos_j = layout.positions() if mask is not None else (None, None)
+    bi = torch.arange(b, device=dev).view(-1, 1, 1, 1)
+    hi = kv_map.to(dev).view(1, -1, 1, 1)
+    drop = layout.gathered_drop(causal).to(dev)
+    pos_i, pos_j = [x.to(dev) for x in layout.positions()] if mask is not None else (None, None)
     qs = qp * scale  # scaling q is cheaper than scaling the gathered scores (K times more)
     out = q.new_empty((b, hq, nqb, bs, dv), dtype=v.dtype)
     # A few query blocks at a time, so the gathered blocks and scores stay small and reused.
@@ -84,7 +85,7 @@ def run_layout(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, kv_map: Ten
             scores = softcap * torch.tanh(scores / softcap)
         dropped = drop[:, :, c]
         if mask is not None:
-            m = _mask_at(mask, bi.unsqueeze(-1), head_ids.view(1, -1, 1, 1, 1), pos_i[c],
+            m = _mask_at(mask, bi.unsqueeze(-1), head_ids.to(dev).view(1, -1, 1, 1, 1), pos_i[c],
                          pos_j[:, :, c].expand(b, hq, -1, -1, -1), sq, sk)
             if m.dtype == torch.bool:
                 dropped = dropped | ~m
@@ -101,7 +102,7 @@ def run_layout(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, kv_map: Ten
 def _slice_heads(mask: Optional[Tensor], heads: Tensor) -> Optional[Tensor]:
     if mask is None or mask.dim() < 3 or mask.shape[-3] == 1:
         return mask
-    return mask.index_select(mask.dim() - 3, heads)
+    return mask.index_select(mask.dim() - 3, heads.to(mask.device))
 
 
 def head_groups(pattern, hq: int):
@@ -130,8 +131,8 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
                                is_causal: bool = False, softcap: float = 0.0, spec: str = "") -> Tensor:
     pattern = parse_variant(spec).pattern
     hq, hkv = q.shape[1], k.shape[1]
-    kv_map = kv_head_map(hq, hkv)
-    groups = head_groups(pattern, hq)
+    kv_map = kv_head_map(hq, hkv).to(q.device)
+    groups = [(heads.to(q.device), pat) for heads, pat in head_groups(pattern, hq)]
     if len(groups) == 1 and groups[0][1] is not None:
         layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_map)
         return run_layout(q, k, v, layout, kv_map, mask, scale, is_causal, softcap, torch.arange(hq))
@@ -167,15 +168,17 @@ def sparse_keep_mask(q: Tensor, k: Tensor, spec: str, scale: float, causal: bool
     pattern = parse_variant(spec).pattern
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
-    kv_map = kv_head_map(hq, k.shape[1])
-    keep = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
+    dev = q.device
+    kv_map = kv_head_map(hq, k.shape[1]).to(dev)
+    keep = torch.zeros(b, hq, sq, sk, dtype=torch.bool, device=dev)
     for heads, pat in head_groups(pattern, hq):
+        heads = heads.to(dev)
         if pat is None:
-            g = torch.ones(sq, sk, dtype=torch.bool)
+            g = torch.ones(sq, sk, dtype=torch.bool, device=dev)
             keep[:, heads] = g.tril() if causal else g
         else:
             layout = layout_for(pat, q.index_select(1, heads), k, scale, causal, kv_map[heads])
-            keep[:, heads] = layout.dense_keep(causal).expand(b, len(heads), sq, sk)
+            keep[:, heads] = layout.dense_keep(causal).to(dev).expand(b, len(heads), sq, sk)
     return keep
 
 
@@ -183,9 +186,10 @@ def sparse_computed_pairs(q: Tensor, k: Tensor, spec: str, scale: float, causal:
     """Scores the reference computes per (batch, head), averaged over both."""
     pattern = parse_variant(spec).pattern
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
-    kv_map = kv_head_map(hq, k.shape[1])
+    kv_map = kv_head_map(hq, k.shape[1]).to(q.device)
     total = 0.0
     for heads, pat in head_groups(pattern, hq):
+        heads = heads.to(q.device)
         if pat is None:
             pairs = float(causal_pairs(sq, sk) if causal else sq * sk)
         else:

@@ -9,6 +9,7 @@ out independently of the library's layout code.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from compiler.sparse_ops import kv_head_map, sparse_attention_reference, sparse_
 from compiler.variants import TopK, VerticalSlash, Window, parse_variant  # noqa: E402
 from test_sparse import (blocksparse_keep, causal_keep, make_mask, make_problem, neighborhood_keep,  # noqa: E402
                          oracle, topk_keep, vslash_keep, window_keep)
-from zoo import hf_model  # noqa: E402
+from zoo import hf_model, torch_model  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOL = 1e-4
@@ -123,6 +124,34 @@ def test_split_keys_merge_to_the_reference(sq, splits, mask_kind):
         m[0] = False  # a sequence with every key masked: zeros, not NaN, through the merge
     got = attention(*on(DEVICE, q, k, v, m), scale=0.125, config=KernelConfig(16, 16), splits=splits)
     assert max_err(got, attention_reference(q, k, v, m, 0.125)) < TOL
+
+
+@pytest.mark.parametrize("mask_kind,causal,packed", [("none", False, 4), ("pad-bool", False, 4), ("pad-inf", False, 4),
+                                                    ("bool", False, None), ("none", True, None)])
+def test_decode_packs_grouped_heads_into_one_tile(mask_kind, causal, packed):
+    q, k, v, m = make_problem(19, 2, 8, 2, 2, 200, 64, 64, mask_kind)
+    info: dict = {}
+    got = attention(*on(DEVICE, q, k, v, m), scale=0.125, is_causal=causal, config=KernelConfig(16, 16), record=info)
+    assert max_err(got, attention_reference(q, k, v, m, 0.125, causal)) < TOL
+    assert info.get("packed_heads") == packed  # a per-query mask or causality needs each row's position
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocks_inner_launch_order_gives_the_same_result(causal):
+    q, k, v, m = make_problem(20, 2, 4, 2, 40, 40, 32, 32, "additive")
+    cfg = KernelConfig(16, 16, blocks_inner=True)
+    got = attention(*on(DEVICE, q, k, v, m), scale=0.25, is_causal=causal, config=cfg)
+    assert max_err(got, attention_reference(q, k, v, m, 0.25, causal)) < TOL
+    t = pattern_tables(Window(left=20, sinks=2, block=16), q, k, 0.25, causal, kv_head_map(4, 2))
+    got = sparse_attention(*on(DEVICE, q, k, v), _on_tables(t), m.to(DEVICE), 0.25, causal, config=cfg)
+    keep = window_keep(40, 40, 20, None, 2, causal).expand(2, 4, 40, 40)
+    assert max_err(got, oracle(q, k, v, keep, m, 0.25)) < TOL
+
+
+def _on_tables(t):
+    from backends.triton_attention import SparseTables
+
+    return SparseTables(t.block, *(x.to(DEVICE) for x in (t.kv_blocks, t.counts, t.kinds, t.tiles, t.order)))
 
 
 def test_merge_of_empty_splits_is_zero():
@@ -359,6 +388,19 @@ def test_whole_model_matches_the_torch_backend(kind, policy):
     assert cm.report.plan is not None and "triton" in {s.backend for s in cm._run.plan.segments}
 
 
+@pytest.mark.parametrize("kind,policy,kernel", [("encoder-causal", "linear:elu", "chunked-linear"),
+                                                ("mha", "linear:map=favor,features=16", "linear")])
+def test_linear_sites_match_the_torch_backend(kind, policy, kernel):
+    # torch's own modules: their key padding mask is a key mask in every transformers version
+    # (Hugging Face models may build a per-query mask, which linear attention refuses).
+    z = torch_model(kind)
+    model, args = z.model.to(DEVICE), tuple(a.to(DEVICE) for a in z.args)
+    cm = compiler.compile(model, args, policy, backend="triton", show_progress=False)
+    ref = compiler.compile(model, args, policy, show_progress=False)
+    assert max_err(cm(*args), ref(*args)) < TOL
+    assert all(s.lowering.startswith(kernel) for s in cm.report.sites if s.status == "rewritten")
+
+
 def test_compile_rest_keeps_our_kernels_opaque():
     z = hf_model("gpt2", "eager")
     cm, kwargs = _compile(z, "fused", "triton",
@@ -425,3 +467,28 @@ def test_masked_causal_rows_match_with_query_longer_than_keys(mask_kind):
     assert max_err(got, attention_reference(q, k, v, m, 0.25, True)) < TOL
     keep = causal_keep(40, 24)
     assert keep[30].all()  # top-left alignment: a query past the last key sees every key
+
+
+class _Qkv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).view(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum(1)
+
+
+def test_torch_compile_backend_option_runs_our_kernels():
+    from compiler.dynamo_backend import attnforge_backend, reports
+
+    torch.manual_seed(0)
+    m = _Qkv().eval().to(DEVICE)
+    x = torch.randn(2, 10, 32, device=DEVICE)
+    # The callable itself, so the test does not depend on the installed entry point.
+    backend = functools.partial(attnforge_backend, options={"policy": "fused", "backend": "triton"})
+    compiled = torch.compile(m, backend=backend)
+    with torch.no_grad():
+        assert max_err(compiled(x), m(x)) < TOL
+    assert reports[-1].lowering["format"] == "triton"
+    assert reports[-1].sites[0].lowering.startswith("fused")

@@ -77,8 +77,9 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
 
 
-def run_contenders(contenders: dict, ref_name: str, check_now: bool) -> dict:
-    """name -> (ms, error vs ref or None, status)."""
+def run_contenders(contenders: dict, ref_name: str, check_now: bool, label: str = "") -> dict:
+    """name -> (ms, error vs ref or None, status); each printed as it is measured, so a run cut
+    short still leaves its numbers."""
     out, outputs = {}, {}
     for name, fn in contenders.items():
         try:
@@ -91,16 +92,18 @@ def run_contenders(contenders: dict, ref_name: str, check_now: bool) -> dict:
         for name, res in outputs.items():
             if name != ref_name:
                 out[name][1] = check(res, outputs[ref_name])
+    for name, (ms, err, status) in out.items():
+        print(f"  {label} {name}: {'-' if ms is None else f'{ms:.3f} ms'} err={err} {status}", flush=True)
     return out
 
 
-def fused_rows(dev, dtype, sizes, b, h) -> list:
+def fused_rows(dev, dtype, sizes, b, h, head_dims) -> list:
     from backends.triton_attention import attention
     from torch.nn.attention.flex_attention import create_block_mask
 
     flex = _flex()
     rows = []
-    for d in (64, 128):
+    for d in head_dims:
         for causal in (False, True):
             for i, s in enumerate(sizes):
                 g = torch.Generator(device=dev).manual_seed(s)
@@ -113,13 +116,12 @@ def fused_rows(dev, dtype, sizes, b, h) -> list:
                     "sdpa-flash": lambda: _sdpa_flash(q, k, v, causal),
                     "attnforge": lambda: attention(q, k, v, None, scale, causal),
                     "flex": lambda: flex(q, k, v, block_mask=bm),
-                }, "sdpa-flash", i == 0)
+                }, "sdpa-flash", i == 0, f"fused d={d} causal={causal} seq={s}")
                 base = res["sdpa-flash"][0]
                 for name, (ms, err, status) in res.items():
                     rows.append(dict(table="fused", contender=name, d=d, causal=causal, seq=s, keys=s, pattern="dense",
                                      ms=ms, tflops=flops(b, h, s, s, d, causal) / ms / 1e9 if ms else None,
                                      vs_peer=base / ms if ms and base else None, err=err, status=status))
-                del q, k, v
     return rows
 
 
@@ -132,9 +134,13 @@ def _flex_from_tables(t, s, dev):
     full = valid & (t.kinds == FULL_SLOT)
     part = valid & ~full
 
+    nkb = -(-s // t.block)
+
     def lists(sel):
+        # FlexAttention reads kv_indices as [.., nkb] wide: pad our shorter lists.
         order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices
-        return sel.sum(-1).to(torch.int32), torch.gather(t.kv_blocks, -1, order).to(torch.int32)
+        picked = torch.gather(t.kv_blocks, -1, order).to(torch.int32)
+        return sel.sum(-1).to(torch.int32), torch.nn.functional.pad(picked, (0, nkb - picked.shape[-1]))
 
     pn, pi = lists(part)
     fn, fi = lists(full)
@@ -146,6 +152,7 @@ def sparse_rows(dev, dtype, sizes, windows, b, h, d, block) -> list:
     from backends.triton_attention import attention, sparse_attention
     from backends.triton_layout import pattern_tables
     from backends.triton_ops import sparse_attention as sparse_op
+    from backends.triton_schedule import SCHEDULER
     from compiler.ops import causal_pairs
     from compiler.sparse_ops import kv_head_map
     from compiler.variants import TopK, Window, parse_variant
@@ -176,8 +183,11 @@ def sparse_rows(dev, dtype, sizes, windows, b, h, d, block) -> list:
                 "flex": lambda: flex(q, k, v, block_mask=bm, scale=scale),
             }
             if isinstance(pattern, TopK):
-                contenders["attnforge kernel only"] = lambda: sparse_attention(q, k, v, t, None, scale, True)
-            res = run_contenders(contenders, "flex", i == 0)
+                sparse_op(q, k, v, None, scale, True, 0.0, spec)  # let the scheduler choose, then reuse its choice
+                tuned = next(c.config for key, c in SCHEDULER.chosen.items() if key.startswith(f"sparse|{spec}|"))
+                contenders["attnforge kernel only"] = lambda: sparse_attention(q, k, v, t, None, scale, True, 0.0,
+                                                                               tuned)
+            res = run_contenders(contenders, "flex", i == 0, f"sparse {text} seq={s} (dense {dense_ms:.3f} ms)")
             flex_ms = res["flex"][0]
             for name, (ms, err, status) in res.items():
                 speedup = dense_ms / ms if ms else None
@@ -185,7 +195,6 @@ def sparse_rows(dev, dtype, sizes, windows, b, h, d, block) -> list:
                                  ms=ms, density=density, speedup_vs_dense=speedup,
                                  of_ideal=speedup * density if speedup else None,
                                  vs_peer=flex_ms / ms if ms and flex_ms else None, err=err, status=status))
-        del q, k, v
     return rows
 
 
@@ -204,14 +213,13 @@ def decode_rows(dev, dtype, keys, b, h, hkv, d) -> list:
             "sdpa-flash": lambda: _sdpa_flash(q, k, v, False),
             "attnforge": lambda: attention(q, k, v, None, scale, False),
             "attnforge 1 split": lambda: attention(q, k, v, None, scale, False, splits=1),
-        }, "sdpa-flash", i == 0)
+        }, "sdpa-flash", i == 0, f"decode keys={s} splits={info.get('splits')}")
         base = res["sdpa-flash"][0]
         for name, (ms, err, status) in res.items():
             rows.append(dict(table="decode", contender=name, d=d, causal=False, seq=1, keys=s, pattern="dense",
                              ms=ms, splits=info.get("splits") if name == "attnforge" else (1 if "split" in name else None),
                              gbps=2 * b * hkv * s * d * q.element_size() / ms / 1e6 if ms else None,
                              vs_peer=base / ms if ms and base else None, err=err, status=status))
-        del q, k, v
     return rows
 
 
@@ -253,6 +261,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer sizes")
     p.add_argument("--smoke", action="store_true", help="tiny sizes; runs in Triton's interpreter without a GPU")
     p.add_argument("--out", default="docs", help="folder for triton_bench.csv and triton_bench.png")
+    p.add_argument("--seq", help="fused sequence lengths, e.g. 4096,16384 (default: 1k-32k)")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--sparse-seq", help="sparse sequence lengths (default 8k,16k,32k)")
+    p.add_argument("--windows", help="sparse windows (default 256,512,1024,2048)")
+    p.add_argument("--decode-keys", help="decode key lengths (default 8k-128k)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available() and not a.smoke:
         print("bench_triton: needs a CUDA GPU and none is visible; --smoke runs tiny sizes in Triton's interpreter "
@@ -261,16 +274,20 @@ def main(argv=None) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-        rows = (fused_rows(dev, dtype, [64, 96], 1, 2) + sparse_rows(dev, dtype, [128], [32], 1, 2, 32, 16)
+        rows = (fused_rows(dev, dtype, [64, 96], 1, 2, [64, 128]) + sparse_rows(dev, dtype, [128], [32], 1, 2, 32, 16)
                 + decode_rows(dev, dtype, [512], 1, 2, 1, 32))
     else:
         dtype = torch.bfloat16
-        sizes = [1024, 4096, 16384] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
-        rows = fused_rows(dev, dtype, sizes, 4, 32)
-        rows += sparse_rows(dev, dtype, [8192, 32768] if a.quick else [8192, 16384, 32768],
-                            [256, 1024] if a.quick else [256, 512, 1024, 2048], 4, 32, 128, 128)
-        rows += decode_rows(dev, dtype, [8192, 131072] if a.quick else [8192, 16384, 32768, 65536, 131072],
-                            4, 32, 8, 128)
+
+        def ints(text, default):
+            return [int(x) for x in text.split(",")] if text else default
+
+        sizes = ints(a.seq, [1024, 4096, 16384] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768])
+        rows = fused_rows(dev, dtype, sizes, 4, 32, ints(a.head_dims, [64, 128]))
+        rows += sparse_rows(dev, dtype, ints(a.sparse_seq, [8192, 32768] if a.quick else [8192, 16384, 32768]),
+                            ints(a.windows, [256, 1024] if a.quick else [256, 512, 1024, 2048]), 4, 32, 128, 128)
+        rows += decode_rows(dev, dtype, ints(a.decode_keys, [8192, 131072] if a.quick else
+                                             [8192, 16384, 32768, 65536, 131072]), 4, 32, 8, 128)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cols = ["table", "contender", "d", "causal", "seq", "keys", "pattern", "ms", "tflops", "density",
