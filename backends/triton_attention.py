@@ -12,6 +12,10 @@ tiles it walks:
   bounds and causality to apply) or names a precomputed keep tile (a window edge, a diagonal,
   a grid neighbourhood). One kernel therefore serves every sparse pattern and per-head mixes.
 
+For decode, the query heads that share a kv head are packed as the rows of one tile (when no
+row's position matters: no causality, a key mask at most), so the cache is read once per kv
+head.
+
 The key/value head is ``h // GROUP`` (grouped-query attention without repeating K/V). Masks
 are read through strides, so a broadcast mask ([Sq, Sk], [B, 1, 1, Sk], ...) is never
 materialised. Rows that keep no key produce zeros, never NaN.
@@ -69,11 +73,12 @@ def _attention_fwd(
     PRECISION: tl.constexpr,
     BLOCKS_INNER: tl.constexpr,  # launch order: a head's query blocks side by side (K/V shared in L2)
 ):
+    # int64: batch and head offsets can pass 2**31 elements.
     if BLOCKS_INNER:
         slot = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
     else:
-        bh = tl.program_id(0).to(tl.int64)  # batch and head offsets can pass 2**31 elements
+        bh = tl.program_id(0).to(tl.int64)
         slot = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // HQ
