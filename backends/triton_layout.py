@@ -13,7 +13,6 @@ reads its list width back once per call.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -118,8 +117,7 @@ def pattern_tables(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv
         layout = BlockLayout(pattern.block, sq, sk, block_lists(bm, topk_width(pattern, sk, causal)))
         return tables_from_layout(layout, causal)
     if isinstance(pattern, VerticalSlash):
-        return tables_from_layout(vslash_layout(pattern, q, k.index_select(1, kv_map.to(k.device)), scale, causal),
-                                  causal)
+        return tables_from_layout(vslash_layout(pattern, q, k.index_select(1, kv_map), scale, causal), causal)
     if pattern is None:
         raise ValueError("an exact head group has no block size of its own")
     return _static_tables(pattern, sq, sk, causal, str(q.device))
@@ -142,7 +140,6 @@ def merge_heads(parts: list[tuple[Tensor, SparseTables]], b: int, hq: int) -> Sp
     order = torch.zeros(bl, hq, nqb, dtype=torch.int32, device=dev)
     tiles, offset = [], 0
     for heads, t in parts:
-        heads = heads.to(dev)
         n = len(heads)
         tk = t.kinds
         kv[:, heads] = _widen(t.kv_blocks, nk, 0).expand(bl, n, nqb, nk)
@@ -154,14 +151,14 @@ def merge_heads(parts: list[tuple[Tensor, SparseTables]], b: int, hq: int) -> Sp
     return SparseTables(block, kv, counts, kinds, torch.cat(tiles), order)
 
 
-def sparse_tables(spec: str, q: Tensor, k: Tensor, scale: float, causal: bool) -> Optional[list]:
+def sparse_tables(spec: str, q: Tensor, k: Tensor, scale: float, causal: bool) -> list:
     """[(head indices or None for all, tables)] for a sparse spec: one entry when every group
     shares a block size (one launch serves the mix), else one per group."""
     pattern = parse_variant(spec).pattern
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
-    kv_map = kv_head_map(hq, k.shape[1])
-    groups = head_groups(pattern, hq)
+    kv_map = kv_head_map(hq, k.shape[1], q.device)
+    groups = head_groups(pattern, hq, q.device)
     blocks = {pat.block for _, pat in groups if pat is not None}
     if len(groups) == 1:
         return [(None, pattern_tables(groups[0][1], q, k, scale, causal, kv_map))]
@@ -172,11 +169,11 @@ def sparse_tables(spec: str, q: Tensor, k: Tensor, scale: float, causal: bool) -
             if pat is None:
                 t = tables_from_layout(_dense_layout(block, sq, sk, causal, q.device), causal)
             else:
-                t = pattern_tables(pat, q.index_select(1, heads.to(q.device)), k, scale, causal, kv_map[heads])
+                t = pattern_tables(pat, q.index_select(1, heads), k, scale, causal, kv_map[heads])
             parts.append((heads, t))
         return [(None, merge_heads(parts, b, hq))]
     out = []
     for heads, pat in groups:
-        qh = q.index_select(1, heads.to(q.device))
+        qh = q.index_select(1, heads)
         out.append((heads, None if pat is None else pattern_tables(pat, qh, k, scale, causal, kv_map[heads])))
     return out

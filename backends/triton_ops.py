@@ -81,9 +81,8 @@ def _sparse(q, k, v, mask, scale, is_causal, softcap, spec, info: dict) -> Tenso
     # Head groups with different block sizes: one launch per group, each group's kv heads
     # gathered so that the kernel's head mapping holds inside the group.
     out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype)
-    kv_map = kv_head_map(q.shape[1], k.shape[1]).to(q.device)
+    kv_map = kv_head_map(q.shape[1], k.shape[1], q.device)
     for heads, tables in entries:
-        heads = heads.to(q.device)
         qh, kh, vh = q.index_select(1, heads), k.index_select(1, kv_map[heads]), v.index_select(1, kv_map[heads])
         mh = _slice_heads(mask, heads)
         o = fused_kernel(qh, kh, vh, mh, scale, is_causal, softcap) if tables is None else run(qh, kh, vh, tables, mh)

@@ -23,8 +23,8 @@ from compiler.ops import attention_reference, causal_pairs
 from compiler.variants import HeadMix, TopK, VerticalSlash, parse_variant
 
 
-def kv_head_map(hq: int, hkv: int) -> Tensor:
-    return torch.arange(hq) // (hq // hkv)
+def kv_head_map(hq: int, hkv: int, device=None) -> Tensor:
+    return torch.arange(hq, device=device) // (hq // hkv)
 
 
 def layout_for(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> BlockLayout:
@@ -68,7 +68,7 @@ def run_layout(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, kv_map: Ten
     nk = blocks.shape[-1]
     idx = blocks.clamp(min=0)
     bi = torch.arange(b, device=dev).view(-1, 1, 1, 1)
-    hi = kv_map.to(dev).view(1, -1, 1, 1)
+    hi = kv_map.view(1, -1, 1, 1)
     drop = layout.gathered_drop(causal).to(dev)
     pos_i, pos_j = [x.to(dev) for x in layout.positions()] if mask is not None else (None, None)
     qs = qp * scale  # scaling q is cheaper than scaling the gathered scores (K times more)
@@ -85,7 +85,7 @@ def run_layout(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, kv_map: Ten
             scores = softcap * torch.tanh(scores / softcap)
         dropped = drop[:, :, c]
         if mask is not None:
-            m = _mask_at(mask, bi.unsqueeze(-1), head_ids.to(dev).view(1, -1, 1, 1, 1), pos_i[c],
+            m = _mask_at(mask, bi.unsqueeze(-1), head_ids.view(1, -1, 1, 1, 1), pos_i[c],
                          pos_j[:, :, c].expand(b, hq, -1, -1, -1), sq, sk)
             if m.dtype == torch.bool:
                 dropped = dropped | ~m
@@ -102,13 +102,13 @@ def run_layout(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, kv_map: Ten
 def _slice_heads(mask: Optional[Tensor], heads: Tensor) -> Optional[Tensor]:
     if mask is None or mask.dim() < 3 or mask.shape[-3] == 1:
         return mask
-    return mask.index_select(mask.dim() - 3, heads.to(mask.device))
+    return mask.index_select(mask.dim() - 3, heads)
 
 
-def head_groups(pattern, hq: int):
-    """[(head index tensor, pattern or None for exact)] covering every head once."""
+def head_groups(pattern, hq: int, device=None):
+    """[(head index tensor on ``device``, pattern or None for exact)] covering every head once."""
     if not isinstance(pattern, HeadMix):
-        return [(torch.arange(hq), pattern)]
+        return [(torch.arange(hq, device=device), pattern)]
     out, claimed = [], set()
     for heads, var in pattern.groups:
         if heads is not None:
@@ -119,7 +119,7 @@ def head_groups(pattern, hq: int):
     for heads, var in pattern.groups:
         hs = [h for h in range(hq) if h not in claimed] if heads is None else list(heads)
         if hs:
-            out.append((torch.tensor(hs), var.pattern if var.kind == "sparse" else None))
+            out.append((torch.tensor(hs, device=device), var.pattern if var.kind == "sparse" else None))
     covered = sorted(int(h) for hs, _ in out for h in hs)
     if covered != list(range(hq)):
         missing = sorted(set(range(hq)) - set(covered))
@@ -131,11 +131,11 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
                                is_causal: bool = False, softcap: float = 0.0, spec: str = "") -> Tensor:
     pattern = parse_variant(spec).pattern
     hq, hkv = q.shape[1], k.shape[1]
-    kv_map = kv_head_map(hq, hkv).to(q.device)
-    groups = [(heads.to(q.device), pat) for heads, pat in head_groups(pattern, hq)]
+    kv_map = kv_head_map(hq, hkv, q.device)
+    groups = head_groups(pattern, hq, q.device)
     if len(groups) == 1 and groups[0][1] is not None:
         layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_map)
-        return run_layout(q, k, v, layout, kv_map, mask, scale, is_causal, softcap, torch.arange(hq))
+        return run_layout(q, k, v, layout, kv_map, mask, scale, is_causal, softcap, torch.arange(hq, device=q.device))
     out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype)
     for heads, pat in groups:
         qh, kvh = q.index_select(1, heads), kv_map[heads]
@@ -169,10 +169,9 @@ def sparse_keep_mask(q: Tensor, k: Tensor, spec: str, scale: float, causal: bool
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     dev = q.device
-    kv_map = kv_head_map(hq, k.shape[1]).to(dev)
+    kv_map = kv_head_map(hq, k.shape[1], dev)
     keep = torch.zeros(b, hq, sq, sk, dtype=torch.bool, device=dev)
-    for heads, pat in head_groups(pattern, hq):
-        heads = heads.to(dev)
+    for heads, pat in head_groups(pattern, hq, dev):
         if pat is None:
             g = torch.ones(sq, sk, dtype=torch.bool, device=dev)
             keep[:, heads] = g.tril() if causal else g
@@ -186,10 +185,9 @@ def sparse_computed_pairs(q: Tensor, k: Tensor, spec: str, scale: float, causal:
     """Scores the reference computes per (batch, head), averaged over both."""
     pattern = parse_variant(spec).pattern
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
-    kv_map = kv_head_map(hq, k.shape[1]).to(q.device)
+    kv_map = kv_head_map(hq, k.shape[1], q.device)
     total = 0.0
-    for heads, pat in head_groups(pattern, hq):
-        heads = heads.to(q.device)
+    for heads, pat in head_groups(pattern, hq, q.device):
         if pat is None:
             pairs = float(causal_pairs(sq, sk) if causal else sq * sk)
         else:

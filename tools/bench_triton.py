@@ -169,7 +169,7 @@ def sparse_rows(dev, dtype, sizes, windows, b, h, d, block) -> list:
         patterns.append((f"topk:blocks=8,block={block}", TopK(blocks=8, block=block)))
         for text, pattern in patterns:
             spec = parse_variant(text).text
-            t = pattern_tables(pattern, q, k, scale, True, kv_head_map(h, h).to(dev))
+            t = pattern_tables(pattern, q, k, scale, True, kv_head_map(h, h, dev))
             kept = float(t.counts.double().sum(-1).mean()) * block * block
             density = kept / causal_pairs(s, s)
             if isinstance(pattern, Window):
