@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +41,16 @@ COPY_BYTES_PER_US = 5_000.0  # ~5 GB/s: a conservative single-stream host memcpy
 SWITCH_US = 30.0
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def segment_device(segment_backend: str, plan_backend: str) -> str:
     """Where a segment's values live: torch runs beside Triton on its GPU, and Triton's
     interpreter runs on the host."""
     if plan_backend == "triton":
-        import os
-
-        return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+        return "cpu" if interpreting() else "cuda"
     return CAPABILITIES[segment_backend].device
 
 

@@ -25,6 +25,7 @@ from backends.onnx_sparse import sparse_translation
 from compiler.errors import AttnforgeError, BackendError
 from compiler.linear_ops import LINEAR_ATTENTION
 from compiler.ops import ATTENTION_OPS
+from compiler.site import SITE_META
 from compiler.sparse_ops import SPARSE_ATTENTION
 
 OPSET = 23  # the first opset with the standard Attention op; ORT 1.31 loads up to 26
@@ -34,7 +35,6 @@ TRANSLATIONS = {
     SPARSE_ATTENTION: sparse_translation,
     LINEAR_ATTENTION: linear_translation,
 }
-SITE_META = "attnforge_site"
 
 
 @dataclass

@@ -8,19 +8,19 @@ kernels run on CPU tensors in Triton's interpreter: that is how the tests check 
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
+from backends.capabilities import interpreting
 from backends.planner import fitting_plan
 from backends.torch_backend import TorchProgram
 from compiler.errors import BackendError
 from compiler.plan import Plan
+from compiler.site import SITE_META
 
-SITE_META = "attnforge_site"
 OPTIONS = ("compile_rest",)
 
 
@@ -29,8 +29,8 @@ def unavailable_reason() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return "backend 'triton' needs the triton package: pip install 'attnforge[triton]'"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "backend 'triton' needs the triton package: pip install triton"
+    if interpreting():
         return None
     if not torch.cuda.is_available():
         return ("backend 'triton' needs a CUDA GPU and none is visible; use backend='torch' or "
@@ -76,7 +76,7 @@ class TritonProgram(TorchProgram):
         return out
 
     def summary(self) -> dict:
-        from backends.triton_schedule import SCHEDULER, interpreting
+        from backends.triton_schedule import SCHEDULER
 
         dev = "interpreter (CPU)" if interpreting() else torch.cuda.get_device_name()
         return {"format": "triton", "device": dev, "compile_rest": self.compile_rest or False,

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from backends.capabilities import interpreting
+
 CACHE_ENV = "ATTNFORGE_CACHE_DIR"
 MAX_SPLITS = 64
 
@@ -34,10 +36,6 @@ class KernelConfig:
         order = "blocks" if self.blocks_inner else "heads"
         return (f"block_m={self.block_m} block_n={self.block_n} warps={self.num_warps} stages={self.num_stages} "
                 f"inner={order}")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dense_candidates(head_dim: int) -> list[KernelConfig]:

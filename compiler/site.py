@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 from torch import fx
 
+SITE_META = "attnforge_site"  # node.meta key: the site id an attnforge op node came from
+
 
 @dataclass
 class AttentionSite:

@@ -15,10 +15,9 @@ from torch import fx
 
 from compiler.builder import Builder
 from compiler.graph import aten, dtype, hint, same_shape, sym_shape
-from compiler.site import Operand, SiteMatch
+from compiler.site import SITE_META, Operand, SiteMatch
 
 ATTENTION = torch.ops.attnforge.attention.default
-SITE_META = "attnforge_site"  # the site id a fused node came from, for later passes
 
 
 class NotRewritable(Exception):

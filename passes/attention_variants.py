@@ -16,11 +16,11 @@ from compiler.block_layout import grid_of
 from compiler.builder import Builder
 from compiler.errors import PolicyError
 from compiler.graph import shape
-from compiler.site import AttentionSite
+from compiler.site import SITE_META, AttentionSite
 from compiler.linear_ops import LINEAR_ATTENTION
 from compiler.sparse_ops import SPARSE_ATTENTION, head_groups
 from compiler.variants import HeadMix, Neighborhood, Variant
-from passes.attention_fusion import ATTENTION, SITE_META
+from passes.attention_fusion import ATTENTION
 
 
 
