@@ -13,7 +13,6 @@ The pass only describes; ``attention_fusion`` rewrites.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,7 +46,7 @@ from compiler.masks import (
     split_causal_masked,
 )
 from compiler.ops import default_scale
-from compiler.site import AttentionSite, Operand, SiteMatch
+from compiler.site import AttentionSite, Operand, SiteMatch, layer_of
 
 SOFTMAX = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
 SDPA = overloads(aten.scaled_dot_product_attention)
@@ -130,11 +129,6 @@ def _dropout_inactive(node: fx.Node) -> bool:
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
     return p == 0 or train is False
-
-
-def _layer_index(path: str) -> Optional[int]:
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-    return int(m.group(1)) if m else None
 
 
 class _Matcher:
@@ -506,7 +500,7 @@ class _Matcher:
             causal=causal,
             mask_kind=kind,
             dtype=str(dtype(q_op.node)).replace("torch.", ""),
-            layer=_layer_index(path),
+            layer=layer_of(path),
             notes=notes,
         )
         return SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)

@@ -31,6 +31,7 @@ The pass only rewrites; it does not verify numerics (tests compare against onnxr
 
 from __future__ import annotations
 
+import ast
 import math
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class OnnxSite:
     node: str
     source: str
     removed_nodes: list[str] = field(default_factory=list)
+    module: str = ""  # module path of the anchor, "" when the file does not record one
     q_heads: Optional[int] = None
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -83,6 +85,24 @@ class OnnxFusionResult:
     sites: list[OnnxSite] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def _module_path(node: ir.Node) -> str:
+    """The PyTorch module an exported node came from: the dynamo exporter records the name scopes
+    (``['', 'encoder', 'encoder.layer.0', ..., 'softmax']``), the TorchScript exporter names nodes
+    by scope (``/encoder/layer.0/attention/self/Softmax``)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = []
+        if len(names) >= 2 and isinstance(names[-2], str):
+            return names[-2]
+    name = node.name or ""
+    if name.startswith("/"):
+        return ".".join(p for p in name.split("/")[:-1] if p)
+    return ""
 
 
 class _Reject(Exception):
@@ -624,7 +644,7 @@ class _Fuser:
                 old.name = None
                 new.name = name
         site = OnnxSite(
-            id=site_id, node=attn.name, source=source, removed_nodes=removed,
+            id=site_id, node=attn.name, source=source, removed_nodes=removed, module=_module_path(b.anchor),
             q_heads=_int_dim(q4, 1), kv_heads=_int_dim(k4, 1), head_dim=_int_dim(q4, 3),
             is_causal=causal, mask=mask_kind, scale=scale, softcap=softcap,
         )
