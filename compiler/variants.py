@@ -36,9 +36,9 @@ variants (DuoAttention's retrieval and streaming heads).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Optional
 
 from compiler.errors import PolicyError
 
@@ -113,9 +113,6 @@ class Hybrid:
 class HeadMix:
     groups: tuple  # ((heads or None for "*", Variant), ...)
 
-
-SparsePattern = Union[Window, BlockSparse, TopK, VerticalSlash, Neighborhood, HeadMix]
-LinearPattern = Union[Linear, Hybrid]
 
 _PATTERNS = {
     "window": (Window, "left"),
@@ -360,7 +357,3 @@ def resolve_right(p: Window, causal: bool) -> int:
         return p.right
     return 0 if causal else p.left
 
-
-def with_block(p, block: int):
-    """The same pattern at another block size (calibration tries a few)."""
-    return replace(p, block=block) if hasattr(p, "block") else p
