@@ -413,7 +413,8 @@ class _Matcher:
         if is_op(product, BADDBMM):
             beta = float(product.kwargs.get("beta", 1.0))
             alpha = float(product.kwargs.get("alpha", 1.0))
-            terms.append((product.args[0], const * beta, list(tfs)))
+            if beta != 0.0:  # beta == 0: baddbmm never reads its input (often torch.empty)
+                terms.append((product.args[0], const * beta, list(tfs)))
         xq, xk = product.args[-2], product.args[-1]
         qk_batch = shape(product)[:-2]
         fb = qk_batch if is_op(product, MATMUL) else None
