@@ -25,6 +25,8 @@ class PassContext:
     subgraphs: dict = field(default_factory=dict)  # site id -> its matched subgraph (compiler.explain)
     variants: dict = field(default_factory=dict)  # site id -> compiler.variants.Variant
     variant_result: object = None  # passes.attention_variants.VariantResult
+    skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
+    verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
 
 
 @dataclass
@@ -40,6 +42,8 @@ class PassManager:
     def run(self, ctx: PassContext) -> list[PassRecord]:
         records = []
         for p in self.passes:
+            if p.name in ctx.skip_passes:
+                continue
             before = count_nodes(ctx.ep.graph_module)
             t0 = time.perf_counter()
             details = p.run(ctx) or {}
