@@ -155,8 +155,9 @@ def _site_checks(ctx: PassContext, checks: list) -> tuple[dict[str, str], dict[s
         live = [sid for sid in f.rewritten if sid not in bad]
         if not live:
             break
-        ref = verify.node_values(ctx.before_fusion, args, kwargs, [f.output_nodes[sid] for sid in live])
-        forced = {f.site_outputs[sid]: ref[f.output_nodes[sid]] for sid in live if f.output_nodes[sid] in ref}
+        # Every site, bad ones too, continues from the original's value: each is checked alone.
+        ref = verify.node_values(ctx.before_fusion, args, kwargs, [f.output_nodes[sid] for sid in f.rewritten])
+        forced = {f.site_outputs[sid]: ref[f.output_nodes[sid]] for sid in f.rewritten if f.output_nodes[sid] in ref}
         try:
             new = verify.forced_values(ctx.ep, args, kwargs, forced)
         except verify.RunFailure as e:
@@ -199,6 +200,15 @@ def _site_upstream_of(ctx: PassContext, node_name: str) -> Optional[str]:
     return best[0] if best else None
 
 
+def _failing_site(ctx: PassContext, args, kwargs) -> Optional[str]:
+    """The site nearest upstream of where the rewritten program raises, if any."""
+    try:
+        verify.forced_values(ctx.ep, args, kwargs, {})
+    except verify.RunFailure as e:
+        return _site_upstream_of(ctx, e.node)
+    return None
+
+
 # Passes that may be left out when the program they leave fails end-to-end verification.
 CLEANUP_PASSES = frozenset({"constant_folding", "common_subexpression_elimination", "layout_cleanup"})
 
@@ -235,6 +245,10 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ref
                     failure = f"outputs differ by {cmp['max_abs_error']:.2e} (over tolerance {cmp['tolerance']:.1e})"
             except Exception as e:  # noqa: BLE001 - a program that does not run fails verification
                 failure = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                sid = _failing_site(ctx, args, kwargs)
+                if sid is not None:
+                    excluded[sid] = f"the rewritten program fails on the example inputs ({failure}); rolled back"
+                    continue
         if failure is None:
             ctx.verification = {"inputs": [c[0] for c in checks], "passes_left_out": sorted(skipped_passes)}
             return ctx, records, excluded, site_err

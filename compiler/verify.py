@@ -235,7 +235,7 @@ def verification_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[
         node = nodes.get(getattr(spec.arg, "name", None))
         if isinstance(x, torch.Tensor) and node is not None and isinstance(node.meta.get("val"), torch.Tensor):
             fake_of[id(x)] = node.meta["val"]
-    tree = (args, reorder_kwargs(kwargs, ep.call_spec.in_spec.children_specs[1]) if kwargs else kwargs)
+    tree = (args, reorder_kwargs(kwargs, ep.call_spec.in_spec) if kwargs else kwargs)
     leaves, spec = pytree.tree_flatten(tree)
     masks = {i: _mask_fill_value(x) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
     has_mask = any(v is not None for v in masks.values())

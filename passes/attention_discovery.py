@@ -408,7 +408,7 @@ class _Matcher:
                 split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
-                if split.causal:
+                if split.causal and fill != float("-inf"):
                     finite.append(([(r, False) for r in split.residual], bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))

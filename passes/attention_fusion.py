@@ -161,10 +161,8 @@ def _uniform_rows(build: Builder, fused: fx.Node, v: fx.Node, rest: list, batch_
     any_kept = build(aten.unsqueeze.default, any_kept, -1)
     mean = build(aten.mean.dim, v, [-2], True)  # [B, Hkv, 1, Dv]
     hkv = sym_shape(v)[1]
-    if hkv != hq:
-        bs = sym_shape(mean)
-        mean = build(aten.expand.default, build(aten.unsqueeze.default, mean, 2), [bs[0], hkv, hq // hkv, 1, bs[-1]])
-        mean = build(aten.reshape.default, mean, [bs[0], hq, 1, bs[-1]])
+    if hkv != hq:  # query head h reads kv head h // (hq // hkv)
+        mean = build(aten.repeat_interleave.self_int, mean, hq // hkv, 1)
     return build(aten.where.self, any_kept, fused, mean)
 
 
@@ -209,15 +207,20 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch) -> tuple[fx.Node, fx.Node]:
         value = _uniform_rows(build, fused, v, m.extra["full_rows"], m.batch_heads)
     out = _match_strides(build, _match_output(build, value, m.output), m.output)
     m.output.replace_all_uses_with(out)
+    m.extra["replaced_by"] = out
     return fused, value
 
 
 def fuse_attention(gm: fx.GraphModule, matches: list[SiteMatch], selected: set[str]) -> FusionResult:
     """Rewrite the sites whose id is in ``selected``; the graph is left for DCE."""
     res = FusionResult()
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's old output -> what replaced it
     for m in matches:
         if m.site.id not in selected:
             continue
+        for op in (m.q, m.k, m.v):  # a site may read the output of one rewritten before it
+            op.node = replaced.get(op.node, op.node)
+        m.scale_tensors = [(replaced.get(c, c), kind) for c, kind in m.scale_tensors]
         try:
             fused, value = rewrite_site(gm, m)
         except NotRewritable as e:
@@ -231,6 +234,7 @@ def fuse_attention(gm: fx.GraphModule, matches: list[SiteMatch], selected: set[s
         res.fused_nodes[m.site.id] = fused.name
         res.output_nodes[m.site.id] = m.output.name
         res.site_outputs[m.site.id] = value.name
+        replaced[m.output] = m.extra["replaced_by"]
     gm.graph.lint()
     gm.recompile()
     return res
