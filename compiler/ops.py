@@ -74,7 +74,12 @@ def attention_reference(
         scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H, Sq, Sk]
     # Softmax in fp32 (fp64 for fp64 inputs) whatever the input dtype, as the models we replace do.
     cdt = softmax_dtype(q.dtype)
-    scores = scores.to(cdt) * scale
+    if scores.dtype != cdt:
+        # fp16/bf16: the models we replace scale in their own precision (``q @ k^T * s``), then
+        # upcast for the softmax; rounding where they round keeps us within their noise.
+        scores = (scores * scale).to(cdt)
+    else:
+        scores = scores * scale
     if softcap > 0.0:
         scores = softcap * torch.tanh(scores / softcap)
     keep = None

@@ -358,3 +358,28 @@ def test_chained_sites_both_rewritten():
     assert sum(n.target == ATTN for n in cm.exported_program.graph.nodes) == 2
     assert "aten.softmax.int" not in {str(n.target) for n in cm.exported_program.graph.nodes}
     assert max_err(_eager(m, q, k, v), cm(q, k, v)) <= 1e-5
+
+
+class LowPrecisionHF(nn.Module):
+    """HF eager in bf16/fp16: scale and mask in the model's dtype, softmax in fp32, back to the dtype."""
+
+    def forward(self, q, k, v, attention_mask):
+        s = torch.matmul(q, k.transpose(2, 3)) * (1 / math.sqrt(q.shape[-1]))
+        keep = attention_mask[:, None, None, :].bool()
+        s = s + torch.where(keep, _scalar(0.0, s), _scalar(torch.finfo(s.dtype).min, s))
+        return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_low_precision_site_rounds_like_the_model(dt):
+    m = LowPrecisionHF()
+    q, k, v = (torch.randn(2, 2, 32, 24, generator=_g(i)).mul(2).to(dt) for i in (1, 2, 3))
+    mask = _right_padded(2, 32)
+    cm = compiler.compile(m, (q, k, v, mask))
+    site = cm.report.sites[0]
+    if site.status == "rewritten":
+        # Rounding where the model rounds: far inside the dtype's tolerance (fp32 scaling was ~5e-2 off in bf16).
+        assert max_err(_eager(m, q, k, v, mask).float(), cm(q, k, v, mask).float()) <= 1e-2
+    else:  # fp16's finfo.min does not absorb scores: fully padded rows are not uniform in the model
+        assert dt == torch.float16 and "fully masked" in site.reason, _statuses(cm)
+    assert max_err(_eager(m, q, k, v, mask).float(), cm(q, k, v, mask).float()) <= 1e-2
