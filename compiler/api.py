@@ -156,7 +156,12 @@ def _site_checks(ctx: PassContext, checks: list) -> tuple[dict[str, str], dict[s
         if not live:
             break
         # Every site, bad ones too, continues from the original's value: each is checked alone.
-        ref = verify.node_values(ctx.before_fusion, args, kwargs, [f.output_nodes[sid] for sid in f.rewritten])
+        try:
+            ref = verify.node_values(ctx.before_fusion, args, kwargs, [f.output_nodes[sid] for sid in f.rewritten])
+        except verify.RunFailure:
+            if i == 0:
+                raise  # the cleaned-up program itself does not run: its passes are at fault
+            continue
         forced = {f.site_outputs[sid]: ref[f.output_nodes[sid]] for sid in f.rewritten if f.output_nodes[sid] in ref}
         try:
             new = verify.forced_values(ctx.ep, args, kwargs, forced)

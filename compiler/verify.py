@@ -65,19 +65,6 @@ def run(ep: ExportedProgram, args: tuple, kwargs: dict):
         return ep.module()(*args, **kwargs)
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, names: set[str]):
-        super().__init__(gm)
-        self.names = names
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out
-        return out
-
-
 class RunFailure(Exception):
     """Running a program raised at ``node`` (a name in its graph)."""
 
@@ -85,6 +72,24 @@ class RunFailure(Exception):
         first = (str(error).strip().splitlines() or [""])[0][:200]
         super().__init__(f"{type(error).__name__} at {node}: {first}")
         self.node = node
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n):
+        try:
+            out = super().run_node(n)
+        except RunFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported with the node it happened at
+            raise RunFailure(n.name, e) from e
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
 
 
 class _Forcing(_Recorder):
@@ -97,12 +102,7 @@ class _Forcing(_Recorder):
         self.forced = forced
 
     def run_node(self, n):
-        try:
-            out = super().run_node(n)
-        except RunFailure:
-            raise
-        except Exception as e:  # noqa: BLE001 - reported with the node it happened at
-            raise RunFailure(n.name, e) from e
+        out = super().run_node(n)
         ref = self.forced.get(n.name)
         if ref is not None and isinstance(out, torch.Tensor):
             if tuple(ref.shape) != tuple(out.shape):
@@ -221,13 +221,18 @@ def verification_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[
     with one batch row fully masked; floats get fresh values; dynamic dims another length.
     Sets the original program does not accept are dropped.
     """
-    from torch.export._tree_utils import reorder_kwargs
-
     out = [("example inputs", args, kwargs)]
     try:
-        flat, _ = ep._get_flat_args_with_check(args, kwargs)
-    except Exception:
+        return out + _uncovered_inputs(ep, args, kwargs)
+    except Exception:  # noqa: BLE001 - inputs we cannot build are not checks; the example still is
         return out
+
+
+def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tuple[str, tuple, dict]]:
+    from torch.export._tree_utils import reorder_kwargs
+
+    out = []
+    flat, _ = ep._get_flat_args_with_check(args, kwargs)
     users = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     fake_of = {}

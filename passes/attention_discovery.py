@@ -586,4 +586,8 @@ def discover(ep: ExportedProgram) -> Discovery:
                 idx += 1
         except NotAttention as e:
             out.rejected.append({"node": node.name, "module": module_path(node), "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - a form the matcher trips on stays dense, with why
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            out.rejected.append({"node": node.name, "module": module_path(node),
+                                 "reason": f"matcher failed ({type(e).__name__}: {first}); left dense"})
     return out

@@ -383,3 +383,17 @@ def test_low_precision_site_rounds_like_the_model(dt):
     else:  # fp16's finfo.min does not absorb scores: fully padded rows are not uniform in the model
         assert dt == torch.float16 and "fully masked" in site.reason, _statuses(cm)
     assert max_err(_eager(m, q, k, v, mask).float(), cm(q, k, v, mask).float()) <= 1e-2
+
+
+def test_a_matcher_failure_leaves_the_softmax_dense_with_the_reason(monkeypatch):
+    from passes.attention_discovery import _Matcher
+
+    def broken(self, node, idx):
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(_Matcher, "match_softmax", broken)
+    m = ChainedSites()
+    q, k, v = _qkv()
+    cm = compiler.compile(m, (q, k, v))
+    assert cm.report.sites == [] and all("matcher failed" in r["reason"] for r in cm.report.rejected)
+    assert max_err(_eager(m, q, k, v), cm(q, k, v)) <= 1e-5
