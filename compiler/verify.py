@@ -144,10 +144,11 @@ def _mask_fill_value(x: torch.Tensor):
     if x.dim() == 0 or x.numel() < 2:
         return None
     if x.dtype == torch.bool:
-        return False
+        return False if bool(x.any()) else None
     values = torch.unique(x)
     if not x.is_floating_point() and not x.is_complex():
-        return 0 if bool(((values == 0) | (values == 1)).all()) else None
+        # all zeros is an id tensor (token_type_ids), not a mask that keeps nothing
+        return 0 if bool(((values == 0) | (values == 1)).all()) and bool((values == 1).any()) else None
     if x.is_floating_point():
         vals = [float(v) for v in values]
         if len(vals) <= 2 and 0.0 in vals:
