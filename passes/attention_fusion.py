@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from compiler.builder import Builder
-from compiler.graph import aten, dtype, hint, same_shape, sym_shape, val
+from compiler.graph import aten, dtype, hint, is_op, overloads, same_shape, sym_shape, val
 from compiler.ops import softmax_dtype
 from compiler.site import SITE_META, Operand, SiteMatch
 
@@ -166,11 +166,31 @@ def _uniform_rows(build: Builder, fused: fx.Node, v: fx.Node, rest: list, batch_
     return build(aten.where.self, any_kept, fused, mean)
 
 
+_STRIDED_VIEWS = overloads(aten.transpose, aten.permute, aten.unsqueeze, aten.squeeze, aten.expand, aten.alias,
+                           aten.slice, aten.select, aten.detach)
+_NEEDS_STRIDES = overloads(aten.view, aten._unsafe_view, aten.as_strided)
+
+
+def _viewed_by_strides(node: fx.Node) -> bool:
+    """Whether a consumer reinterprets ``node``'s memory (``view``), through views of it."""
+    todo, seen = list(node.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_op(u, _NEEDS_STRIDES):
+            return True
+        if is_op(u, _STRIDED_VIEWS):
+            todo.extend(u.users)
+    return False
+
+
 def _match_strides(build: Builder, out: fx.Node, target: fx.Node) -> fx.Node:
-    """Give ``out`` the strides the replaced node had: consumers may ``view`` it (export drops a
-    ``.contiguous()`` that was a no-op on the original layout)."""
+    """Give ``out`` the strides the replaced node had when a consumer ``view``s it (export drops a
+    ``.contiguous()`` that was a no-op on the original layout); one copy, only then."""
     want, got = val(target), val(out)
-    if not isinstance(want, torch.Tensor) or want.dim() < 2:
+    if not isinstance(want, torch.Tensor) or want.dim() < 2 or not _viewed_by_strides(target):
         return out
     ws = [hint(x) for x in want.stride()]
     if ws == [hint(x) for x in got.stride()] or not is_contiguous_strides(ws, [hint(x) for x in want.shape]):
