@@ -398,3 +398,17 @@ def test_a_matcher_failure_leaves_the_softmax_dense_with_the_reason(monkeypatch)
     cm = compiler.compile(m, (q, k, v))
     assert cm.report.sites == [] and all("matcher failed" in r["reason"] for r in cm.report.rejected)
     assert max_err(_eager(m, q, k, v), cm(q, k, v)) <= 1e-5
+
+
+def test_dynamic_lengths_are_verified_too():
+    m = CausalPadAdditive()
+    q, k, v = _qkv()
+    seq = torch.export.Dim("seq", min=2, max=16)
+    dyn = ({2: seq}, {2: seq}, {2: seq}, {1: seq})
+    cm = compiler.compile(m, (q, k, v, _right_padded()), dynamic_shapes=dyn)
+    assert "another length (each site)" in cm.report.fidelity.checked_inputs
+    assert [s.status for s in cm.report.sites] == ["rewritten"], _statuses(cm)
+    q, k, v = _qkv(s=9)
+    mask = torch.ones(B, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    assert max_err(_eager(m, q, k, v, mask), cm(q, k, v, mask)) <= 1e-5
