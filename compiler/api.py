@@ -307,7 +307,12 @@ def compile_program(
     if pol.auto and not verify_outputs:
         raise PolicyError("policy='auto' chooses by measured fidelity; it cannot run with verify=False")
     kwargs = dict(example_kwargs or {})
-    reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
+    try:
+        reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit their own program
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"the example inputs do not run through the program ({first}); give inputs shaped "
+                         "like the ones it was exported with") from None
     with status("finding, fusing and verifying attention", show_progress):
         ctx, records, excluded, site_err = _fuse_exact(ep, pol, example_inputs, kwargs, reference, verify_outputs)
     matches = {m.site.id: m for m in ctx.discovery.matches}

@@ -412,3 +412,11 @@ def test_dynamic_lengths_are_verified_too():
     mask = torch.ones(B, 9, dtype=torch.long)
     mask[0, :4] = 0
     assert max_err(_eager(m, q, k, v, mask), cm(q, k, v, mask)) <= 1e-5
+
+
+def test_example_inputs_that_do_not_fit_are_one_typed_error():
+    from compiler.errors import InputError
+
+    ep = torch.export.export(ChainedSites(), _qkv())
+    with pytest.raises(InputError, match="example inputs"):
+        compiler.compile_program(ep, _qkv(s=S + 1))
