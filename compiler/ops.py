@@ -12,7 +12,8 @@ recover from a hand-written graph kept as attributes instead of tensors:
   query head ``h`` reads kv head ``h // (Hq // Hkv)``; nothing is repeated;
 * ``softcap``: when > 0, scores become ``softcap * tanh(scores / softcap)`` (Gemma 2).
 
-Rows whose keys are all masked produce zeros, never NaN.
+Rows whose keys are all masked produce zeros, never NaN. Scores and softmax run in fp32 (fp64
+for fp64 inputs): ``softmax_dtype``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+def softmax_dtype(dt: torch.dtype) -> torch.dtype:
+    """The precision the op computes scores and softmax in for inputs of dtype ``dt``."""
+    return torch.float64 if dt == torch.float64 else torch.float32
 
 
 def _keep_mask_causal(sq: int, sk: int, device) -> Tensor:
@@ -66,8 +72,14 @@ def attention_reference(
         scores = torch.matmul(_grouped(q, hkv), k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, rep, Sq, Sk]
     else:
         scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H, Sq, Sk]
-    # Softmax in fp32 whatever the input dtype, as the models we replace do.
-    scores = scores.float() * scale
+    # Softmax in fp32 (fp64 for fp64 inputs) whatever the input dtype, as the models we replace do.
+    cdt = softmax_dtype(q.dtype)
+    if scores.dtype != cdt:
+        # fp16/bf16: the models we replace scale in their own precision (``q @ k^T * s``), then
+        # upcast for the softmax; rounding where they round keeps us within their noise.
+        scores = (scores * scale).to(cdt)
+    else:
+        scores = scores * scale
     if softcap > 0.0:
         scores = softcap * torch.tanh(scores / softcap)
     keep = None
@@ -76,7 +88,7 @@ def attention_reference(
         if m.dtype == torch.bool:
             keep = m
         else:
-            scores = scores + m.float()
+            scores = scores + m.to(cdt)
     if is_causal:
         causal = _keep_mask_causal(sq, sk, q.device)
         keep = causal if keep is None else keep & causal

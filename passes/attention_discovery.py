@@ -39,9 +39,9 @@ from compiler.graph import (
 )
 from compiler.masks import (
     WHERES,
+    acts_as_neg_inf,
     additive_keep,
     constant_additive_pattern,
-    is_absorbing,
     split_causal,
     split_causal_masked,
 )
@@ -225,12 +225,12 @@ class _Matcher:
                     path, fill, negate = b, a, True
                 else:
                     raise NotAttention("where() on scores without a score branch")
-                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps)
+                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = path
             elif is_op(cur, MASKED_FILL):
                 src, cond, fill = cur.args[:3]
-                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps)
+                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = src
             else:
@@ -238,11 +238,11 @@ class _Matcher:
         steps.reverse()
         return cur, const, tensor_factors, terms, keeps, steps, internal
 
-    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps):
+    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps, scores_dtype=torch.float32):
         f = self.scalar_value(fill)
         if f is None:
             raise NotAttention("mask fill value is not a constant")
-        if not is_absorbing(f):
+        if not acts_as_neg_inf(f, scores_dtype):
             raise NotAttention(
                 f"mask fill {f:g} is neither -inf nor finfo.min; rewriting would change fully-masked rows"
             )
@@ -324,9 +324,43 @@ class _Matcher:
 
     # -- masks ------------------------------------------------------------------------
 
-    def resolve_masks(self, terms, keeps, sq, sk, notes):
-        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind)."""
+    def resolve_masks(self, terms, keeps, sq, sk, notes, full_rows=None):
+        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind).
+
+        A causal part found in a mask with a finite fill (``finfo.min``) only becomes
+        ``is_causal`` when the model's rows stay the same: a row whose every key is filled
+        attends uniformly over ALL keys in the model, causal ones included. That is kept exactly
+        when this mask is the site's only mask (``full_rows`` receives its other conjuncts, for
+        the rewrite to restore such rows); otherwise the causal part stays in the mask.
+        """
+        first = self._resolve_masks(terms, keeps, sq, sk, split_finite=True)
+        causal, out_terms, out_keeps, n, finite = first
+        if finite:
+            # Input-dependent additive terms may be masks too; constant ones (ALiBi) are biases.
+            masks = sum(isinstance(t[0], tuple) or self.activation(t[0]) for t in out_terms)
+            others = bool(out_keeps) or masks > sum(produced for _, produced in finite)
+            with_rest = [rest for rest, _ in finite if rest]
+            if not others and len(with_rest) <= 1 and (not with_rest or sq <= sk):
+                if with_rest and full_rows is not None:
+                    full_rows.extend(with_rest[0])
+            else:
+                causal, out_terms, out_keeps, n, _ = self._resolve_masks(terms, keeps, sq, sk, split_finite=False)
+                notes.append("causal part kept in the mask: a row whose keys are all filled with a finite value "
+                             "attends uniformly over every key, as the model does")
+        notes.extend(n)
+        kinds = []
+        if out_keeps:
+            kinds.append("bool")
+        if out_terms:
+            kinds.append("additive")
+        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+
+    def _resolve_masks(self, terms, keeps, sq, sk, split_finite: bool):
+        """(causal, terms, keeps, notes, finite): ``finite`` lists, for each causal part split
+        from a finite-fill mask, the (cond, negate) conjuncts that stayed with it."""
         causal = False
+        notes: list[str] = []
+        finite: list[list] = []
         out_terms, out_keeps = [], []
         for cond, negate in keeps:
             if negate:
@@ -340,39 +374,49 @@ class _Matcher:
         for node, coef, tfs in terms:
             if isinstance(node, tuple):  # ("where", cond, negate, fill) from a masked score
                 _, cond, negate, fill = node
+                if not split_finite:
+                    out_terms.append((node, coef, tfs))
+                    continue
+                rest = []
                 if negate:
                     split, masked = split_causal_masked(cond, self.evaluator, self.user_inputs, sq, sk)
+                    rest = [(m, True) for m in masked]
                     for m in masked:
                         out_terms.append((("where", m, True, fill), coef, tfs))
                 else:
                     split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
+                rest += [(r, False) for r in split.residual]
+                if split.causal:
+                    finite.append((rest, len(rest) - len(split.residual) + bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))
                 continue
             ak = additive_keep(node, self.scalar_value)
             if ak is not None and coef > 0:
                 cond, fill = ak
+                if not split_finite:
+                    out_terms.append((("where-all", [cond], fill), coef, tfs))
+                    continue
                 split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
+                if split.causal and fill != float("-inf"):
+                    finite.append(([(r, False) for r in split.residual], bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))
                 continue
             pat = constant_additive_pattern(node, self.evaluator, self.user_inputs, sq, sk)
-            if pat == "causal":
+            if pat == "causal" and split_finite:
                 causal = True
+                if not bool((self.evaluator(node) == float("-inf")).any()):
+                    finite.append(([], 0))
                 continue
             if pat == "all":
                 continue
             out_terms.append((node, coef, tfs))
-        kinds = []
-        if out_keeps:
-            kinds.append("bool")
-        if out_terms:
-            kinds.append("additive")
-        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+        return causal, out_terms, out_keeps, notes, finite
 
     # -- site assembly ---------------------------------------------------------------
 
@@ -407,7 +451,8 @@ class _Matcher:
         if is_op(product, BADDBMM):
             beta = float(product.kwargs.get("beta", 1.0))
             alpha = float(product.kwargs.get("alpha", 1.0))
-            terms.append((product.args[0], const * beta, list(tfs)))
+            if beta != 0.0:  # beta == 0: baddbmm never reads its input (often torch.empty)
+                terms.append((product.args[0], const * beta, list(tfs)))
         xq, xk = product.args[-2], product.args[-1]
         qk_batch = shape(product)[:-2]
         fb = qk_batch if is_op(product, MATMUL) else None
@@ -478,7 +523,8 @@ class _Matcher:
                 batch_heads, hkv, sq, sk, d, dv, causal, internal) -> SiteMatch:
         b, hq = batch_heads
         notes: list[str] = []
-        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes)
+        full_rows: list = []
+        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes, full_rows)
         causal = causal or found_causal
         q_op.reshape_to = [b, hq]
         k_op.reshape_to = [b, hkv]
@@ -503,7 +549,10 @@ class _Matcher:
             layer=layer_of(path),
             notes=notes,
         )
-        return SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+        match = SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+        if full_rows:
+            match.extra["full_rows"] = full_rows
+        return match
 
 
 def _batch_heads(batch: list[int]) -> tuple[int, int]:
@@ -531,4 +580,8 @@ def discover(ep: ExportedProgram) -> Discovery:
                 idx += 1
         except NotAttention as e:
             out.rejected.append({"node": node.name, "module": module_path(node), "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - a form the matcher trips on stays dense, with why
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            out.rejected.append({"node": node.name, "module": module_path(node),
+                                 "reason": f"matcher failed ({type(e).__name__}: {first}); left dense"})
     return out

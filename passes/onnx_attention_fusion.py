@@ -44,6 +44,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript import version_converter
 
 from compiler.errors import InputError
+from compiler.masks import neg_inf_threshold
 
 TARGET_OPSET = 23
 # onnx.helper writes the newest IR version; onnxruntime 1.31 loads up to 13 and callers
@@ -180,11 +181,11 @@ def _swap_last(rank: int) -> list[int]:
 
 
 def _neg_threshold(dtype: Optional[ir.DataType]) -> float:
-    """Fill values at or below this act as -inf: half the dtype's lowest finite value."""
+    """Fill values at or below this act as -inf (compiler.masks, shared with the PyTorch front end)."""
     try:
-        return 0.5 * float(np.finfo(dtype.numpy()).min)
+        return neg_inf_threshold(dtype.numpy())
     except Exception:
-        return 0.5 * float(np.finfo(np.float32).min)
+        return neg_inf_threshold(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -927,10 +928,11 @@ class _Fuser:
                 ca, cc = self.consts.scalar(a), self.consts.scalar(c)
                 # masked_fill with a finite fill attends nowhere else either, as long as the
                 # fill is far below any score; only fully masked rows differ (documented).
-                if cc is not None and cc <= -1e4 and not self.consts.is_static(a):
+                thr = _neg_threshold(p.outputs[0].dtype)
+                if cc is not None and cc <= thr and not self.consts.is_static(a):
                     terms.append(_Term("keep", cond))
                     v = a
-                elif ca is not None and ca <= -1e4 and not self.consts.is_static(c):
+                elif ca is not None and ca <= thr and not self.consts.is_static(c):
                     terms.append(_Term("drop", cond))
                     v = c
                 else:
