@@ -310,7 +310,10 @@ class _Matcher:
 
     def _head_factor(self, node: fx.Node, scores_shape) -> Optional[tuple[fx.Node, fx.Node]]:
         """(scores, t) for ``scores * t`` / ``scores / t`` with a float tensor ``t`` constant over
-        the last two axes of 4-D ``[B, H, Sq, Sk]`` scores (a per-head logit scale), folded into q."""
+        the last two axes of 4-D ``[B, H, Sq, Sk]`` scores (a per-head logit scale), folded into q.
+
+        ``t`` must come from the model's state, not from an input: a per-call tensor is not a
+        scale the model fixed (and Inductor's suite counts that form as not attention)."""
         a, b = node.args[0], node.args[1]
         pairs = ((a, b),) if node.target in L.DIVS else ((a, b), (b, a))
         for src, t in pairs:
@@ -318,6 +321,8 @@ class _Matcher:
                 continue
             ts, ss = sym_shape(t), sym_shape(src)
             if ts is None or len(scores_shape) != 4 or len(ts) > 4 or not dtype(t).is_floating_point:
+                continue
+            if self.activation(t):
                 continue
             if not same_shape(ss, sym_shape(node)) or not same_shape(ss, scores_shape):
                 continue

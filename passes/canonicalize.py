@@ -58,8 +58,14 @@ def _mutating(node: fx.Node) -> bool:
 
 
 def functionalize(ep: ExportedProgram) -> tuple[ExportedProgram, int]:
-    """Functional form of ``ep`` if it holds in-place ops (torch's functionalization), else ``ep``."""
-    n = sum(1 for node in ep.graph.nodes if _mutating(node))
+    """Functional form of ``ep`` when an in-place op writes to a tensor computed from a matrix
+    product (scores, probabilities), by torch's functionalization; else ``ep`` itself.
+
+    Functionalization also rewrites every ``reshape`` as ``view``/``clone`` and bakes in the
+    strides export saw, so programs whose in-place ops only build masks are left as they are.
+    """
+    n = sum(1 for node in ep.graph.nodes if _mutating(node) and node.args and isinstance(node.args[0], fx.Node)
+            and _reaches_product(node.args[0], budget=256))
     if not n:
         return ep, 0
     return ep.run_decompositions({}), n
