@@ -587,7 +587,7 @@ class _Matcher:
         notes: list[str] = []
         found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes)
         causal = causal or found_causal
-        if (terms or keeps or tfs) and len(sym_shape(output)) > 4:
+        if (terms or keeps or tfs) and len(sym_shape(softmax_input(anchor) if form != "sdpa" else q_op.node)) > 4:
             raise NotAttention("a mask or tensor scale on 5-D grouped scores")
         q_op.reshape_to = [b, hq]
         k_op.reshape_to = [b, hkv]

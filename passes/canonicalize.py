@@ -8,8 +8,9 @@ exact (the same math, at most a different rounding order) and local:
   functionalization (``run_decompositions`` with an empty table decomposes nothing);
 * **einsum** of a batched matrix product becomes ``permute`` + ``matmul`` (+ ``permute``), and
   ``x.mT`` becomes ``x.transpose(-2, -1)``;
-* ``exp(log_softmax(x))`` becomes ``softmax(x)``; ``e * reciprocal(s)`` becomes ``e / s``
+* ``exp(log_softmax(x))`` and ``exp(x - max) / sum(exp(x - max))`` become ``softmax(x)``; ``e * reciprocal(s)`` becomes ``e / s``
   (``1 / s`` in Python is ``reciprocal(s) * 1``, and ``x * 1`` is ``x``);
+* a softmax over 5-D grouped scores ``[B, Hkv, G, Sq, Sk]`` runs on their 4-D view;
 * ``transpose(matmul(a, b))`` becomes ``matmul(bᵀ, aᵀ)`` when that cancels a transpose
   (``(vᵀ pᵀ)ᵀ`` is ``p v``);
 * a **bool tensor added** to float scores is cast to the scores' dtype first: it is a 0/1
@@ -68,7 +69,14 @@ def functionalize(ep: ExportedProgram) -> tuple[ExportedProgram, int]:
             and _reaches_product(node.args[0], budget=256))
     if not n:
         return ep, 0
-    return ep.run_decompositions({}), n
+    ep = ep.run_decompositions({})
+    for node in ep.graph.nodes:
+        # Functionalization traced each reshape as a view of the strides export saw; a rewrite
+        # may produce other strides, and in a graph without mutation a reshape means the same.
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
+    ep.graph_module.recompile()
+    return ep, n
 
 
 # ----------------------------------------------------------------------------- einsum
@@ -168,6 +176,36 @@ def _matrix_transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+SOFTMAXES = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
+
+
+def _hand_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``exp(x - max(x)) / sum(...)`` written out is ``softmax(x, -1)``."""
+    from passes.attention_discovery import softmax_input
+
+    x = softmax_input(node)
+    if x is None:
+        return False
+    build = Builder(gm.graph, node)
+    node.replace_all_uses_with(build(aten.softmax.int, x, -1))
+    return True
+
+
+def _grouped_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A softmax over ``[B, Hkv, group, Sq, Sk]`` scores (GQA as a 5-D grouped view) runs on their
+    ``[B, Hkv * group, Sq, Sk]`` view, so that its masks and scales meet the scores in 4-D."""
+    x = node.args[0]
+    shape = sym_shape(x)
+    if shape is None or len(shape) != 5 or node.args[1] not in (-1, 4) or not all(isinstance(d, int) for d in shape[1:3]):
+        return False
+    build = Builder(gm.graph, node)
+    sizes = _sizes(build, x)
+    x4 = build(aten.reshape.default, x, [sizes[0], shape[1] * shape[2], *sizes[3:]])
+    sm = build(node.target, x4, -1, *node.args[2:], **node.kwargs)
+    node.replace_all_uses_with(build(aten.view.default, sm, sizes))
+    return True
+
+
 def _exp_of_log_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not is_op(node, EXPS) or not is_op(node.args[0], LOG_SOFTMAX):
         return False
@@ -261,7 +299,8 @@ def _sizes(build: Builder, x: fx.Node) -> list:
 def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
     """view(op(x, m)) -> op(view(x), m re-laid-out); returns the new op node."""
     op = view.args[0]
-    if not is_op(op, _SINKABLE) or len(op.users) != 1 or not L.keeps_last_two(op, view):
+    users = [u for u in op.users if u.target is not aten._assert_tensor_metadata.default]
+    if not is_op(op, _SINKABLE) or users != [view] or not L.keeps_last_two(op, view):
         return None
     if is_op(op, L.DIVS) and op.kwargs.get("rounding_mode") is not None:
         return None
@@ -287,22 +326,37 @@ def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
     kwargs = {k: moved(v) for k, v in op.kwargs.items()}
     new = build(op.target, *args, **kwargs)
     view.replace_all_uses_with(new)
+    # Erase the old pair now: the next view up must see its op used once.
+    gm.graph.erase_node(view)
+    if not op.users:
+        gm.graph.erase_node(op)
     return new
 
 
 def _sink_views(gm: fx.GraphModule, scores: fx.Node) -> int:
-    """Sink every batch view on the score path that ends at ``scores``; returns how many."""
+    """Sink the views on the score path that ends at ``scores`` into its product, so every
+    elementwise op on the path runs in the layout of ``scores``; returns how many moved."""
     count, cur, budget = 0, scores, 64
+    target = sym_shape(scores)
     while isinstance(cur, fx.Node) and cur.op == "call_function" and budget:
         budget -= 1
         if is_op(cur, PRODUCTS | EINSUM):
             break
-        if is_op(cur, L.VIEWS) and isinstance(cur.args[0], fx.Node):
+        if is_op(cur, L.VIEWS) and isinstance(cur.args[0], fx.Node) and same_shape(sym_shape(cur), target):
+            inner = cur.args[0]
+            if is_op(inner, L.VIEWS) and isinstance(inner.args[0], fx.Node) and same_shape(
+                    sym_shape(inner.args[0]), target):
+                cur.replace_all_uses_with(inner.args[0])  # a view and its inverse
+                count += 1
+                cur = inner.args[0]
+                continue
             new = _sink_view(gm, cur)
             if new is not None:
                 count += 1
                 cur = new
                 continue
+            cur = inner
+        elif is_op(cur, L.VIEWS | L.IDENTITIES) and isinstance(cur.args[0], fx.Node):
             cur = cur.args[0]
         elif is_op(cur, _SINKABLE):
             cur = _score_operand(cur)
@@ -316,9 +370,11 @@ def _sink_views(gm: fx.GraphModule, scores: fx.Node) -> int:
 _LOCAL_RULES = {
     "einsum_to_matmul": (EINSUM, _einsum_as_matmul),
     "matrix_transpose": (overloads(aten.mT), _matrix_transpose),
-    "log_softmax_exp": (EXPS, _exp_of_log_softmax),
     "times_one": (L.MULS | L.DIVS, _times_one),
     "reciprocal_to_div": (L.MULS, _mul_by_reciprocal),
+    "log_softmax_exp": (EXPS, _exp_of_log_softmax),
+    "hand_written_softmax": (L.DIVS, _hand_softmax),
+    "grouped_softmax_4d": (SOFTMAXES, _grouped_softmax),
     "transpose_of_product": (L.TRANSPOSES, _transpose_of_product),
     "bool_bias": (ADD_SUB, _bool_bias),
 }
