@@ -11,7 +11,9 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
+import sympy
 import torch
+from torch.utils._sympy.numbers import int_oo
 from torch.fx import GraphModule, Node
 
 from backends.capabilities import CAPABILITIES, numel_hint, op_name, workspace_bytes
@@ -42,7 +44,8 @@ def _bounds(shape) -> dict:
         for sym in node.expr.free_symbols:
             rng = env.var_to_range.get(sym)
             if rng is not None:
-                out[str(sym)] = [int(rng.lower), int(rng.upper) if rng.upper.is_finite else None]
+                # torch's int_oo says is_finite; compare with it instead
+                out[str(sym)] = [int(rng.lower), None if rng.upper in (int_oo, sympy.oo) else int(rng.upper)]
     return out
 
 

@@ -67,10 +67,11 @@ class PassManager:
 
 
 def exact_pipeline() -> PassManager:
-    """Clean up, find attention, fuse every site the policy rewrites into exact attention."""
+    """Clean up, canonicalize, find attention, fuse every site the policy rewrites into exact attention."""
     from compiler.explain import subgraph
     from passes.attention_discovery import discover
     from passes.attention_fusion import fuse_attention
+    from passes.canonicalize import canonicalize
     from passes.constant_folding import constant_folding
     from passes.cse import common_subexpression_elimination
     from passes.dce import dead_code_elimination
@@ -81,6 +82,10 @@ def exact_pipeline() -> PassManager:
         ctx.before_fusion = clone_program(ctx.ep)
         ctx.subgraphs = {m.site.id: subgraph([*m.internal, m.anchor, m.output]) for m in ctx.discovery.matches}
         return {"sites_found": len(ctx.discovery.matches), "rejected_softmax": len(ctx.discovery.rejected)}
+
+    def canonical(ctx: PassContext) -> dict:
+        ctx.ep, stats = canonicalize(ctx.ep)
+        return stats
 
     def fusion(ctx: PassContext) -> dict:
         ctx.policy.check_selectors([m.site for m in ctx.discovery.matches])
@@ -95,6 +100,7 @@ def exact_pipeline() -> PassManager:
 
     return PassManager([
         Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
+        Pass("canonicalize", canonical),
         Pass("constant_folding", lambda c: constant_folding(c.ep)),
         Pass("common_subexpression_elimination", lambda c: common_subexpression_elimination(c.ep)),
         Pass("attention_discovery", discovery),

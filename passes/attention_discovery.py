@@ -13,6 +13,7 @@ The pass only describes; ``attention_fusion`` rewrites.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,6 +23,8 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.graph import (
+    GETITEM,
+    SHAPE_ONLY,
     ConeEvaluator,
     ancestors,
     aten,
@@ -32,6 +35,7 @@ from compiler.graph import (
     module_type,
     overloads,
     same_shape,
+    same_size,
     shape,
     sym_shape,
     user_input_names,
@@ -68,6 +72,8 @@ ASSERTS = overloads(aten._assert_tensor_metadata)
 LOGICAL_NOT = overloads(aten.logical_not)
 ANY = overloads(aten.any)
 EQ = overloads(aten.eq)
+MAX_DIM = overloads(aten.max.dim)
+TANH = overloads(aten.tanh)
 
 
 class NotAttention(Exception):
@@ -83,7 +89,7 @@ class Discovery:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _softmax_input(node: fx.Node) -> Optional[fx.Node]:
+def softmax_input(node: fx.Node) -> Optional[fx.Node]:
     """The scores a softmax-like node normalises over its last dim, else None."""
     if is_op(node, SOFTMAX):
         x, dim = node.args[0], node.args[1]
@@ -99,10 +105,33 @@ def _softmax_input(node: fx.Node) -> Optional[fx.Node]:
         if not keep or not dims or [d % n for d in dims] != [n - 1]:
             return None
         inner = num.args[0]
-        if is_op(inner, SUBS) and is_op(inner.args[1], AMAX) and inner.args[1].args[0] is inner.args[0]:
+        if is_op(inner, SUBS) and isinstance(inner.args[1], fx.Node) and _row_max(inner.args[1]) is inner.args[0]:
             return inner.args[0]
+        if is_op(inner, SUBS) and _row_max_like(inner.args[1]):
+            return None  # shifted by a max over another axis: not a softmax
         return inner
     return None
+
+
+def _row_max(node: fx.Node) -> Optional[fx.Node]:
+    """x for ``amax(x, -1, keepdim=True)`` or ``x.max(-1, keepdim=True).values``, else None."""
+    if is_op(node, AMAX):
+        x = node.args[0]
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    elif node.op == "call_function" and node.target is GETITEM and node.args[1] == 0 and is_op(node.args[0], MAX_DIM):
+        x = node.args[0].args[0]
+        dims = [node.args[0].args[1]]
+        keep = node.args[0].args[2] if len(node.args[0].args) > 2 else node.args[0].kwargs.get("keepdim", False)
+    else:
+        return None
+    n = len(sym_shape(x))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return x if keep and [d % n for d in dims] == [n - 1] else None
+
+
+def _row_max_like(x) -> bool:
+    return is_op(x, AMAX) or (isinstance(x, fx.Node) and x.target is GETITEM and is_op(x.args[0], MAX_DIM))
 
 
 def _is_safe_softmax_where(node: fx.Node, probs: fx.Node, scores: fx.Node) -> bool:
@@ -171,11 +200,14 @@ class _Matcher:
         keeps: list[tuple[fx.Node, bool]] = []  # (cond, negate)
         steps: list[fx.Node] = []
         internal: list[fx.Node] = []
+        softcap = 0.0  # set once the walk passes c * tanh(.): everything further back is inside it
         cur = x
 
         def at_full_shape(n):
             if not same_shape(sym_shape(n), target_shape):
                 raise NotAttention("a mask is applied before the scores reach their final layout")
+            if softcap:
+                raise NotAttention("a mask or bias is applied inside the softcap tanh")
 
         while True:
             internal.append(cur)
@@ -193,9 +225,11 @@ class _Matcher:
                 steps.append(cur)
                 cur = cur.args[0]
             elif is_op(cur, L.MULS | L.DIVS):
-                so = L.scalar_operand(cur, self.scalar_value)
+                if cur.kwargs.get("rounding_mode") is not None:
+                    raise NotAttention("scores divided with rounding (floor/trunc) is not a scale")
+                so = L.scalar_operand(cur, self.scalar_value) or self._head_factor(cur, target_shape)
                 if so is None:
-                    raise NotAttention("scores multiplied by a non-scalar tensor")
+                    raise NotAttention("scores multiplied by a tensor that is not constant per query head")
                 src, c = so
                 is_mul = cur.target in L.MULS
                 if isinstance(c, float):
@@ -205,6 +239,16 @@ class _Matcher:
                 else:
                     tensor_factors.append((c, "mul" if is_mul else "div"))
                 cur = src
+            elif is_op(cur, ADDS | SUBS) and self._row_constant(cur) is not None:
+                # The same finite number added to every score: softmax does not see it.
+                if softcap:
+                    raise NotAttention("a constant is added inside the softcap tanh")
+                cur = self._row_constant(cur)
+            elif is_op(cur, TANH):
+                if softcap or tensor_factors or not const > 0:
+                    raise NotAttention("tanh on scores is not a softcap c * tanh(s / c)")
+                softcap, const = const, 1.0
+                cur = cur.args[0]
             elif is_op(cur, ADDS | SUBS):
                 a, b = cur.args[0], cur.args[1]
                 alpha = cur.kwargs.get("alpha", 1)
@@ -218,6 +262,8 @@ class _Matcher:
                 terms.append((other, sign * const, list(tensor_factors)))
                 cur = path
             elif is_op(cur, WHERES):
+                if softcap:
+                    raise NotAttention("a mask is applied inside the softcap tanh")
                 cond, a, b = cur.args[:3]
                 if isinstance(a, fx.Node) and self._reaches_product(a):
                     path, fill, negate = a, b, False
@@ -229,6 +275,8 @@ class _Matcher:
                 at_full_shape(cur)
                 cur = path
             elif is_op(cur, MASKED_FILL):
+                if softcap:
+                    raise NotAttention("a mask is applied inside the softcap tanh")
                 src, cond, fill = cur.args[:3]
                 self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
@@ -236,7 +284,46 @@ class _Matcher:
             else:
                 raise NotAttention(f"scores pass through {cur.target}")
         steps.reverse()
-        return cur, const, tensor_factors, terms, keeps, steps, internal
+        if softcap:
+            # c * tanh(a * qk) is the op's softcap * tanh(scale * qk / softcap) with scale = a * c.
+            const = const * softcap
+        return cur, const, tensor_factors, terms, keeps, steps, internal, softcap
+
+    def _row_constant(self, node: fx.Node) -> Optional[fx.Node]:
+        """The scores side of ``scores + c`` / ``scores - c`` for a finite constant ``c``, else None."""
+        a, b = node.args[0], node.args[1]
+        for path, c in ((a, b), (b, a)):
+            if path is b and node.target in SUBS:
+                continue
+            if not isinstance(path, fx.Node) or not same_shape(sym_shape(path), sym_shape(node)):
+                continue
+            v = self.scalar_value(c)
+            if v is not None and math.isfinite(v * float(node.kwargs.get("alpha", 1))):
+                return path
+        return None
+
+    def _head_factor(self, node: fx.Node, scores_shape) -> Optional[tuple[fx.Node, fx.Node]]:
+        """(scores, t) for ``scores * t`` / ``scores / t`` with a float tensor ``t`` constant over
+        the last two axes of 4-D ``[B, H, Sq, Sk]`` scores (a per-head logit scale), folded into q.
+
+        ``t`` must come from the model's state, not from an input: a per-call tensor is not a
+        scale the model fixed (and Inductor's suite counts that form as not attention)."""
+        a, b = node.args[0], node.args[1]
+        pairs = ((a, b),) if node.target in L.DIVS else ((a, b), (b, a))
+        for src, t in pairs:
+            if not (isinstance(src, fx.Node) and isinstance(t, fx.Node)):
+                continue
+            ts, ss = sym_shape(t), sym_shape(src)
+            if ts is None or len(scores_shape) != 4 or len(ts) > 4 or not dtype(t).is_floating_point:
+                continue
+            if self.activation(t):
+                continue
+            if not same_shape(ss, sym_shape(node)) or not same_shape(ss, scores_shape):
+                continue
+            padded = (1,) * (4 - len(ts)) + tuple(ts)
+            if same_size(padded[-1], 1) and same_size(padded[-2], 1):
+                return src, t
+        return None
 
     def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps, scores_dtype=torch.float32):
         f = self.scalar_value(fill)
@@ -261,7 +348,7 @@ class _Matcher:
             seen.add(n)
             if is_op(n, QK_PRODUCTS) and all(self.activation(a) for a in n.args[-2:] if isinstance(a, fx.Node)):
                 return True
-            if n.op == "call_function":
+            if n.op == "call_function" and n.target not in SHAPE_ONLY:
                 todo.extend(n.all_input_nodes)
         return False
 
@@ -309,6 +396,19 @@ class _Matcher:
     def operand(self, x: fx.Node, want_transposed: bool, batch_heads, final_batch, allow_scale=True, pre_map=None):
         """Trace an operand, check how its root maps onto (B, Hq); return (Operand, Hkv, trace)."""
         tr = L.trace_operand(x, self.scalar_value, allow_scale=allow_scale)
+        try:
+            hkv = self._kv_heads(tr, batch_heads, final_batch, pre_map)
+        except NotAttention:
+            # The root is shared another way (a learned query expanded over the batch): the
+            # operand itself, already laid out like the scores, still serves.
+            tr = L.Trace(x, [], False, [])
+            if pre_map is not None or self._kv_heads(tr, batch_heads, final_batch, None) != batch_heads[1]:
+                raise
+            hkv = batch_heads[1]
+        return Operand(tr.root, transpose_last=(tr.transposed != want_transposed),
+                       reshape_to=[batch_heads[0], hkv]), hkv, tr
+
+    def _kv_heads(self, tr, batch_heads, final_batch, pre_map) -> int:
         b, hq = batch_heads
         mapping = L.batch_map(tr.root, tr.steps, final_batch)
         if mapping is None:
@@ -320,7 +420,7 @@ class _Matcher:
         hkv = L.kv_heads_for(mapping, tr.root, b, hq)
         if hkv is None:
             raise NotAttention("operand heads are neither aligned with the query heads nor a GQA repeat")
-        return Operand(tr.root, transpose_last=(tr.transposed != want_transposed), reshape_to=[b, hkv]), hkv, tr
+        return hkv
 
     # -- masks ------------------------------------------------------------------------
 
@@ -421,15 +521,16 @@ class _Matcher:
     # -- site assembly ---------------------------------------------------------------
 
     def match_softmax(self, sm: fx.Node, idx: int) -> SiteMatch:
-        x = _softmax_input(sm)
+        x = softmax_input(sm)
         if x is None:
             raise NotAttention("softmax is not over the last axis")
         sshape = sym_shape(x)
-        if len(sshape) < 2 or len(sshape) > 4:
-            raise NotAttention("scores are not 2-4 dimensional")
-        product, const, tfs, terms, keeps, sc_steps, internal = self.walk_scores(x, sshape)
-        if not all(isinstance(a, fx.Node) and self.activation(a) for a in product.args[-2:]):
-            raise NotAttention("one side of the score product is a weight, not an activation")
+        if len(sshape) < 2 or len(sshape) > 5:
+            raise NotAttention("scores are not 2-5 dimensional")
+        product, const, tfs, terms, keeps, sc_steps, internal, softcap = self.walk_scores(x, sshape)
+        # Queries may be learned (Perceiver latents, attention pooling); keys must be activations.
+        if not all(isinstance(a, fx.Node) for a in product.args[-2:]) or not self.activation(product.args[-1]):
+            raise NotAttention("the keys of the score product are a weight, not an activation")
         pv, pr_steps, pr_internal = self.walk_probs(sm, x)
         xv = pv.args[1]
         if not isinstance(xv, fx.Node) or not self.activation(xv):
@@ -474,7 +575,7 @@ class _Matcher:
         d = shape(q_op.node)[-1] if not q_op.transpose_last else shape(q_op.node)[-2]
         dv = shape(v_op.node)[-1] if not v_op.transpose_last else shape(v_op.node)[-2]
         return self._finish(sm, pv, idx, "matmul-softmax-matmul", q_op, k_op, v_op, scale, tfs, terms, keeps,
-                            (b, hq), hkv, sq, sk, d, dv, False, internal + [sm] + pr_internal)
+                            (b, hq), hkv, sq, sk, d, dv, False, internal + [sm] + pr_internal, softcap)
 
     def match_sdpa(self, node: fx.Node, idx: int) -> SiteMatch:
         args = list(node.args) + [None] * (8 - len(node.args))
@@ -520,12 +621,14 @@ class _Matcher:
         return site
 
     def _finish(self, anchor, output, idx, form, q_op, k_op, v_op, scale, tfs, terms, keeps,
-                batch_heads, hkv, sq, sk, d, dv, causal, internal) -> SiteMatch:
+                batch_heads, hkv, sq, sk, d, dv, causal, internal, softcap=0.0) -> SiteMatch:
         b, hq = batch_heads
         notes: list[str] = []
         full_rows: list = []
         found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes, full_rows)
         causal = causal or found_causal
+        if (terms or keeps or tfs) and len(sym_shape(softmax_input(anchor) if form != "sdpa" else q_op.node)) > 4:
+            raise NotAttention("a mask or tensor scale on 5-D grouped scores")
         q_op.reshape_to = [b, hq]
         k_op.reshape_to = [b, hkv]
         v_op.reshape_to = [b, hkv]
@@ -545,6 +648,7 @@ class _Matcher:
             scale=None if tfs else scale,
             causal=causal,
             mask_kind=kind,
+            softcap=softcap,
             dtype=str(dtype(q_op.node)).replace("torch.", ""),
             layer=layer_of(path),
             notes=notes,
@@ -560,7 +664,7 @@ def _batch_heads(batch: list[int]) -> tuple[int, int]:
         return 1, 1
     if len(batch) == 1:
         return 1, batch[0]
-    return batch[0], batch[1]
+    return batch[0], math.prod(batch[1:])  # [B, Hkv, group] scores: the group is part of the heads
 
 
 def discover(ep: ExportedProgram) -> Discovery:
@@ -575,7 +679,7 @@ def discover(ep: ExportedProgram) -> Discovery:
             if node.target in SDPA:
                 out.matches.append(m.match_sdpa(node, idx))
                 idx += 1
-            elif _softmax_input(node) is not None or node.target in SOFTMAX:
+            elif softmax_input(node) is not None or node.target in SOFTMAX:
                 out.matches.append(m.match_softmax(node, idx))
                 idx += 1
         except NotAttention as e:

@@ -136,9 +136,9 @@ def _match_output(build: Builder, fused: fx.Node, target: fx.Node) -> fx.Node:
         elif br == 0:
             out = build(aten.squeeze.dims, fused, [0, 1])
         else:
-            if not isinstance(ts[1], int):
+            if not all(isinstance(d, int) for d in ts[1:-2]):
                 raise NotRewritable("dynamic head count in the output layout")
-            out = build(aten.unflatten.int, build(aten.flatten.using_ints, fused, 0, 1), 0, [-1, ts[1]])
+            out = build(aten.unflatten.int, build(aten.flatten.using_ints, fused, 0, 1), 0, [-1, *ts[1:-2]])
         if not same_shape(sym_shape(out), ts):
             raise NotRewritable("output layout not recognised")
     if dtype(out) != dtype(target):
