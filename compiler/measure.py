@@ -28,7 +28,7 @@ from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pair
 from compiler.variants import Variant
 
 # Sites with more queries than this are measured on sampled stripes of rows.
-MEASURE_ROWS = int(os.environ.get("ATTNFORGE_MEASURE_ROWS", 4096))
+MEASURE_ROWS = int(os.environ.get("ATTNFORGE_MEASURE_ROWS", 2048))
 _STRIPE = 64  # rows per sampled stripe
 
 
@@ -159,19 +159,25 @@ def exact_probabilities(x: SiteInputs) -> ExactRows:
     return ExactRows(x)
 
 
-def _kept_mass(variant: Variant, x: SiteInputs, exact: ExactRows) -> Optional[float]:
-    if variant.kind != "sparse":
-        return None
-    keep_rows = sparse_keep_rows(x.q, x.k, variant.text, x.scale, x.causal)
-    total, live = 0.0, 0
-    for r0, r1 in exact.blocks():
+def _exact_rows(variant: Variant, x: SiteInputs, exact: ExactRows, ranges, want_output: bool):
+    """One pass over the measured rows' exact probabilities: their outputs (when wanted) and the
+    share of each live row's probability the variant keeps, averaged (sparse variants)."""
+    keep_rows = sparse_keep_rows(x.q, x.k, variant.text, x.scale, x.causal) if variant.kind == "sparse" else None
+    if keep_rows is None and not want_output:
+        return None, None
+    outs, total, live = [], 0.0, 0
+    for r0, r1 in exact.blocks(ranges):
         p = exact.probs(r0, r1)
-        rows = p.sum(-1)
-        kept = (p * keep_rows(r0, r1)).sum(-1)
-        ok = rows > 0
-        total += float((kept[ok].double() / rows[ok].double()).sum())
-        live += int(ok.sum())
-    return total / live if live else 1.0
+        if want_output:
+            outs.append(_probs_times_v(p, x.v))
+        if keep_rows is not None:
+            rows = p.sum(-1)
+            kept = (p * keep_rows(r0, r1)).sum(-1)
+            ok = rows > 0
+            total += float((kept[ok].double() / rows[ok].double()).sum())
+            live += int(ok.sum())
+    mass = None if keep_rows is None else (total / live if live else 1.0)
+    return (torch.cat(outs, 2) if want_output else None), mass
 
 
 def site_effect(variant: Variant, x: SiteInputs, exact: Optional[torch.Tensor] = None,
@@ -181,10 +187,9 @@ def site_effect(variant: Variant, x: SiteInputs, exact: Optional[torch.Tensor] =
     exact_probs = exact_probs or ExactRows(x)
     ranges = measured_ranges(x.q.shape[2])
     out = run_variant(variant, x)
+    ref, mass = _exact_rows(variant, x, exact_probs, ranges, want_output=exact is None)
     if exact is not None:
         ref = torch.cat([exact[:, :, a:z] for a, z in ranges], 2)
-    else:
-        ref = torch.cat([exact_probs.output(r0, r1) for r0, r1 in exact_probs.blocks(ranges)], 2)
     new = torch.cat([out[:, :, a:z] for a, z in ranges], 2)
     ref, new = ref.double().flatten(), new.double().flatten()
     cos = float(torch.nn.functional.cosine_similarity(ref, new, dim=0)) if ref.numel() else 1.0
@@ -192,6 +197,5 @@ def site_effect(variant: Variant, x: SiteInputs, exact: Optional[torch.Tensor] =
         cos = 1.0
     flops, dense = variant_flops(variant, x)
     measured = sum(z - a for a, z in ranges)
-    return SiteEffect(flops, dense, float((ref - new).abs().max()) if ref.numel() else 0.0, cos,
-                      _kept_mass(variant, x, exact_probs),
+    return SiteEffect(flops, dense, float((ref - new).abs().max()) if ref.numel() else 0.0, cos, mass,
                       None if measured == x.q.shape[2] else measured)
