@@ -173,3 +173,16 @@ def test_report_says_when_a_variant_costs_more_than_exact():
     assert cm.report.totals["sites_over_exact"] == 1
     good = compiler.compile(Causal(), (q, q, q), "window:16,sinks:4,block=16").report.sites[0]
     assert not good.over_exact and good.density < 1.0
+
+
+def test_auto_never_keeps_a_candidate_that_costs_as_much_as_exact(monkeypatch):
+    from compiler import auto
+    from compiler.site import AttentionSite
+
+    site = AttentionSite("s0", "attn", "Attn", "sdpa", 1, 2, 2, 16, 16, 128, 128, 0.25, True, "none")
+    over, under = parse_variant("window:64,sinks:4"), parse_variant("window:16,sinks:4,block=16")
+    monkeypatch.setattr(auto, "candidates", lambda s, key_mask_only=True: [over, under])
+    x = _inputs(sq=128, hq=2, hkv=2, d=16, causal=True, mask=None)
+    assert site_effect(over, x).density >= 1.0  # 64-blocks on 128 causal tokens: 1.49x exact
+    kept = auto.measure_candidates(site, [x])
+    assert [c.variant for c in kept] == [under] and kept[0].flops < kept[0].dense_flops
