@@ -22,8 +22,8 @@ from torch import fx
 from torch.export import ExportedProgram
 
 from compiler.linear_ops import linear_attention_reference, linear_flops
-from compiler.ops import (attention_flops, attention_probabilities, attention_reference, causal_pairs, mask_rows,
-                          query_block)
+from compiler.ops import (apply_probabilities, attention_flops, attention_probabilities, attention_reference,
+                          causal_pairs, mask_rows, query_block)
 from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_rows
 from compiler.variants import Variant
 
@@ -144,14 +144,7 @@ class ExactRows:
                                            x.softcap, r0)
 
     def output(self, r0: int, r1: int) -> torch.Tensor:
-        return _probs_times_v(self.probs(r0, r1), self.x.v)
-
-
-def _probs_times_v(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    b, hq, n, sk = p.shape
-    hkv = v.shape[1]
-    out = p.to(v.dtype).view(b, hkv, hq // hkv, n, sk) @ v.unsqueeze(2)
-    return out.view(b, hq, n, v.shape[-1])
+        return apply_probabilities(self.probs(r0, r1), self.x.v)
 
 
 def exact_probabilities(x: SiteInputs) -> ExactRows:
@@ -169,7 +162,7 @@ def _exact_rows(variant: Variant, x: SiteInputs, exact: ExactRows, ranges, want_
     for r0, r1 in exact.blocks(ranges):
         p = exact.probs(r0, r1)
         if want_output:
-            outs.append(_probs_times_v(p, x.v))
+            outs.append(apply_probabilities(p, x.v))
         if keep_rows is not None:
             rows = p.sum(-1)
             kept = (p * keep_rows(r0, r1)).sum(-1)

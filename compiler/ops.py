@@ -102,13 +102,20 @@ def attention_probabilities(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
     return p.reshape(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def _attention_rows(q, k, v, mask, scale, is_causal, softcap, row0) -> Tensor:
-    b, hq, n, _ = q.shape
-    probs = _probabilities(q, k, mask, scale, is_causal, softcap, row0)
-    if k.shape[1] != hq:
+def apply_probabilities(probs: Tensor, v: Tensor) -> Tensor:
+    """``probs @ v`` for probabilities [B, Hq, n, Sk] or grouped [B, Hkv, rep, n, Sk]; GQA
+    broadcasts v over the query heads of its group instead of repeating it."""
+    hkv = v.shape[1]
+    if probs.dim() == 4 and probs.shape[1] != hkv:
+        probs = _grouped(probs, hkv)
+    if probs.dim() == 5:
         out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # [B, Hkv, rep, n, Dv]
-        return out.reshape(b, hq, n, v.shape[-1])
+        return out.reshape(out.shape[0], -1, out.shape[-2], v.shape[-1])
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def _attention_rows(q, k, v, mask, scale, is_causal, softcap, row0) -> Tensor:
+    return apply_probabilities(_probabilities(q, k, mask, scale, is_causal, softcap, row0), v)
 
 
 def attention_reference(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compiler  # noqa: E402
+from backends import memory_probe  # noqa: E402
 from benchlib import (Contender, command_line, machine, markdown_table, print_table, time_interleaved, today,  # noqa: E402
                       versions, write_csv)
 
@@ -40,32 +40,15 @@ ATTN_POLICIES = ("window:256", "window:256,sinks:4")
 MODEL_POLICIES = ("fused", "window:256,sinks:4", "topk:blocks=4,block=64")
 
 
-def _peak_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measured_compile(fn):
     """(result, seconds, peak memory growth in MiB or None)."""
     gc.collect()
-    ok = _reset_peak()
-    base = _peak_kb()
+    ok = memory_probe._reset_peak()  # noqa: SLF001 - the probe's VmHWM reset, without its malloc pinning
+    base = memory_probe._status("VmHWM:") if ok else 0  # noqa: SLF001
     t0 = time.perf_counter()
     out = fn()
     dt = time.perf_counter() - t0
-    return out, dt, ((_peak_kb() - base) / 1024 if ok else None)
+    return out, dt, ((memory_probe._status("VmHWM:") - base) / 2**20 if ok else None)  # noqa: SLF001
 
 
 class Causal(torch.nn.Module):
