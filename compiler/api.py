@@ -130,7 +130,7 @@ def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, 
         seq_q=s.seq_q, seq_k=s.seq_k, scale=s.scale, flops_before=before,
         flops_after=after if rewritten else before,
         intermediate_bytes=_intermediate_bytes(m.internal), reason=reason, max_abs_error=err,
-        layer=s.layer, notes=list(s.notes),
+        layer=s.layer, notes=list(s.notes), flops_exact=after,
     )
     if effect is not None:
         rec.flops_after = effect.flops
@@ -138,6 +138,14 @@ def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, 
         rec.max_abs_error = effect.max_abs_error
         rec.cosine_similarity = effect.cosine_similarity
         rec.kept_mass = effect.kept_mass
+        rec.measured_rows = effect.measured_rows
+        if effect.flops >= effect.dense_flops:
+            rec.over_exact = True
+            rec.notes.append(f"{rec.variant} computes {effect.density:.2f}x what exact attention needs here; "
+                             "it saves nothing over fused")
+        if effect.measured_rows is not None:
+            rec.notes.append(f"site error, cosine and kept mass measured on {effect.measured_rows} of "
+                             f"{s.seq_q} query rows")
     return rec
 
 

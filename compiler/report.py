@@ -55,6 +55,12 @@ class SiteRecord:
     subgraph_after: Optional[dict] = None  # the op that replaced them and what feeds it
     attention_map: Optional[dict] = None  # compiler.explain.attention_maps, when asked for
     lowering: Optional[str] = None  # what the backend ran the site as (e.g. ONNX "attention", "block-gather")
+    # Three costs: flops_before is the dense square the original computes, flops_exact what
+    # exact attention needs (the causal triangle where causal), flops_after what the variant
+    # computes. "saved" is against flops_before, density is flops_after / flops_exact.
+    flops_exact: Optional[int] = None
+    over_exact: bool = False  # an approximate variant that computes as much as exact attention or more
+    measured_rows: Optional[int] = None  # query rows site error/cosine/mass were measured on; None = all
 
 
 @dataclass
@@ -101,6 +107,9 @@ class Report:
             "attention_flops_before": fb,
             "attention_flops_after": fa,
             "attention_flops_saved_pct": round(100.0 * (fb - fa) / fb, 2) if fb else 0.0,
+            "attention_flops_exact": sum(s.flops_exact if s.flops_exact is not None else s.flops_before
+                                         for s in self.sites),
+            "sites_over_exact": sum(s.status == "rewritten" and s.over_exact for s in self.sites),
             "sites_approximate": sum(s.status == "rewritten" and s.variant not in ("fused", "dense")
                                      for s in self.sites),
             "intermediate_bytes_removed": sum(s.intermediate_bytes for s in rewritten),

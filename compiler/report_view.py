@@ -53,6 +53,10 @@ def render(report, console: Console | None = None) -> None:
                       "-" if s.cosine_similarity is None else f"{s.cosine_similarity:.5f}",
                       "-" if s.kept_mass is None else f"{s.kept_mass:.4f}")
     console.print(sites)
+    for s in report.sites:
+        if s.status == "rewritten" and s.over_exact:
+            console.print(f"[yellow]{s.id}: {compact_text(s.variant)} computes {s.density:.2f}x the FLOPs exact "
+                          "attention needs (density >= 1): approximate and no cheaper; use fused[/yellow]")
 
     f = report.fidelity
     fid = Table(title="Fidelity (rewritten vs original)", title_justify="left")

@@ -14,6 +14,7 @@ The pass only describes; ``attention_fusion`` rewrites.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,7 +24,6 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.graph import (
-    GETITEM,
     SHAPE_ONLY,
     ConeEvaluator,
     ancestors,
@@ -119,7 +119,7 @@ def _row_max(node: fx.Node) -> Optional[fx.Node]:
         x = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    elif node.op == "call_function" and node.target is GETITEM and node.args[1] == 0 and is_op(node.args[0], MAX_DIM):
+    elif node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 and is_op(node.args[0], MAX_DIM):
         x = node.args[0].args[0]
         dims = [node.args[0].args[1]]
         keep = node.args[0].args[2] if len(node.args[0].args) > 2 else node.args[0].kwargs.get("keepdim", False)
@@ -131,7 +131,7 @@ def _row_max(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _row_max_like(x) -> bool:
-    return is_op(x, AMAX) or (isinstance(x, fx.Node) and x.target is GETITEM and is_op(x.args[0], MAX_DIM))
+    return is_op(x, AMAX) or (isinstance(x, fx.Node) and x.target is operator.getitem and is_op(x.args[0], MAX_DIM))
 
 
 def _is_safe_softmax_where(node: fx.Node, probs: fx.Node, scores: fx.Node) -> bool:
