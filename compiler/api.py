@@ -121,7 +121,18 @@ def load(path, backend: str = "torch", backend_options: Optional[dict] = None) -
     sidecar = plan_path(path)
     plan = Plan.load(sidecar) if sidecar.is_file() else None
     report = Report(model=path.stem, policy="(loaded)", backend=backend)
-    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan)
+    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan,
+                         default_kwargs=fixed_kwargs(ep))
+
+
+def fixed_kwargs(ep: ExportedProgram) -> dict:
+    """Keyword arguments captured as constants (``use_cache=False``): the program takes only these values."""
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    spec = ep.call_spec.in_spec
+    names = set(spec.child(1).context) if spec is not None and spec.num_children == 2 else set()
+    return {s.arg.name: s.arg.value for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT and isinstance(s.arg, ConstantArgument) and s.arg.name in names}
 
 
 def _intermediate_bytes(nodes) -> int:

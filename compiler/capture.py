@@ -156,7 +156,8 @@ def other_size_inputs(ep: ExportedProgram, args: tuple, kwargs: dict, tries: tup
             for d in v.shape:
                 if isinstance(d, torch.SymInt):
                     for sym in d.node.expr.free_symbols:
-                        hint = getattr(d.node.shape_env, "backed_var_to_val", d.node.shape_env.var_to_val).get(sym)
+                        env = d.node.shape_env
+                        hint = (env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val).get(sym)
                         if hint is None:
                             return  # an unbacked size: no example value to move from
                         symbols[sym] = int(hint)
