@@ -385,6 +385,7 @@ def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_output
         # The backend must agree with the program it lowered; a mismatch is a lowering bug.
         cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), ours)
         low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
+        low["tolerance_vs_torch"], low["matches_torch"] = cmp["tolerance"], cmp["passed"]
     cm.report.lowering = low
 
 

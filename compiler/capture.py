@@ -184,3 +184,12 @@ def other_size_inputs(ep: ExportedProgram, args: tuple, kwargs: dict, tries: tup
         new_args, new_kwargs = pytree.tree_unflatten(new, spec)
         what = ", ".join(f"{s}={n}" for s, n in values.items())
         yield tuple(new_args), dict(new_kwargs), f"inputs at another size ({what})"
+
+
+def model_class_name(ep: ExportedProgram) -> Optional[str]:
+    """The class name of the module ``ep`` was captured from (``BertModel``), from node metadata."""
+    for n in ep.graph.nodes:
+        for path, kind in (n.meta.get("nn_module_stack") or {}).values():
+            if path == "":
+                return str(kind).rsplit(".", 1)[-1]
+    return None

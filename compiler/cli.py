@@ -198,7 +198,10 @@ def cmd_rewrite(a) -> int:
         args, kwargs = _example_for(ep, a.example_shape, src)
     backend = "onnxruntime" if out.suffix == ".onnx" else "torch"
     options = {"intra_op_num_threads": a.threads} if backend == "onnxruntime" and a.threads else None
-    cm = compile_program(ep, args, kwargs, policy=policy, model_name=src.stem,
+    from compiler.capture import model_class_name
+
+    name = model_class_name(ep)
+    cm = compile_program(ep, args, kwargs, policy=policy, model_name=f"{name} ({src.name})" if name else src.stem,
                          calibration=calibration, budget=budget, show_progress=None if not a.quiet else False,
                          attention_maps=a.attention_maps, backend=backend, backend_options=options)
     t = cm.report.totals
