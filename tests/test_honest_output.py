@@ -61,10 +61,14 @@ def test_html_title_plan_and_unbroken_code(tmp_path, capsys, one_thread):
 def test_plan_states_its_backend(tmp_path, capsys):
     from test_dynamic_shapes import TinyAttention
 
-    torch.export.save(torch.export.export(TinyAttention().eval(), (torch.randn(2, 7, 16),)), tmp_path / "m.pt2")
-    assert cli.main(["plan", str(tmp_path / "m.pt2"), "--backend", "torch"]) == 0
+    # An unbounded dynamic length (Dim("s")) used to crash the typed lowering.
+    ep = torch.export.export(TinyAttention().eval(), (torch.randn(2, 7, 16),),
+                             dynamic_shapes=({1: torch.export.Dim("s")},))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    assert cli.main(["plan", str(tmp_path / "m.pt2"), "--backend", "torch", "--json", str(tmp_path / "p.json")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "for the torch backend" in first and "without running" in first
+    assert '"s' in (tmp_path / "p.json").read_text() and "null" in (tmp_path / "p.json").read_text()
 
 
 def test_demo_attention_maps_are_written(tmp_path, capsys, monkeypatch, one_thread):
