@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -13,7 +14,7 @@ import backends
 from compiler import auto, verify
 from compiler.auto import calibration_batches
 from compiler.budget import Fidelity
-from compiler.capture import capture, hf_defaults
+from compiler.capture import capture, hf_defaults, other_size_inputs
 from compiler.errors import InputError, PolicyError, VerificationError
 from compiler.explain import attention_maps as explain_maps
 from compiler.explain import rewritten_subgraph
@@ -23,7 +24,7 @@ from compiler.ops import attention_flops, causal_pairs
 from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
 from compiler.plan import Plan
 from compiler.policy import Policy, PolicySpec, parse_policy
-from compiler.progress import status
+from compiler.progress import quiet_dependencies, status
 from compiler.program import clone_program
 from compiler.report import FidelityRecord, Report, SiteRecord
 from compiler.variants import FUSED, Variant
@@ -62,9 +63,11 @@ class CompiledModel:
 
                 save_onnx(export_onnx(self.exported_program).model, path)
         else:
-            tmp = path.with_name(path.name + ".partial")
+            # A whole file or none: written under a temporary name (ending in .pt2, as torch wants), then renamed.
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.pt2")
             try:
-                torch.export.save(self.exported_program, tmp)
+                with quiet_dependencies():
+                    torch.export.save(self.exported_program, tmp)
                 tmp.replace(path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -87,21 +90,49 @@ def plan_path(path) -> Path:
     return path.with_name(path.name + ".plan.json")
 
 
+def load_program(path) -> ExportedProgram:
+    """``torch.export.load``, with one line naming the real cause when the file cannot be read."""
+    import zipfile
+
+    import compiler  # noqa: F401  (our ops and Hugging Face output types, which the program may use)
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; give a .pt2 written by "
+                         "torch.export.save or CompiledModel.save")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .pt2 archive written by torch.export.save (not a zip file)")
+    try:
+        with quiet_dependencies():
+            return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line with its cause
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]
+        cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        hint = ("import the package that defines that type first" if "in pytree is not registered" in first
+                else "the file is damaged or was written by another torch version; export it again")
+        raise InputError(f"{path}: torch.export.load cannot read it ({cause}); {hint}") from None
+
+
 def load(path, backend: str = "torch", backend_options: Optional[dict] = None) -> CompiledModel:
     """A compiled model saved as ``.pt2`` by ``CompiledModel.save``, with the plan saved next to it
     (planned again if the plan is missing or was made for another backend)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; give a .pt2 written by CompiledModel.save")
-    try:
-        ep = torch.export.load(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise InputError(f"{path}: not a readable torch.export program ({type(e).__name__}); give a .pt2 "
-                         "written by CompiledModel.save") from None
+    ep = load_program(path)
     sidecar = plan_path(path)
     plan = Plan.load(sidecar) if sidecar.is_file() else None
     report = Report(model=path.stem, policy="(loaded)", backend=backend)
-    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan)
+    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan,
+                         default_kwargs=fixed_kwargs(ep))
+
+
+def fixed_kwargs(ep: ExportedProgram) -> dict:
+    """Keyword arguments captured as constants (``use_cache=False``): the program takes only these values."""
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    spec = ep.call_spec.in_spec
+    names = set(spec.child(1).context) if spec is not None and spec.num_children == 2 else set()
+    return {s.arg.name: s.arg.value for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT and isinstance(s.arg, ConstantArgument) and s.arg.name in names}
 
 
 def _intermediate_bytes(nodes) -> int:
@@ -292,6 +323,31 @@ def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
                              "shaped like the example inputs, or capture with dynamic shapes") from None
 
 
+def _check_other_size(ep: ExportedProgram, new: ExportedProgram, args: tuple, kwargs: dict, fid: FidelityRecord,
+                      exact: bool, budget: Optional[Fidelity]) -> None:
+    """A dynamic program is also compared at one size inside its bounds other than the example's;
+    ``fid`` then holds the worst of both. An exact rewrite that differs there is not returned."""
+    for a2, kw2, what in other_size_inputs(ep, args, kwargs):
+        try:
+            ref = verify.run(ep, a2, kw2)
+        except Exception:  # noqa: BLE001 - the original does not run at this size either: try another
+            continue
+        cmp = verify.compare(ref, verify.run(new, a2, kw2))
+        fid.checked_inputs.append(what)
+        fid.max_abs_error = max(fid.max_abs_error, cmp["max_abs_error"])
+        fid.kl_divergence = max(fid.kl_divergence, cmp["kl_divergence"])
+        fid.cosine_similarity = min(fid.cosine_similarity, cmp["cosine_similarity"])
+        if exact and not cmp["passed"]:
+            raise VerificationError(f"the rewritten program matches the original on the example inputs but not on "
+                                    f"{what}: max abs error {cmp['max_abs_error']:.2e} (> {cmp['tolerance']:.1e}); "
+                                    "nothing returned. Capture with static shapes (dynamic_shapes=None) to rewrite "
+                                    "at the example size")
+        if budget is not None and fid.passed is not False:
+            fid.passed = budget.holds(cmp)
+        return
+
+
+@quiet_dependencies()
 def compile_program(
     ep: ExportedProgram,
     example_inputs: tuple = (),
@@ -357,6 +413,7 @@ def compile_program(
             cmp["passed"] = cmp["passed"] and budget.holds(cmp)
         per_site = [f"{label} (each site)" for label in ctx.verification.get("inputs", [])[1:]]
         fid = FidelityRecord(**cmp, checked_inputs=["example inputs", *per_site])
+        _check_other_size(ep, ctx.ep, example_inputs, kwargs, fid, exact=not approx, budget=budget)
         if pol.auto:
             got = [verify.compare(verify.run(ep, *b), verify.run(ctx.ep, *b)) for b in batches]
             auto_record["verified_calibration_fidelity"] = {
@@ -422,9 +479,11 @@ def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_output
         # The backend must agree with the program it lowered; a mismatch is a lowering bug.
         cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), ours)
         low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
+        low["tolerance_vs_torch"], low["matches_torch"] = cmp["tolerance"], cmp["passed"]
     cm.report.lowering = low
 
 
+@quiet_dependencies()
 def compile(
     model: torch.nn.Module | ExportedProgram,
     example_inputs: tuple = (),

@@ -57,7 +57,14 @@ def load_onnx(path) -> onnx.ModelProto:
         raise InputError(f"{path}: no such file")
     try:
         model = onnx.load(path)
-    except (DecodeError, RuntimeWarning, ValueError, OSError) as e:
+    except (FileNotFoundError, onnx.checker.ValidationError) as e:  # names external data that is not there
+        import re
+
+        where = re.search(r"should be stored in (\S+?),", str(e))
+        missing = Path(where.group(1) if where else e.filename or "its external data file").name
+        raise InputError(f"{path}: the model keeps its weights in {missing}, which is missing or unreadable; put "
+                         "that file next to the model") from None
+    except (DecodeError, RuntimeWarning, ValueError, OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}); is the file complete?") from None
     if not model.graph.node:
         raise InputError(f"{path}: the ONNX file holds no graph (truncated or not an ONNX model)")

@@ -206,6 +206,9 @@ def _fmt_heads(heads: tuple) -> str:
     return ",".join(out)
 
 
+_MAX_PARAM = 2**31 - 1
+
+
 def _convert(name: str, key: str, raw: str):
     raw = raw.strip()
     what = f"{name}: {key}={raw!r}"
@@ -234,12 +237,17 @@ def _convert(name: str, key: str, raw: str):
     except ValueError:
         raise PolicyError(f"{what}: expected a whole number") from None
     positive = key in ("block", "chunk", "features", "blocks", "last", "window")
+    if x > _MAX_PARAM:  # sizes feed int32 kernels and tensor shapes
+        raise PolicyError(f"{what}: too large (at most {_MAX_PARAM})")
     if x < (1 if positive else 0):
         raise PolicyError(f"{what}: must be {'positive' if positive else '>= 0'}")
     return x
 
 
 def _parse_single(text: str) -> Variant:
+    if not text.isprintable():
+        raise PolicyError(f"{text!r}: a policy is one line of printable text; remove the line break or control "
+                          "character")
     tokens = [t.strip() for t in text.split(",")]
     if not tokens[0] or any(not t for t in tokens):
         raise PolicyError(f"empty item in {text!r}; valid variants: {VALID}")
