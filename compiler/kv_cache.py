@@ -46,8 +46,12 @@ class CacheGroup:
 
     @property
     def text(self) -> str:
-        heads = f"{self.kv_heads[0]}-{self.kv_heads[-1]}" if _contiguous(self.kv_heads) else \
-            ",".join(map(str, self.kv_heads))
+        if len(self.kv_heads) == 1:
+            heads = str(self.kv_heads[0])
+        elif _contiguous(self.kv_heads):
+            heads = f"{self.kv_heads[0]}-{self.kv_heads[-1]}"
+        else:
+            heads = ",".join(map(str, self.kv_heads))
         return f"{heads}:" + ("full" if self.window is None else f"sinks={self.sinks},window={self.window}")
 
 
