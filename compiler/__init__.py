@@ -9,6 +9,7 @@ from compiler.api import CompiledModel, compile, compile_program, load
 from compiler.budget import Fidelity
 from compiler.capture import capture
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError
+from compiler.generate import Generator, compile_generator
 from compiler.policy import Policy, parse_policy
 from compiler.report import Report
 from compiler.site import AttentionSite
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "Fidelity", "InputError",
     "Policy", "PolicyError", "Report", "capture", "compile", "compile_program", "load", "parse_policy",
+    "Generator", "compile_generator",
 ]

@@ -244,7 +244,10 @@ class Generator:
         self._pos_name = next(n for n in users if "position" in n)
         ids_val = next(n for n in ep.graph.nodes if n.name == self._ids_name).meta["val"]
         self.max_cache_len = max(cs.max_cache_len for cs in self.sites)
-        self._chunk = 1 if isinstance(ids_val.shape[1], int) else self.max_cache_len
+        # Prefill in chunks no longer than the widest window: a ring holds every key the next
+        # chunk's queries see, and no chunk builds a prompt-by-prompt score matrix.
+        windows = [g.window for gs in self.layouts.values() for g in gs if g.bounded]
+        self._chunk = 1 if isinstance(ids_val.shape[1], int) else min([self.max_cache_len, *windows])
         self.module = ep.module()
         cache_dtype = self.module.get_buffer(self.sites[0].k_buffer).dtype
         self.buffers = rewrite_cache_sites(self.module, self.sites, self.layouts, cache_dtype)

@@ -132,6 +132,10 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
         return _attend(q, kc[:, :, :filled], vc[:, :, :filled], scale)
     # A chunk of queries (prefill): the ring's history plus the new keys, each query its keep set.
     before = min(p0, s + w)
+    if end <= s + w and p0 == 0:  # nothing has left the window yet: plain causal attention
+        out = _attend(q, k, v, scale, causal=True)
+        kc[:, :, :n], vc[:, :, :n] = k, v
+        return out
     hist_pos = ring_slot_positions(p0, s, w).to(positions.device)
     keys = torch.cat([kc[:, :, :before], k], dim=2)
     values = torch.cat([vc[:, :, :before], v], dim=2)
