@@ -258,6 +258,10 @@ def _on(inputs: dict, device: str) -> dict:
 
 
 def cmd_demo(a) -> int:
+    if a.generate:
+        from compiler.generate_cli import cmd_demo_generate
+
+        return cmd_demo_generate(a)
     import torch
 
     import compiler
@@ -352,7 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention in Triton kernels (CUDA GPU)")
     d.add_argument("--report", help="also write the report as JSON here")
     d.add_argument("--attention-maps", action="store_true", help="store attention maps in the report")
+    d.add_argument("--generate", action="store_true",
+                   help="instead: generate with a KV cache on a small random-weight Llama (fused vs model.generate, "
+                        "then --policy or a DuoAttention head mix)")
     d.set_defaults(func=cmd_demo)
+
+    from compiler.generate_cli import add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 

@@ -33,7 +33,7 @@ from compiler.kv_cache import CacheGroup, layout_text
 from compiler.policy import PolicySpec, parse_policy
 from compiler.site import AttentionSite
 from compiler.variants import HeadMix, Variant, Window
-from passes.cache_rewrite import CacheSite, find_cache_sites, rewrite_cache_sites
+from passes.cache_rewrite import CacheSite, find_cache_sites, keep_last_logits, rewrite_cache_sites
 
 GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
 
@@ -251,6 +251,7 @@ class Generator:
         self.module = ep.module()
         cache_dtype = self.module.get_buffer(self.sites[0].k_buffer).dtype
         self.buffers = rewrite_cache_sites(self.module, self.sites, self.layouts, cache_dtype)
+        self.last_position_logits = keep_last_logits(self.module)
         self.policy = pol.text
         self.report = GenerationReport(model_name, pol.text, backend, self.max_cache_len)
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]

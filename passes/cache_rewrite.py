@@ -228,3 +228,21 @@ def rewrite_cache_sites(gm: fx.GraphModule, sites: list[CacheSite], layouts: dic
         delattr(mod, name)
     gm.recompile()
     return made
+
+
+LINEAR = overloads(torch.ops.aten.linear)
+
+
+def keep_last_logits(gm: fx.GraphModule) -> bool:
+    """Project only the last position to the vocabulary: a generation step reads nothing else,
+    and a prompt's full ``[S, vocab]`` logits are the largest tensor a prefill would make.
+    Applies when the program's first output is ``linear(hidden [B, S, H])``; returns whether it did."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    if not is_op(first, LINEAR) or len(first.args[0].meta.get("val", torch.empty(0)).shape) != 3:
+        return False
+    with gm.graph.inserting_before(first):
+        last = gm.graph.call_function(torch.ops.aten.slice.Tensor, (first.args[0], 1, -1, None))
+    first.args = (last, *first.args[1:])
+    gm.recompile()
+    return True

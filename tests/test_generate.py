@@ -4,6 +4,7 @@ model recomputing the whole history every step, its attention replaced by dense 
 attention over the same keep set), cache memory, and bad input."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -68,23 +69,47 @@ def test_fused_equals_model_generate(families, family):
     assert torch.equal(out, ref_tokens)
     assert (gen.last_logits - ref_logits).abs().max().item() < 1e-4
     assert all(s.layout.endswith(":full") for s in gen.report.sites) and len(gen.report.sites) == 2
+    assert gen.last_position_logits  # the prefill projects only the last position to the vocabulary
 
 
-def test_fused_from_user_exported_pt2(families, tmp_path):
-    """transformers' own recipe at its default one-token shape, saved by the user: prefill runs token by token."""
+@pytest.fixture(scope="module")
+def user_pt2(families, tmp_path_factory):
+    """transformers' own recipe at its default one-token shape, saved by the user."""
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
-    model, ids, (ref_tokens, ref_logits), _ = families["llama"]
-    m = copy.deepcopy(model)
+    m = copy.deepcopy(families["llama"][0])
     m.generation_config.use_cache, m.generation_config.cache_implementation = True, "static"
     ep = TorchExportableModuleForDecoderOnlyLM(m, batch_size=1, max_cache_len=MAX_LEN).export(
         input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
-    path = tmp_path / "llama_static.pt2"
+    path = tmp_path_factory.mktemp("gen") / "llama_static.pt2"
     torch.export.save(ep, path)
-    gen = compile_generator(str(path), policy="fused")
+    return path
+
+
+def test_fused_from_user_exported_pt2(families, user_pt2):
+    """A one-token program prefills token by token."""
+    _, ids, (ref_tokens, ref_logits), _ = families["llama"]
+    gen = compile_generator(str(user_pt2), policy="fused")
     out = gen.generate(ids, max_new_tokens=32)
     assert torch.equal(out, ref_tokens)
     assert (gen.last_logits - ref_logits).abs().max().item() < 1e-4
+
+
+def test_cli_generate(families, user_pt2, capsys, tmp_path):
+    from compiler.cli import main
+
+    _, ids, (ref_tokens, _), _ = families["llama"]
+    prompt = ",".join(map(str, ids[0].tolist()))
+    report = tmp_path / "gen.json"
+    assert main(["generate", str(user_pt2), "--prompt-ids", prompt, "--policy", "sinks:4,window:40",
+                 "--max-new-tokens", "16", "--report", str(report)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ",".join(map(str, ref_tokens[0, 9:25].tolist()))  # 25 tokens fit the window: exact
+    assert json.loads(report.read_text())["cache_bytes"] == 2 * 2 * (1 * 2 * 44 * 16 * 4)
+    assert main(["generate", str(user_pt2), "--prompt", "hello"]) == 2
+    assert capsys.readouterr().err.strip().endswith("no tokenizer to read --prompt with; give --prompt-ids 1,2,3")
+    assert main(["generate", str(tmp_path / "missing.pt2"), "--prompt-ids", "1"]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- reference for bounded caches
