@@ -153,6 +153,8 @@ class CacheSiteRecord:
     head_dim: int
     full_cache_bytes: int  # K and V at max_cache_len for every KV head
     cache_bytes: int  # what this site's buffers really hold
+    q_offset: str = ""  # the node the first query's position is read from
+    valid_keys: str = ""  # the key range the exported mask allowed (offset causality)
 
 
 @dataclass
@@ -271,7 +273,7 @@ class Generator:
         groups = self.layouts.get(s.id)
         return CacheSiteRecord(s.id, s.module, s.layer, v.text, layout_text(groups) if groups else "as exported",
                                s.num_heads, s.num_kv_heads, s.head_dim, full,
-                               sum(t.nbytes for t in self._site_buffers(cs)))
+                               sum(t.nbytes for t in self._site_buffers(cs)), cs.q_offset, cs.valid_keys)
 
     @property
     def cache_bytes(self) -> int:

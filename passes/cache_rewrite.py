@@ -51,6 +51,16 @@ class CacheSite:
     mask: Optional[str] = None
     notes: list = field(default_factory=list)
 
+    @property
+    def q_offset(self) -> str:
+        """Where the first query's position comes from at run time."""
+        return f"{self.positions}[0]"
+
+    @property
+    def valid_keys(self) -> str:
+        """The key slots a query may see: offset causality over what has been written."""
+        return f"[0, {self.positions}[-1] + 1) of {self.max_cache_len}"
+
 
 def _buffer_target(ep: ExportedProgram, node: fx.Node) -> Optional[str]:
     if node.op != "placeholder":

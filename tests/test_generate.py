@@ -70,6 +70,7 @@ def test_fused_equals_model_generate(families, family):
     assert (gen.last_logits - ref_logits).abs().max().item() < 1e-4
     assert all(s.layout.endswith(":full") for s in gen.report.sites) and len(gen.report.sites) == 2
     assert gen.last_position_logits  # the prefill projects only the last position to the vocabulary
+    assert all(s.valid_keys.endswith(f"of {MAX_LEN}") for s in gen.report.sites)
 
 
 @pytest.fixture(scope="module")
