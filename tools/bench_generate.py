@@ -7,7 +7,7 @@ CPU. For each prompt length, in one run: the model's own ``generate()`` (dynamic
 SDPA attention), and ``compiler.compile_generator`` with ``fused`` (exact, full static cache
 read up to the filled length) and ``sinks:4,window:1024`` (StreamingLLM ring). Greedy, same
 prompt. Columns: prefill time (prompt -> first token), decode tokens/s over the remaining
-tokens (best of --repeats runs), the peak resident memory ``generate`` adds above what was live before it
+tokens (best of --repeats interleaved rounds), the peak resident memory ``generate`` adds above what was live before it
 (backends/memory_probe: VmHWM reset through /proc/self/clear_refs), KV-cache bytes (what the
 cache holds at the end: DynamicCache's tensors for the peer, our buffers), and whether the
 tokens equal the peer's. ``--quick``: prompts 256 and 1024, 64 new tokens.
@@ -41,35 +41,36 @@ def make_model(layers=4, hidden=512, heads=8, kv_heads=2, vocab=32000):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def peer(model, ids, new_tokens, repeats):
-    """The model's own greedy generate(): (tokens, prefill s, decode tokens/s, peak bytes, KV bytes), best of
-    ``repeats``."""
+def peer_run(model, ids, new_tokens):
+    """One greedy model.generate(): (tokens, prefill s, decode s, peak bytes, KV bytes). Prefill is a
+    separate one-token generate() (the peer reports no split); decode is the rest of the full run."""
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
-    prefill, total = [], []
     with torch.no_grad():
-        model.generate(ids[:, :8], max_new_tokens=2, **kw)  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-            prefill.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            peak, out = memory_probe.peak_bytes(
-                lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
-            total.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        peak, out = memory_probe.peak_bytes(
+            lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
+        total = time.perf_counter() - t0
     kv = sum(t.nbytes for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
-    decode = min(t - p for t, p in zip(total, prefill))
-    return out.sequences, min(prefill), (new_tokens - 1) / max(1e-9, decode), peak, kv
+    return out.sequences, prefill, total - prefill, peak, kv
 
 
-def ours(ep, policy, ids, new_tokens, repeats):
-    gen = compile_generator(ep, policy=policy)
-    gen.generate(ids[:, :8], max_new_tokens=2)  # warm-up
-    prefill, decode = [], []
+def ours_run(gen, ids, new_tokens):
+    peak, out = memory_probe.peak_bytes(lambda: gen.generate(ids, max_new_tokens=new_tokens))
+    return out, gen.report.prefill_seconds, gen.report.decode_seconds, peak, gen.cache_bytes
+
+
+def measure(contenders: dict, repeats: int) -> dict:
+    """Interleaved repeats (every method once per round, so load drifts hit all alike); best of each."""
+    best = {}
     for _ in range(repeats):
-        peak, out = memory_probe.peak_bytes(lambda: gen.generate(ids, max_new_tokens=new_tokens))
-        prefill.append(gen.report.prefill_seconds)
-        decode.append(gen.report.decode_seconds)
-    return out, min(prefill), (new_tokens - 1) / max(1e-9, min(decode)), peak, gen.cache_bytes
+        for name, run in contenders.items():
+            out, prefill, decode, peak, kv = run()
+            b = best.setdefault(name, [out, prefill, decode, peak, kv])
+            b[1], b[2], b[3] = min(b[1], prefill), min(b[2], decode), max(b[3], peak)
+    return best
 
 
 def main():
@@ -88,20 +89,25 @@ def main():
     for n in prompts:
         torch.manual_seed(n)
         ids = torch.randint(1, model.config.vocab_size, (1, n))
-        ref, *m = peer(model, ids, new, a.repeats)
-        rows.append(dict(prompt=n, method="model.generate (dynamic cache)", prefill_s=m[0], decode_tok_s=m[1],
-                         peak_mib=m[2] / 2**20, kv_mib=m[3] / 2**20, same_tokens="-"))
         ep = capture_for_generation(model, ids[:, :16], n + new)
-        for pol in POLICIES:
-            out, *m = ours(ep, pol, ids, new, a.repeats)
-            rows.append(dict(prompt=n, method=f"attnforge {pol}", prefill_s=m[0], decode_tok_s=m[1],
-                             peak_mib=m[2] / 2**20, kv_mib=m[3] / 2**20,
-                             same_tokens=str(bool(torch.equal(out, ref)))))
-        del ep
-        peer_row = rows[-len(POLICIES) - 1]
-        for r in rows[-len(POLICIES):]:
-            r["decode_vs_peer"] = r["decode_tok_s"] / peer_row["decode_tok_s"]
-            r["kv_smaller"] = peer_row["kv_mib"] / r["kv_mib"]
+        gens = {f"attnforge {pol}": compile_generator(ep, policy=pol) for pol in POLICIES}
+        with torch.no_grad():  # warm-up
+            model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+        for g in gens.values():
+            g.generate(ids[:, :8], max_new_tokens=2)
+        contenders = {"model.generate (dynamic cache)": lambda: peer_run(model, ids, new),
+                      **{name: (lambda g=g: ours_run(g, ids, new)) for name, g in gens.items()}}
+        best = measure(contenders, a.repeats)
+        ref = best["model.generate (dynamic cache)"][0]
+        peer_decode, peer_kv = best["model.generate (dynamic cache)"][2], best["model.generate (dynamic cache)"][4]
+        for name, (out, prefill, decode, peak, kv) in best.items():
+            row = dict(prompt=n, method=name, prefill_s=prefill, decode_tok_s=(new - 1) / decode,
+                       peak_mib=peak / 2**20, kv_mib=kv / 2**20)
+            if name.startswith("attnforge"):
+                row.update(decode_vs_peer=peer_decode / decode, kv_smaller=peer_kv / kv,
+                           same_tokens=str(bool(torch.equal(out, ref))))
+            rows.append(row)
+        del ep, gens, contenders
     cols = ["prompt", "method", "prefill_s", "decode_tok_s", "decode_vs_peer", "peak_mib", "kv_mib", "kv_smaller",
             "same_tokens"]
     print_table(rows, cols, "generation, Llama-shaped 4x512, 8 heads / 2 KV heads, fp32")
