@@ -33,7 +33,7 @@ from compiler.kv_cache import CacheGroup, layout_text
 from compiler.policy import PolicySpec, parse_policy
 from compiler.site import AttentionSite
 from compiler.variants import HeadMix, Variant, Window
-from passes.cache_rewrite import CacheSite, find_cache_sites, keep_last_logits, rewrite_cache_sites
+from passes.cache_rewrite import CacheSite, find_cache_sites, keep_last_logits, rewrite_cache_sites, step_inputs
 
 GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
 
@@ -241,9 +241,7 @@ class Generator:
             groups = cache_layout(cs.site, pol.variant_for(cs.site))
             if groups is not None:
                 self.layouts[cs.site.id] = groups
-        users = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-        self._ids_name = next((n for n in users if "ids" in n), users[0])
-        self._pos_name = next(n for n in users if "position" in n)
+        self._ids_name, self._pos_name = step_inputs(ep)
         ids_val = next(n for n in ep.graph.nodes if n.name == self._ids_name).meta["val"]
         self.max_cache_len = max(cs.max_cache_len for cs in self.sites)
         # Prefill in chunks no longer than the widest window: a ring holds every key the next
@@ -282,8 +280,9 @@ class Generator:
 
     @property
     def bounded(self) -> bool:
-        return all(s.id in self.layouts and all(g.bounded for g in self.layouts[s.id]) for s in (c.site for c in
-                                                                                               self.sites))
+        """Every site's every cache group is a ring: generation may run past ``max_cache_len``."""
+        return all(cs.site.id in self.layouts and all(g.bounded for g in self.layouts[cs.site.id])
+                   for cs in self.sites)
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         out = self.module(**{self._ids_name: ids, self._pos_name: torch.arange(start, start + ids.shape[1])})

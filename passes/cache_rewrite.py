@@ -111,18 +111,23 @@ def _state_by_placeholder(ep: ExportedProgram) -> dict:
     return out
 
 
-def _user_inputs(ep: ExportedProgram) -> list[str]:
-    return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+def step_inputs(ep: ExportedProgram) -> tuple[str, str]:
+    """Names of the program's token-ids input and its cache-position input (transformers' recipe:
+    ``input_ids`` / ``cache_position``)."""
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    ids = next((n for n in names if "ids" in n), None)
+    pos = next((n for n in names if "position" in n), None)
+    if ids is None or pos is None:
+        raise CaptureError(f"the program takes {names}, not token ids and a cache position; export it with "
+                           "transformers.integrations.executorch.TorchExportableModuleForDecoderOnlyLM")
+    return ids, pos
 
 
 def _offset_causal(ep: ExportedProgram, mask: fx.Node, negate: bool, max_len: int, state: dict) -> bool:
-    names = _user_inputs(ep)
-    ids_name = next((n for n in names if "ids" in n or "embeds" in n), names[0])
-    pos_name = next((n for n in names if "position" in n), None)
-    if pos_name is None:
-        return False
-    ids_node = next(n for n in ep.graph.nodes if n.name == ids_name)
-    static_len = ids_node.meta["val"].shape[1]
+    """Whether ``mask`` keeps exactly slots ``j <= p`` for queries at positions ``p``, evaluated at a
+    prefill from 0 and a chunk from 5 (one-token programs: positions 0 and 7)."""
+    ids_name, pos_name = step_inputs(ep)
+    static_len = next(n for n in ep.graph.nodes if n.name == ids_name).meta["val"].shape[1]
     probes = [(0, 1), (7, 1)] if isinstance(static_len, int) and static_len == 1 else [(0, 3), (5, 2)]
     for p0, n in probes:
         inputs = {ids_name: torch.zeros(1, n, dtype=torch.long), pos_name: torch.arange(p0, p0 + n)}
@@ -130,8 +135,7 @@ def _offset_causal(ep: ExportedProgram, mask: fx.Node, negate: bool, max_len: in
             m = _eval_cone(mask, inputs, state)
         except Exception:  # noqa: BLE001 - a mask we cannot evaluate is not one we can trust
             return False
-        m = m.bool() if m.dtype == torch.bool else None
-        if m is None:
+        if m.dtype != torch.bool:
             return False
         if negate:
             m = ~m
@@ -163,17 +167,14 @@ def find_cache_sites(ep: ExportedProgram) -> list[CacheSite]:
         if kw[1] is not vw[1] or any(_relaid(op) for op in (m.q, m.k, m.v)):
             raise CaptureError(f"{sid} ({m.site.module}): cache keys and values are laid out in a way the cache "
                                "rewrite does not follow; export with transformers' static-cache recipe")
-        if m.bias_terms or m.scale_tensors or m.site.softcap or len(m.keep_masks) > 1:
+        if m.bias_terms or m.scale_tensors or m.site.softcap:
             raise CaptureError(f"{sid} ({m.site.module}): attention has a bias, a runtime scale or a softcap; "
                                "generation supports plain softmax attention over the cache")
         max_len = m.k.node.meta["val"].shape[2]
-        mask = None
-        if m.keep_masks:
-            node, negate = m.keep_masks[0]
-            if not _offset_causal(ep, node, negate, max_len, state):
-                raise CaptureError(f"{sid} ({m.site.module}): the mask over the cache is not causal in cache_position "
-                                   "(a sliding-window or padded model?); generation supports causal decoders")
-            mask = node.name
+        if len(m.keep_masks) != 1 or not _offset_causal(ep, *m.keep_masks[0], max_len, state):
+            raise CaptureError(f"{sid} ({m.site.module}): attention over the cache is not masked causally in cache_position "
+                               "(a sliding-window or padded model?); generation supports causal decoders")
+        mask = m.keep_masks[0][0].name
         site = m.site
         site.notes.append("keys/values from a static KV cache; mask: offset causal in cache_position")
         sites.append(CacheSite(site, m.anchor.name, m.output.name, m.q.node.name, m.k.node.name, m.v.node.name,

@@ -264,3 +264,13 @@ def test_models_that_cannot_be_captured_with_a_cache(families):
         compile_generator(ep)
     with pytest.raises(compiler.BackendError, match="backend='torch'"):
         compile_generator(families["llama"][3], backend="onnxruntime")
+
+
+def test_sliding_window_model_is_refused(one_thread):
+    """The exported mask is evaluated, not trusted: a sliding-window mask is not offset causality."""
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                     sliding_window=8)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    with pytest.raises(compiler.CaptureError, match=r"attn.0 .*not masked causally in cache_position"):
+        compile_generator(model, torch.ones(1, 4, dtype=torch.long), max_cache_len=32)
