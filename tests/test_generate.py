@@ -73,6 +73,15 @@ def test_fused_equals_model_generate(families, family):
     assert all(s.valid_keys.endswith(f"of {MAX_LEN}") for s in gen.report.sites)
 
 
+def test_dense_site_keeps_the_exported_cache(families):
+    """A site the policy leaves dense attends over the exported static cache under its own mask."""
+    _, ids, (ref_tokens, ref_logits), ep = families["llama"]
+    gen = compile_generator(ep, policy={"*": "fused", "layers.1": "dense"})
+    assert [s.layout for s in gen.report.sites] == ["0-1:full", "as exported"]
+    assert torch.equal(gen.generate(ids, max_new_tokens=32), ref_tokens)
+    assert (gen.last_logits - ref_logits).abs().max().item() < 1e-4
+
+
 @pytest.fixture(scope="module")
 def user_pt2(families, tmp_path_factory):
     """transformers' own recipe at its default one-token shape, saved by the user."""
