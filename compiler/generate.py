@@ -43,6 +43,9 @@ GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head m
 
 def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     p = v.pattern
+    if p.left < 1:
+        raise PolicyError(f"{site.id} ({site.module}): {v.text}: a decode window holds at least the current "
+                          "token; give window >= 1")
     if p.right not in (None, 0):
         raise PolicyError(f"{site.id} ({site.module}): {v.text} looks at future keys; a decode cache holds only "
                           "past keys: drop right=")
@@ -221,15 +224,19 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Opti
     return torch.multinomial(x.softmax(-1), 1, generator=gen)
 
 
+def _check_backend(backend: str) -> None:
+    if backend != "torch":
+        raise BackendError(f"generation runs on backend='torch' for now, not {backend!r}; "
+                           "compile the forward pass with compiler.compile for other backends")
+
+
 class Generator:
     """A captured decoder whose attention reads the caches a policy defines."""
 
     def __init__(self, ep: ExportedProgram, policy: PolicySpec = "fused", backend: str = "torch",
                  model_name: str = "model"):
         t0 = time.perf_counter()
-        if backend != "torch":
-            raise BackendError(f"generation runs on backend='torch' for now, not {backend!r}; "
-                               "compile the forward pass with compiler.compile for other backends")
+        _check_backend(backend)
         pol = parse_policy(policy)
         if pol.auto:
             raise PolicyError("policy='auto' is not available for generation yet; give fused, sinks:S,window:W "
@@ -257,7 +264,6 @@ class Generator:
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]
         self.report.compile_seconds = time.perf_counter() - t0
         self.last_logits: Optional[torch.Tensor] = None
-        self._end = 0
 
     def _site_buffers(self, cs: CacheSite) -> list[torch.Tensor]:
         if cs.site.id in self.buffers:
@@ -324,7 +330,6 @@ class Generator:
             steps.append(self._forward(tokens[-1], n + i - 1)[:, -1])
             tokens.append(_pick(steps[-1], do_sample, temperature, top_k, top_p, gen))
         t2 = time.perf_counter()
-        self._end = n + max_new_tokens - 1
         self.last_logits = torch.cat(steps).float()
         r = self.report
         r.prompt_tokens, r.new_tokens, r.prefill_seconds, r.decode_seconds = n, max_new_tokens, t1 - t0, t2 - t1
@@ -338,8 +343,7 @@ def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
     with transformers' static-cache recipe. ``max_cache_len`` sizes the full cache (and the
     export); bounded policies generate past it."""
     t0 = time.perf_counter()
-    if backend != "torch":
-        raise BackendError(f"generation runs on backend='torch' for now, not {backend!r}")
+    _check_backend(backend)
     parse_policy(policy)  # a bad policy fails before the (slow) capture
     if isinstance(model, (str, Path)):
         ep, name = _load(Path(model)), Path(model).stem

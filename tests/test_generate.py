@@ -252,6 +252,7 @@ def test_prompt_longer_than_full_cache(families):
     ("topk:blocks=2", r"topk.* has no KV-cache form for generation; use fused"),
     ("heads[0]=fused; heads[*]=sinks:4,window:16", r"query heads \[0, 1\] share KV head 0.*same heads"),
     ("window:16,right:4", r"looks at future keys"),
+    ("sinks:4,window:0", r"give window >= 1"),
 ])
 def test_policy_that_cannot_express_a_site(families, policy, message):
     _, _, _, ep = families["llama"]

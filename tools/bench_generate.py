@@ -6,8 +6,8 @@ A Llama-shaped model with random weights (4 layers, hidden 512, 8 heads, 2 KV he
 CPU. For each prompt length, in one run: the model's own ``generate()`` (dynamic cache, eager,
 SDPA attention), and ``compiler.compile_generator`` with ``fused`` (exact, full static cache
 read up to the filled length) and ``sinks:4,window:1024`` (StreamingLLM ring). Greedy, same
-prompt. Columns: prefill time (prompt -> first token), decode tokens/s over the remaining
-tokens (best of --repeats interleaved rounds), the peak resident memory ``generate`` adds above what was live before it
+prompt. Columns: prefill time (prompt -> first token; the peer's from a streamer's
+timestamps), decode tokens/s over the remaining tokens (best of --repeats interleaved rounds), the peak resident memory ``generate`` adds above what was live before it
 (backends/memory_probe: VmHWM reset through /proc/self/clear_refs), KV-cache bytes (what the
 cache holds at the end: DynamicCache's tensors for the peer, our buffers), and whether the
 tokens equal the peer's. ``--quick``: prompts 256 and 1024, 64 new tokens.
@@ -41,20 +41,30 @@ def make_model(layers=4, hidden=512, heads=8, kv_heads=2, vocab=32000):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+class _Clock:
+    """A generate() streamer that stamps each put(): the prompt first, then every new token."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def peer_run(model, ids, new_tokens):
-    """One greedy model.generate(): (tokens, prefill s, decode s, peak bytes, KV bytes). Prefill is a
-    separate one-token generate() (the peer reports no split); decode is the rest of the full run."""
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    """One greedy model.generate(): (tokens, prefill s, decode s, peak bytes, KV bytes); prefill is
+    the time to the first new token, decode the time from it to the last."""
+    clock = _Clock()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, streamer=clock)
     with torch.no_grad():
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         peak, out = memory_probe.peak_bytes(
             lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
-        total = time.perf_counter() - t0
     kv = sum(t.nbytes for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
-    return out.sequences, prefill, total - prefill, peak, kv
+    return out.sequences, clock.stamps[1] - t0, clock.stamps[-1] - clock.stamps[1], peak, kv
 
 
 def ours_run(gen, ids, new_tokens):
