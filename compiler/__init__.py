@@ -9,6 +9,7 @@ from compiler.api import CompiledModel, compile, compile_program, load
 from compiler.budget import Fidelity
 from compiler.capture import capture
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError, VerificationError
+from compiler.generate import Generator, compile_generator
 from compiler.policy import Policy, parse_policy
 from compiler.report import Report
 from compiler.site import AttentionSite
@@ -21,4 +22,5 @@ __all__ = [
     "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "Fidelity", "InputError",
     "Policy", "PolicyError", "Report", "VerificationError", "capture", "compile", "compile_program", "load",
     "parse_policy",
+    "Generator", "compile_generator",
 ]

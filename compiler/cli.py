@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from compiler.errors import AttnforgeError, InputError
@@ -333,6 +332,11 @@ DEMO_HTML = "attnforge-demo.html"
 
 
 def cmd_demo(a) -> int:
+    if a.generate:
+        from compiler.generate_cli import cmd_demo_generate
+
+        return cmd_demo_generate(a)
+
     import backends
     import compiler
     from compiler.paths import check_outputs
@@ -443,7 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--attention-maps", action="store_true",
                    help=f"draw each site's attention maps into the HTML report (--html, default {DEMO_HTML})")
     d.add_argument("--html", help="also write the report as one self-contained HTML page here")
+    d.add_argument("--generate", action="store_true",
+                   help="instead: generate with a KV cache on a small random-weight Llama (fused vs model.generate, "
+                        "then --policy or a DuoAttention head mix)")
     d.set_defaults(func=cmd_demo)
+
+    from compiler.generate_cli import add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 
