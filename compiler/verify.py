@@ -199,6 +199,8 @@ def _other_sizes(ep: ExportedProgram, fakes: list) -> Optional[dict]:
     """A different valid value for every symbolic size of the user inputs, or None if there is none."""
     import sympy
 
+    from compiler.capture import finite_bound
+
     symbols = {}
     for f in fakes:
         for d in f.shape:
@@ -209,8 +211,9 @@ def _other_sizes(ep: ExportedProgram, fakes: list) -> Optional[dict]:
     new = {}
     for sym, h in symbols.items():
         r = ep.range_constraints.get(sym)
-        lo = max(2, int(r.lower)) if r is not None and r.lower.is_finite else 2
-        hi = int(r.upper) if r is not None and r.upper.is_finite else 1 << 30
+        lo = max(2, finite_bound(r.lower) or 2) if r is not None else 2
+        hi = finite_bound(r.upper) if r is not None else None
+        hi = hi if hi is not None else 1 << 30  # unbounded: torch's int_oo claims is_finite
         new[sym] = next((c for c in (h + 3, h - 2, h + 1, h - 1) if lo <= c <= hi and c != h), h)
     return new
 

@@ -9,7 +9,7 @@ import torch
 from torch.export import Dim
 
 import compiler
-from compiler.capture import other_size_inputs
+from compiler import verify
 from zoo import _ids, hf_model
 
 
@@ -65,7 +65,7 @@ def gpt2():
 def test_plain_module(plain, name, one_thread):
     cm = compiler.compile(plain, (_x(7),), dynamic_shapes=PLAIN_SPECS[name], show_progress=False)
     assert cm.report.totals["sites_rewritten"] == 1
-    assert len(cm.report.fidelity.checked_inputs) == 2, cm.report.fidelity.checked_inputs  # example + another size
+    assert "another length (end to end)" in cm.report.fidelity.checked_inputs, cm.report.fidelity.checked_inputs
     for s in (4, 13):
         with torch.no_grad():
             ref = plain(_x(s))
@@ -82,7 +82,7 @@ def test_hugging_face_model(gpt2, name, one_thread):
     else:
         cm = compiler.compile(gpt2.model, (), example_kwargs=gpt2.kwargs, dynamic_shapes=spec, show_progress=False)
     assert cm.report.totals["sites_rewritten"] == 2
-    assert len(cm.report.fidelity.checked_inputs) == 2, cm.report.fidelity.checked_inputs
+    assert "another length (end to end)" in cm.report.fidelity.checked_inputs, cm.report.fidelity.checked_inputs
     for s in (4, 12):
         ids, mask = _ids(2, s)
         with torch.no_grad():
@@ -91,12 +91,17 @@ def test_hugging_face_model(gpt2, name, one_thread):
         assert (got["last_hidden_state"] - ref).abs().max() <= 1e-5
 
 
-def test_other_size_stays_inside_bounds(plain):
-    ep = compiler.capture(plain, (_x(7),), {"x": {1: Dim("s", min=5, max=9)}})
-    sizes = [a[0].shape[1] for a, _, _ in other_size_inputs(ep, (_x(7),), {})]
-    assert sizes and all(5 <= s <= 9 and s != 7 for s in sizes)
-    static = compiler.capture(plain, (_x(7),))
-    assert list(other_size_inputs(static, (_x(7),), {})) == []
+def _other_lengths(ep, x):
+    return [a[0].shape[1] for label, a, _ in verify.verification_inputs(ep, (x,), {}) if label == "another length"]
+
+
+def test_another_length_stays_inside_bounds(plain):
+    x = _x(7)
+    assert all(5 <= s <= 9 and s != 7 for s in _other_lengths(compiler.capture(plain, (x,), {"x": {1: Dim("s", min=5, max=9)}}), x))
+    assert _other_lengths(compiler.capture(plain, (x,), {"x": {1: Dim("s", min=5, max=9)}}), x)
+    # Unbounded (torch's int_oo says it is finite) still gets another length.
+    assert _other_lengths(compiler.capture(plain, (x,), ({1: Dim("s")},)), x)
+    assert _other_lengths(compiler.capture(plain, (x,)), x) == []
 
 
 class LengthSensitive(torch.nn.Module):
@@ -119,7 +124,7 @@ def test_a_difference_at_another_size_is_not_returned(plain):
     ep = compiler.capture(plain, (_x(7),), spec)
     wrong = compiler.capture(LengthSensitive(plain), (_x(7),), spec)
     fid = FidelityRecord(max_abs_error=0.0, kl_divergence=0.0, cosine_similarity=1.0, passed=True)
-    with pytest.raises(compiler.VerificationError, match="not on inputs at another size"):
+    with pytest.raises(compiler.VerificationError, match="not at another length"):
         _check_other_size(ep, wrong, (_x(7),), {}, fid, exact=True, budget=None)
     fid = FidelityRecord(max_abs_error=0.0, kl_divergence=0.0, cosine_similarity=1.0, passed=None)
     _check_other_size(ep, wrong, (_x(7),), {}, fid, exact=False, budget=compiler.Fidelity(max_abs_error=0.1))
