@@ -36,6 +36,7 @@ from compiler.variants import HeadMix, Variant, Window
 from passes.cache_rewrite import CacheSite, find_cache_sites, keep_last_logits, rewrite_cache_sites, step_inputs
 
 GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
+_NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks:S,window:W or a head mix"
 
 
 # ---------------------------------------------------------------------------- policy -> cache layout
@@ -52,6 +53,19 @@ def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     return CacheGroup((), p.sinks, p.left)
 
 
+def _has_cache_form(v: Variant) -> bool:
+    if v.kind in ("fused", "dense") or isinstance(v.pattern, Window):
+        return True
+    return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var) for _, var in v.pattern.groups)
+
+
+def check_generation_policy(pol) -> None:
+    """Refuse a variant with no cache form before anything is captured."""
+    for selector, v in pol.rules:
+        if not _has_cache_form(v):
+            raise PolicyError(f"{selector}: {v.text} has no KV-cache form for generation; use {GENERATION_VARIANTS}")
+
+
 def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     """The cache groups ``v`` gives ``site`` (None: leave the site as exported)."""
     if v.kind == "dense":
@@ -61,7 +75,7 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     if isinstance(v.pattern, Window):
         g = _ring(v, site)
         return [CacheGroup(tuple(range(site.num_kv_heads)), g.sinks, g.window)]
-    if not isinstance(v.pattern, HeadMix):
+    if not _has_cache_form(v):
         raise PolicyError(f"{site.id} ({site.module}): {v.text} has no KV-cache form for generation; "
                           f"use {GENERATION_VARIANTS}")
     rep = site.num_heads // site.num_kv_heads
@@ -72,14 +86,11 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     by_kv: dict[int, tuple] = {}
     for heads, var in v.pattern.groups:
         qs = heads if heads is not None else tuple(h for h in range(site.num_heads) if h not in named)
-        if var.kind == "fused":
-            key = (0, None)
-        elif isinstance(var.pattern, Window):
+        if isinstance(var.pattern, Window):
             g = _ring(var, site)
             key = (g.sinks, g.window)
         else:
-            raise PolicyError(f"{site.id} ({site.module}): {var.text} in a head mix has no KV-cache form; "
-                              f"use {GENERATION_VARIANTS}")
+            key = (0, None)  # fused (a mix has no dense heads: they parse as fused)
         for kv in sorted({h // rep for h in qs}):
             shares = set(range(kv * rep, (kv + 1) * rep))
             if not shares <= set(qs):
@@ -254,8 +265,8 @@ class Generator:
         _check_backend(backend)
         pol = parse_policy(policy)
         if pol.auto:
-            raise PolicyError("policy='auto' is not available for generation yet; give fused, sinks:S,window:W "
-                              "or a head mix")
+            raise PolicyError(_NO_AUTO)
+        check_generation_policy(pol)
         self.sites: list[CacheSite] = find_cache_sites(ep)
         pol.check_selectors([s.site for s in self.sites])
         self.layouts = {}
@@ -360,7 +371,10 @@ def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
     export); bounded policies generate past it."""
     t0 = time.perf_counter()
     _check_backend(backend)
-    parse_policy(policy)  # a bad policy fails before the (slow) capture
+    pol = parse_policy(policy)  # a bad policy fails before the (slow) capture
+    if pol.auto:
+        raise PolicyError(_NO_AUTO)
+    check_generation_policy(pol)
     if isinstance(model, (str, Path)):
         ep, name = _load(Path(model)), Path(model).stem
     elif isinstance(model, ExportedProgram):

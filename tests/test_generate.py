@@ -250,6 +250,7 @@ def test_prompt_longer_than_full_cache(families):
 
 @pytest.mark.parametrize("policy, message", [
     ("topk:blocks=2", r"topk.* has no KV-cache form for generation; use fused"),
+    ("auto", r"'auto' is not available for generation"),
     ("heads[0]=fused; heads[*]=sinks:4,window:16", r"query heads \[0, 1\] share KV head 0.*same heads"),
     ("window:16,right:4", r"looks at future keys"),
     ("sinks:4,window:0", r"give window >= 1"),
@@ -272,6 +273,8 @@ def test_models_that_cannot_be_captured_with_a_cache(families):
     ep = compiler.capture(Encoder(), (torch.randn(1, 8, 16),))
     with pytest.raises(compiler.CaptureError, match="not a static KV cache"):
         compile_generator(ep)
+    with pytest.raises(compiler.PolicyError, match=r"linear.* has no KV-cache form"):  # before any capture
+        compile_generator(torch.nn.Linear(4, 4), policy="linear:elu")
     with pytest.raises(compiler.BackendError, match="backend='torch'"):
         compile_generator(families["llama"][3], backend="onnxruntime")
 
