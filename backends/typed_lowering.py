@@ -15,6 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from backends.capabilities import CAPABILITIES, numel_hint, op_name, workspace_bytes
+from compiler.capture import finite_bound
 from compiler.plan import Register, Step, storage_owner
 
 # Aliasing in ONNX Runtime's CPU kernels (they reuse the input buffer).
@@ -42,7 +43,7 @@ def _bounds(shape) -> dict:
         for sym in node.expr.free_symbols:
             rng = env.var_to_range.get(sym)
             if rng is not None:
-                out[str(sym)] = [int(rng.lower), int(rng.upper) if rng.upper.is_finite else None]
+                out[str(sym)] = [finite_bound(rng.lower), finite_bound(rng.upper)]
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -148,13 +147,13 @@ def depends_on_user_values(node: fx.Node, user_inputs: set[str]) -> bool:
         seen.add(n)
         if n.op == "placeholder" and n.name in user_inputs:
             return True
-        if n.op == "call_function" and n.target in _SHAPE_ONLY:
+        if n.op == "call_function" and n.target in SHAPE_ONLY:
             continue
         todo.extend(n.all_input_nodes)
     return False
 
 
-_SHAPE_ONLY = overloads(aten.sym_size, aten.sym_numel, aten.sym_stride)
+SHAPE_ONLY = overloads(aten.sym_size, aten.sym_numel, aten.sym_stride)  # read a shape, not values
 
 
 class ConeEvaluator:
@@ -171,7 +170,9 @@ class ConeEvaluator:
     def __call__(self, node: fx.Node) -> Any:
         if node in self.env:
             return self.env[node]
-        order = [n for n in node.graph.nodes if n in ancestors(node)]
+        # A size read (sym_size of a user input) takes its example value: do not walk into the input.
+        cone = ancestors(node, stop=[n for n in node.graph.nodes if n.op == "call_function" and n.target in SHAPE_ONLY])
+        order = [n for n in node.graph.nodes if n in cone]
         for n in order:
             if n in self.env:
                 continue
@@ -184,7 +185,7 @@ class ConeEvaluator:
             if v is None:
                 raise ValueError(f"{n.name} is a user input")
             return v
-        if n.op == "call_function" and n.target in _SHAPE_ONLY:
+        if n.op == "call_function" and n.target in SHAPE_ONLY:
             return hint(val(n))
         if n.op != "call_function":
             raise ValueError(f"cannot evaluate {n.op} {n.name}")
@@ -194,5 +195,3 @@ class ConeEvaluator:
         with torch.no_grad():
             return n.target(*args, **kwargs)
 
-
-GETITEM = operator.getitem

@@ -25,6 +25,8 @@ class PassContext:
     subgraphs: dict = field(default_factory=dict)  # site id -> its matched subgraph (compiler.explain)
     variants: dict = field(default_factory=dict)  # site id -> compiler.variants.Variant
     variant_result: object = None  # passes.attention_variants.VariantResult
+    skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
+    verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
 
 
 @dataclass
@@ -40,6 +42,11 @@ class PassManager:
     def run(self, ctx: PassContext) -> list[PassRecord]:
         records = []
         for p in self.passes:
+            if p.name in ctx.skip_passes:
+                nodes = count_nodes(ctx.ep.graph_module)
+                records.append(PassRecord(name=p.name, seconds=0.0, nodes_before=nodes, nodes_after=nodes,
+                                          details={"left_out": "with it the program failed end-to-end verification"}))
+                continue
             before = count_nodes(ctx.ep.graph_module)
             t0 = time.perf_counter()
             details = p.run(ctx) or {}
@@ -60,10 +67,11 @@ class PassManager:
 
 
 def exact_pipeline() -> PassManager:
-    """Clean up, find attention, fuse every site the policy rewrites into exact attention."""
+    """Clean up, canonicalize, find attention, fuse every site the policy rewrites into exact attention."""
     from compiler.explain import subgraph
     from passes.attention_discovery import discover
     from passes.attention_fusion import fuse_attention
+    from passes.canonicalize import canonicalize
     from passes.constant_folding import constant_folding
     from passes.cse import common_subexpression_elimination
     from passes.dce import dead_code_elimination
@@ -74,6 +82,10 @@ def exact_pipeline() -> PassManager:
         ctx.before_fusion = clone_program(ctx.ep)
         ctx.subgraphs = {m.site.id: subgraph([*m.internal, m.anchor, m.output]) for m in ctx.discovery.matches}
         return {"sites_found": len(ctx.discovery.matches), "rejected_softmax": len(ctx.discovery.rejected)}
+
+    def canonical(ctx: PassContext) -> dict:
+        ctx.ep, stats = canonicalize(ctx.ep)
+        return stats
 
     def fusion(ctx: PassContext) -> dict:
         ctx.policy.check_selectors([m.site for m in ctx.discovery.matches])
@@ -88,6 +100,7 @@ def exact_pipeline() -> PassManager:
 
     return PassManager([
         Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
+        Pass("canonicalize", canonical),
         Pass("constant_folding", lambda c: constant_folding(c.ep)),
         Pass("common_subexpression_elimination", lambda c: common_subexpression_elimination(c.ep)),
         Pass("attention_discovery", discovery),

@@ -13,7 +13,8 @@ The pass only describes; ``attention_fusion`` rewrites.
 
 from __future__ import annotations
 
-import re
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,6 +24,7 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.graph import (
+    SHAPE_ONLY,
     ConeEvaluator,
     ancestors,
     aten,
@@ -33,6 +35,7 @@ from compiler.graph import (
     module_type,
     overloads,
     same_shape,
+    same_size,
     shape,
     sym_shape,
     user_input_names,
@@ -40,14 +43,14 @@ from compiler.graph import (
 )
 from compiler.masks import (
     WHERES,
+    acts_as_neg_inf,
     additive_keep,
     constant_additive_pattern,
-    is_absorbing,
     split_causal,
     split_causal_masked,
 )
 from compiler.ops import default_scale
-from compiler.site import AttentionSite, Operand, SiteMatch
+from compiler.site import AttentionSite, Operand, SiteMatch, layer_of
 
 SOFTMAX = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
 SDPA = overloads(aten.scaled_dot_product_attention)
@@ -69,6 +72,8 @@ ASSERTS = overloads(aten._assert_tensor_metadata)
 LOGICAL_NOT = overloads(aten.logical_not)
 ANY = overloads(aten.any)
 EQ = overloads(aten.eq)
+MAX_DIM = overloads(aten.max.dim)
+TANH = overloads(aten.tanh)
 
 
 class NotAttention(Exception):
@@ -84,7 +89,7 @@ class Discovery:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _softmax_input(node: fx.Node) -> Optional[fx.Node]:
+def softmax_input(node: fx.Node) -> Optional[fx.Node]:
     """The scores a softmax-like node normalises over its last dim, else None."""
     if is_op(node, SOFTMAX):
         x, dim = node.args[0], node.args[1]
@@ -100,10 +105,33 @@ def _softmax_input(node: fx.Node) -> Optional[fx.Node]:
         if not keep or not dims or [d % n for d in dims] != [n - 1]:
             return None
         inner = num.args[0]
-        if is_op(inner, SUBS) and is_op(inner.args[1], AMAX) and inner.args[1].args[0] is inner.args[0]:
+        if is_op(inner, SUBS) and isinstance(inner.args[1], fx.Node) and _row_max(inner.args[1]) is inner.args[0]:
             return inner.args[0]
+        if is_op(inner, SUBS) and _row_max_like(inner.args[1]):
+            return None  # shifted by a max over another axis: not a softmax
         return inner
     return None
+
+
+def _row_max(node: fx.Node) -> Optional[fx.Node]:
+    """x for ``amax(x, -1, keepdim=True)`` or ``x.max(-1, keepdim=True).values``, else None."""
+    if is_op(node, AMAX):
+        x = node.args[0]
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    elif node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 and is_op(node.args[0], MAX_DIM):
+        x = node.args[0].args[0]
+        dims = [node.args[0].args[1]]
+        keep = node.args[0].args[2] if len(node.args[0].args) > 2 else node.args[0].kwargs.get("keepdim", False)
+    else:
+        return None
+    n = len(sym_shape(x))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return x if keep and [d % n for d in dims] == [n - 1] else None
+
+
+def _row_max_like(x) -> bool:
+    return is_op(x, AMAX) or (isinstance(x, fx.Node) and x.target is operator.getitem and is_op(x.args[0], MAX_DIM))
 
 
 def _is_safe_softmax_where(node: fx.Node, probs: fx.Node, scores: fx.Node) -> bool:
@@ -130,11 +158,6 @@ def _dropout_inactive(node: fx.Node) -> bool:
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
     return p == 0 or train is False
-
-
-def _layer_index(path: str) -> Optional[int]:
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-    return int(m.group(1)) if m else None
 
 
 class _Matcher:
@@ -177,11 +200,14 @@ class _Matcher:
         keeps: list[tuple[fx.Node, bool]] = []  # (cond, negate)
         steps: list[fx.Node] = []
         internal: list[fx.Node] = []
+        softcap = 0.0  # set once the walk passes c * tanh(.): everything further back is inside it
         cur = x
 
         def at_full_shape(n):
             if not same_shape(sym_shape(n), target_shape):
                 raise NotAttention("a mask is applied before the scores reach their final layout")
+            if softcap:
+                raise NotAttention("a mask or bias is applied inside the softcap tanh")
 
         while True:
             internal.append(cur)
@@ -199,9 +225,11 @@ class _Matcher:
                 steps.append(cur)
                 cur = cur.args[0]
             elif is_op(cur, L.MULS | L.DIVS):
-                so = L.scalar_operand(cur, self.scalar_value)
+                if cur.kwargs.get("rounding_mode") is not None:
+                    raise NotAttention("scores divided with rounding (floor/trunc) is not a scale")
+                so = L.scalar_operand(cur, self.scalar_value) or self._head_factor(cur, target_shape)
                 if so is None:
-                    raise NotAttention("scores multiplied by a non-scalar tensor")
+                    raise NotAttention("scores multiplied by a tensor that is not constant per query head")
                 src, c = so
                 is_mul = cur.target in L.MULS
                 if isinstance(c, float):
@@ -211,6 +239,16 @@ class _Matcher:
                 else:
                     tensor_factors.append((c, "mul" if is_mul else "div"))
                 cur = src
+            elif is_op(cur, ADDS | SUBS) and self._row_constant(cur) is not None:
+                # The same finite number added to every score: softmax does not see it.
+                if softcap:
+                    raise NotAttention("a constant is added inside the softcap tanh")
+                cur = self._row_constant(cur)
+            elif is_op(cur, TANH):
+                if softcap or tensor_factors or not const > 0:
+                    raise NotAttention("tanh on scores is not a softcap c * tanh(s / c)")
+                softcap, const = const, 1.0
+                cur = cur.args[0]
             elif is_op(cur, ADDS | SUBS):
                 a, b = cur.args[0], cur.args[1]
                 alpha = cur.kwargs.get("alpha", 1)
@@ -224,6 +262,8 @@ class _Matcher:
                 terms.append((other, sign * const, list(tensor_factors)))
                 cur = path
             elif is_op(cur, WHERES):
+                if softcap:
+                    raise NotAttention("a mask is applied inside the softcap tanh")
                 cond, a, b = cur.args[:3]
                 if isinstance(a, fx.Node) and self._reaches_product(a):
                     path, fill, negate = a, b, False
@@ -231,24 +271,65 @@ class _Matcher:
                     path, fill, negate = b, a, True
                 else:
                     raise NotAttention("where() on scores without a score branch")
-                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps)
+                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = path
             elif is_op(cur, MASKED_FILL):
+                if softcap:
+                    raise NotAttention("a mask is applied inside the softcap tanh")
                 src, cond, fill = cur.args[:3]
-                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps)
+                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = src
             else:
                 raise NotAttention(f"scores pass through {cur.target}")
         steps.reverse()
-        return cur, const, tensor_factors, terms, keeps, steps, internal
+        if softcap:
+            # c * tanh(a * qk) is the op's softcap * tanh(scale * qk / softcap) with scale = a * c.
+            const = const * softcap
+        return cur, const, tensor_factors, terms, keeps, steps, internal, softcap
 
-    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps):
+    def _row_constant(self, node: fx.Node) -> Optional[fx.Node]:
+        """The scores side of ``scores + c`` / ``scores - c`` for a finite constant ``c``, else None."""
+        a, b = node.args[0], node.args[1]
+        for path, c in ((a, b), (b, a)):
+            if path is b and node.target in SUBS:
+                continue
+            if not isinstance(path, fx.Node) or not same_shape(sym_shape(path), sym_shape(node)):
+                continue
+            v = self.scalar_value(c)
+            if v is not None and math.isfinite(v * float(node.kwargs.get("alpha", 1))):
+                return path
+        return None
+
+    def _head_factor(self, node: fx.Node, scores_shape) -> Optional[tuple[fx.Node, fx.Node]]:
+        """(scores, t) for ``scores * t`` / ``scores / t`` with a float tensor ``t`` constant over
+        the last two axes of 4-D ``[B, H, Sq, Sk]`` scores (a per-head logit scale), folded into q.
+
+        ``t`` must come from the model's state, not from an input: a per-call tensor is not a
+        scale the model fixed (and Inductor's suite counts that form as not attention)."""
+        a, b = node.args[0], node.args[1]
+        pairs = ((a, b),) if node.target in L.DIVS else ((a, b), (b, a))
+        for src, t in pairs:
+            if not (isinstance(src, fx.Node) and isinstance(t, fx.Node)):
+                continue
+            ts, ss = sym_shape(t), sym_shape(src)
+            if ts is None or len(scores_shape) != 4 or len(ts) > 4 or not dtype(t).is_floating_point:
+                continue
+            if self.activation(t):
+                continue
+            if not same_shape(ss, sym_shape(node)) or not same_shape(ss, scores_shape):
+                continue
+            padded = (1,) * (4 - len(ts)) + tuple(ts)
+            if same_size(padded[-1], 1) and same_size(padded[-2], 1):
+                return src, t
+        return None
+
+    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps, scores_dtype=torch.float32):
         f = self.scalar_value(fill)
         if f is None:
             raise NotAttention("mask fill value is not a constant")
-        if not is_absorbing(f):
+        if not acts_as_neg_inf(f, scores_dtype):
             raise NotAttention(
                 f"mask fill {f:g} is neither -inf nor finfo.min; rewriting would change fully-masked rows"
             )
@@ -267,7 +348,7 @@ class _Matcher:
             seen.add(n)
             if is_op(n, QK_PRODUCTS) and all(self.activation(a) for a in n.args[-2:] if isinstance(a, fx.Node)):
                 return True
-            if n.op == "call_function":
+            if n.op == "call_function" and n.target not in SHAPE_ONLY:
                 todo.extend(n.all_input_nodes)
         return False
 
@@ -315,6 +396,19 @@ class _Matcher:
     def operand(self, x: fx.Node, want_transposed: bool, batch_heads, final_batch, allow_scale=True, pre_map=None):
         """Trace an operand, check how its root maps onto (B, Hq); return (Operand, Hkv, trace)."""
         tr = L.trace_operand(x, self.scalar_value, allow_scale=allow_scale)
+        try:
+            hkv = self._kv_heads(tr, batch_heads, final_batch, pre_map)
+        except NotAttention:
+            # The root is shared another way (a learned query expanded over the batch): the
+            # operand itself, already laid out like the scores, still serves.
+            tr = L.Trace(x, [], False, [])
+            if pre_map is not None or self._kv_heads(tr, batch_heads, final_batch, None) != batch_heads[1]:
+                raise
+            hkv = batch_heads[1]
+        return Operand(tr.root, transpose_last=(tr.transposed != want_transposed),
+                       reshape_to=[batch_heads[0], hkv]), hkv, tr
+
+    def _kv_heads(self, tr, batch_heads, final_batch, pre_map) -> int:
         b, hq = batch_heads
         mapping = L.batch_map(tr.root, tr.steps, final_batch)
         if mapping is None:
@@ -326,13 +420,47 @@ class _Matcher:
         hkv = L.kv_heads_for(mapping, tr.root, b, hq)
         if hkv is None:
             raise NotAttention("operand heads are neither aligned with the query heads nor a GQA repeat")
-        return Operand(tr.root, transpose_last=(tr.transposed != want_transposed), reshape_to=[b, hkv]), hkv, tr
+        return hkv
 
     # -- masks ------------------------------------------------------------------------
 
-    def resolve_masks(self, terms, keeps, sq, sk, notes):
-        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind)."""
+    def resolve_masks(self, terms, keeps, sq, sk, notes, full_rows=None):
+        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind).
+
+        A causal part found in a mask with a finite fill (``finfo.min``) only becomes
+        ``is_causal`` when the model's rows stay the same: a row whose every key is filled
+        attends uniformly over ALL keys in the model, causal ones included. That is kept exactly
+        when this mask is the site's only mask (``full_rows`` receives its other conjuncts, for
+        the rewrite to restore such rows); otherwise the causal part stays in the mask.
+        """
+        first = self._resolve_masks(terms, keeps, sq, sk, split_finite=True)
+        causal, out_terms, out_keeps, n, finite = first
+        if finite:
+            # Input-dependent additive terms may be masks too; constant ones (ALiBi) are biases.
+            masks = sum(isinstance(t[0], tuple) or self.activation(t[0]) for t in out_terms)
+            others = bool(out_keeps) or masks > sum(produced for _, produced in finite)
+            with_rest = [rest for rest, _ in finite if rest]
+            if not others and len(with_rest) <= 1 and (not with_rest or sq <= sk):
+                if with_rest and full_rows is not None:
+                    full_rows.extend(with_rest[0])
+            else:
+                causal, out_terms, out_keeps, n, _ = self._resolve_masks(terms, keeps, sq, sk, split_finite=False)
+                notes.append("causal part kept in the mask: a row whose keys are all filled with a finite value "
+                             "attends uniformly over every key, as the model does")
+        notes.extend(n)
+        kinds = []
+        if out_keeps:
+            kinds.append("bool")
+        if out_terms:
+            kinds.append("additive")
+        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+
+    def _resolve_masks(self, terms, keeps, sq, sk, split_finite: bool):
+        """(causal, terms, keeps, notes, finite): ``finite`` lists, for each causal part split
+        from a finite-fill mask, the (cond, negate) conjuncts that stayed with it."""
         causal = False
+        notes: list[str] = []
+        finite: list[list] = []
         out_terms, out_keeps = [], []
         for cond, negate in keeps:
             if negate:
@@ -346,52 +474,63 @@ class _Matcher:
         for node, coef, tfs in terms:
             if isinstance(node, tuple):  # ("where", cond, negate, fill) from a masked score
                 _, cond, negate, fill = node
+                if not split_finite:
+                    out_terms.append((node, coef, tfs))
+                    continue
+                rest = []
                 if negate:
                     split, masked = split_causal_masked(cond, self.evaluator, self.user_inputs, sq, sk)
+                    rest = [(m, True) for m in masked]
                     for m in masked:
                         out_terms.append((("where", m, True, fill), coef, tfs))
                 else:
                     split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
+                rest += [(r, False) for r in split.residual]
+                if split.causal:
+                    finite.append((rest, len(rest) - len(split.residual) + bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))
                 continue
             ak = additive_keep(node, self.scalar_value)
             if ak is not None and coef > 0:
                 cond, fill = ak
+                if not split_finite:
+                    out_terms.append((("where-all", [cond], fill), coef, tfs))
+                    continue
                 split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
+                if split.causal and fill != float("-inf"):
+                    finite.append(([(r, False) for r in split.residual], bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))
                 continue
             pat = constant_additive_pattern(node, self.evaluator, self.user_inputs, sq, sk)
-            if pat == "causal":
+            if pat == "causal" and split_finite:
                 causal = True
+                if not bool((self.evaluator(node) == float("-inf")).any()):
+                    finite.append(([], 0))
                 continue
             if pat == "all":
                 continue
             out_terms.append((node, coef, tfs))
-        kinds = []
-        if out_keeps:
-            kinds.append("bool")
-        if out_terms:
-            kinds.append("additive")
-        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+        return causal, out_terms, out_keeps, notes, finite
 
     # -- site assembly ---------------------------------------------------------------
 
     def match_softmax(self, sm: fx.Node, idx: int) -> SiteMatch:
-        x = _softmax_input(sm)
+        x = softmax_input(sm)
         if x is None:
             raise NotAttention("softmax is not over the last axis")
         sshape = sym_shape(x)
-        if len(sshape) < 2 or len(sshape) > 4:
-            raise NotAttention("scores are not 2-4 dimensional")
-        product, const, tfs, terms, keeps, sc_steps, internal = self.walk_scores(x, sshape)
-        if not all(isinstance(a, fx.Node) and self.activation(a) for a in product.args[-2:]):
-            raise NotAttention("one side of the score product is a weight, not an activation")
+        if len(sshape) < 2 or len(sshape) > 5:
+            raise NotAttention("scores are not 2-5 dimensional")
+        product, const, tfs, terms, keeps, sc_steps, internal, softcap = self.walk_scores(x, sshape)
+        # Queries may be learned (Perceiver latents, attention pooling); keys must be activations.
+        if not all(isinstance(a, fx.Node) for a in product.args[-2:]) or not self.activation(product.args[-1]):
+            raise NotAttention("the keys of the score product are a weight, not an activation")
         pv, pr_steps, pr_internal = self.walk_probs(sm, x)
         xv = pv.args[1]
         if not isinstance(xv, fx.Node) or not self.activation(xv):
@@ -413,7 +552,8 @@ class _Matcher:
         if is_op(product, BADDBMM):
             beta = float(product.kwargs.get("beta", 1.0))
             alpha = float(product.kwargs.get("alpha", 1.0))
-            terms.append((product.args[0], const * beta, list(tfs)))
+            if beta != 0.0:  # beta == 0: baddbmm never reads its input (often torch.empty)
+                terms.append((product.args[0], const * beta, list(tfs)))
         xq, xk = product.args[-2], product.args[-1]
         qk_batch = shape(product)[:-2]
         fb = qk_batch if is_op(product, MATMUL) else None
@@ -435,7 +575,7 @@ class _Matcher:
         d = shape(q_op.node)[-1] if not q_op.transpose_last else shape(q_op.node)[-2]
         dv = shape(v_op.node)[-1] if not v_op.transpose_last else shape(v_op.node)[-2]
         return self._finish(sm, pv, idx, "matmul-softmax-matmul", q_op, k_op, v_op, scale, tfs, terms, keeps,
-                            (b, hq), hkv, sq, sk, d, dv, False, internal + [sm] + pr_internal)
+                            (b, hq), hkv, sq, sk, d, dv, False, internal + [sm] + pr_internal, softcap)
 
     def match_sdpa(self, node: fx.Node, idx: int) -> SiteMatch:
         args = list(node.args) + [None] * (8 - len(node.args))
@@ -481,11 +621,14 @@ class _Matcher:
         return site
 
     def _finish(self, anchor, output, idx, form, q_op, k_op, v_op, scale, tfs, terms, keeps,
-                batch_heads, hkv, sq, sk, d, dv, causal, internal) -> SiteMatch:
+                batch_heads, hkv, sq, sk, d, dv, causal, internal, softcap=0.0) -> SiteMatch:
         b, hq = batch_heads
         notes: list[str] = []
-        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes)
+        full_rows: list = []
+        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes, full_rows)
         causal = causal or found_causal
+        if (terms or keeps or tfs) and len(sym_shape(softmax_input(anchor) if form != "sdpa" else q_op.node)) > 4:
+            raise NotAttention("a mask or tensor scale on 5-D grouped scores")
         q_op.reshape_to = [b, hq]
         k_op.reshape_to = [b, hkv]
         v_op.reshape_to = [b, hkv]
@@ -505,11 +648,15 @@ class _Matcher:
             scale=None if tfs else scale,
             causal=causal,
             mask_kind=kind,
+            softcap=softcap,
             dtype=str(dtype(q_op.node)).replace("torch.", ""),
-            layer=_layer_index(path),
+            layer=layer_of(path),
             notes=notes,
         )
-        return SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+        match = SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+        if full_rows:
+            match.extra["full_rows"] = full_rows
+        return match
 
 
 def _batch_heads(batch: list[int]) -> tuple[int, int]:
@@ -517,7 +664,7 @@ def _batch_heads(batch: list[int]) -> tuple[int, int]:
         return 1, 1
     if len(batch) == 1:
         return 1, batch[0]
-    return batch[0], batch[1]
+    return batch[0], math.prod(batch[1:])  # [B, Hkv, group] scores: the group is part of the heads
 
 
 def discover(ep: ExportedProgram) -> Discovery:
@@ -532,9 +679,13 @@ def discover(ep: ExportedProgram) -> Discovery:
             if node.target in SDPA:
                 out.matches.append(m.match_sdpa(node, idx))
                 idx += 1
-            elif _softmax_input(node) is not None or node.target in SOFTMAX:
+            elif softmax_input(node) is not None or node.target in SOFTMAX:
                 out.matches.append(m.match_softmax(node, idx))
                 idx += 1
         except NotAttention as e:
             out.rejected.append({"node": node.name, "module": module_path(node), "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - a form the matcher trips on stays dense, with why
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            out.rejected.append({"node": node.name, "module": module_path(node),
+                                 "reason": f"matcher failed ({type(e).__name__}: {first}); left dense"})
     return out
