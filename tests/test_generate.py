@@ -37,7 +37,15 @@ def _qwen3():
     return transformers.Qwen3ForCausalLM(cfg)
 
 
-FAMILIES = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3}
+def _qwen2_eager():
+    """Eager attention: matmul, an additive where(keep, 0, finfo.min) mask, softmax, matmul."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   attn_implementation="eager")
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+FAMILIES = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "qwen2-eager": _qwen2_eager}
 
 
 def _hf_generate(model, ids, n):
