@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -33,7 +33,9 @@ from compiler.kv_cache import CacheGroup, layout_text
 from compiler.policy import PolicySpec, parse_policy
 from compiler.site import AttentionSite
 from compiler.variants import HeadMix, Variant, Window
-from passes.cache_rewrite import CacheSite, find_cache_sites, keep_last_logits, rewrite_cache_sites, step_inputs
+
+if TYPE_CHECKING:
+    from passes.cache_rewrite import CacheSite
 
 GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
 _NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks:S,window:W or a head mix"
@@ -261,6 +263,9 @@ class Generator:
 
     def __init__(self, ep: ExportedProgram, policy: PolicySpec = "fused", backend: str = "torch",
                  model_name: str = "model"):
+        # passes import compiler; importing them here keeps ``import passes.x`` first a working order.
+        from passes.cache_rewrite import find_cache_sites, keep_last_logits, rewrite_cache_sites, step_inputs
+
         t0 = time.perf_counter()
         _check_backend(backend)
         pol = parse_policy(policy)

@@ -295,3 +295,17 @@ def test_sliding_window_model_is_refused(one_thread):
     model = transformers.MistralForCausalLM(cfg).eval()
     with pytest.raises(compiler.CaptureError, match=r"attn.0 .*not masked causally in cache_position"):
         compile_generator(model, torch.ones(1, 4, dtype=torch.long), max_cache_len=32)
+
+
+def test_passes_import_on_their_own():
+    """compiler imports the generator, which needs passes: importing a pass first must still work."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for mod in ("passes.cache_rewrite", "passes.attention_discovery"):
+        r = subprocess.run([sys.executable, "-c", f"import {mod}"], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+        assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
