@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -33,9 +33,12 @@ from compiler.kv_cache import CacheGroup, layout_text
 from compiler.policy import PolicySpec, parse_policy
 from compiler.site import AttentionSite
 from compiler.variants import HeadMix, Variant, Window
-from passes.cache_rewrite import CacheSite, find_cache_sites, keep_last_logits, rewrite_cache_sites, step_inputs
+
+if TYPE_CHECKING:
+    from passes.cache_rewrite import CacheSite
 
 GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
+_NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks:S,window:W or a head mix"
 
 
 # ---------------------------------------------------------------------------- policy -> cache layout
@@ -52,6 +55,19 @@ def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     return CacheGroup((), p.sinks, p.left)
 
 
+def _has_cache_form(v: Variant) -> bool:
+    if v.kind in ("fused", "dense") or isinstance(v.pattern, Window):
+        return True
+    return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var) for _, var in v.pattern.groups)
+
+
+def check_generation_policy(pol) -> None:
+    """Refuse a variant with no cache form before anything is captured."""
+    for selector, v in pol.rules:
+        if not _has_cache_form(v):
+            raise PolicyError(f"{selector}: {v.text} has no KV-cache form for generation; use {GENERATION_VARIANTS}")
+
+
 def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     """The cache groups ``v`` gives ``site`` (None: leave the site as exported)."""
     if v.kind == "dense":
@@ -61,7 +77,7 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     if isinstance(v.pattern, Window):
         g = _ring(v, site)
         return [CacheGroup(tuple(range(site.num_kv_heads)), g.sinks, g.window)]
-    if not isinstance(v.pattern, HeadMix):
+    if not _has_cache_form(v):
         raise PolicyError(f"{site.id} ({site.module}): {v.text} has no KV-cache form for generation; "
                           f"use {GENERATION_VARIANTS}")
     rep = site.num_heads // site.num_kv_heads
@@ -72,14 +88,11 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     by_kv: dict[int, tuple] = {}
     for heads, var in v.pattern.groups:
         qs = heads if heads is not None else tuple(h for h in range(site.num_heads) if h not in named)
-        if var.kind == "fused":
-            key = (0, None)
-        elif isinstance(var.pattern, Window):
+        if isinstance(var.pattern, Window):
             g = _ring(var, site)
             key = (g.sinks, g.window)
         else:
-            raise PolicyError(f"{site.id} ({site.module}): {var.text} in a head mix has no KV-cache form; "
-                              f"use {GENERATION_VARIANTS}")
+            key = (0, None)  # fused (a mix has no dense heads: they parse as fused)
         for kv in sorted({h // rep for h in qs}):
             shares = set(range(kv * rep, (kv + 1) * rep))
             if not shares <= set(qs):
@@ -224,6 +237,21 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Opti
     return torch.multinomial(x.softmax(-1), 1, generator=gen)
 
 
+def _lower_torch(gm: torch.fx.GraphModule) -> None:
+    """Run the rewritten module eagerly at the least cost per step: ``cache_attention`` nodes call
+    the implementation (a decode step makes a few small calls, and the custom-op dispatcher's
+    Python layers cost as much as the attention), and the export's dtype/device assertions on
+    intermediate values, fixed at capture, go (a fifth of a Llama step's calls)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.attnforge.cache_attention.default:
+            node.target = kv_cache.cache_attention_eager
+        elif node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def _check_backend(backend: str) -> None:
     if backend != "torch":
         raise BackendError(f"generation runs on backend='torch' for now, not {backend!r}; "
@@ -235,12 +263,15 @@ class Generator:
 
     def __init__(self, ep: ExportedProgram, policy: PolicySpec = "fused", backend: str = "torch",
                  model_name: str = "model"):
+        # passes import compiler; importing them here keeps ``import passes.x`` first a working order.
+        from passes.cache_rewrite import find_cache_sites, keep_last_logits, rewrite_cache_sites, step_inputs
+
         t0 = time.perf_counter()
         _check_backend(backend)
         pol = parse_policy(policy)
         if pol.auto:
-            raise PolicyError("policy='auto' is not available for generation yet; give fused, sinks:S,window:W "
-                              "or a head mix")
+            raise PolicyError(_NO_AUTO)
+        check_generation_policy(pol)
         self.sites: list[CacheSite] = find_cache_sites(ep)
         pol.check_selectors([s.site for s in self.sites])
         self.layouts = {}
@@ -259,6 +290,7 @@ class Generator:
         cache_dtype = self.module.get_buffer(self.sites[0].k_buffer).dtype
         self.buffers = rewrite_cache_sites(self.module, self.sites, self.layouts, cache_dtype)
         self.last_position_logits = keep_last_logits(self.module)
+        _lower_torch(self.module)
         self.policy = pol.text
         self.report = GenerationReport(model_name, pol.text, backend, self.max_cache_len)
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]
@@ -344,7 +376,10 @@ def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
     export); bounded policies generate past it."""
     t0 = time.perf_counter()
     _check_backend(backend)
-    parse_policy(policy)  # a bad policy fails before the (slow) capture
+    pol = parse_policy(policy)  # a bad policy fails before the (slow) capture
+    if pol.auto:
+        raise PolicyError(_NO_AUTO)
+    check_generation_policy(pol)
     if isinstance(model, (str, Path)):
         ep, name = _load(Path(model)), Path(model).stem
     elif isinstance(model, ExportedProgram):

@@ -149,9 +149,10 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
     return out
 
 
-@torch.library.custom_op("attnforge::cache_attention", mutates_args=("k_caches", "v_caches"))
-def cache_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_caches: list[Tensor],
-                    v_caches: list[Tensor], layout: str, scale: float) -> Tensor:
+def cache_attention_eager(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_caches: list[Tensor],
+                          v_caches: list[Tensor], layout: str, scale: float) -> Tensor:
+    """The op's implementation, which the torch backend calls directly: a decode step is a few
+    small calls, and the custom-op dispatcher's Python layers cost as much as the attention."""
     groups = parse_layout(layout)
     hq, hkv = q.shape[1], k.shape[1]
     if len(groups) == 1:
@@ -167,6 +168,13 @@ def cache_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_caches
     return out
 
 
+@torch.library.custom_op("attnforge::cache_attention", mutates_args=("k_caches", "v_caches"))
+def cache_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_caches: list[Tensor],
+                    v_caches: list[Tensor], layout: str, scale: float) -> Tensor:
+    return cache_attention_eager(q, k, v, positions, k_caches, v_caches, layout, scale)
+
+
 @cache_attention.register_fake
 def _cache_attention_fake(q, k, v, positions, k_caches, v_caches, layout, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+

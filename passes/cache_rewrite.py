@@ -151,6 +151,20 @@ def _relaid(op) -> bool:
     return op.transpose_last or (op.reshape_to is not None and list(op.reshape_to) != own)
 
 
+def _keep_masks(m) -> tuple[list, list]:
+    """The site's keep masks as (node, negate), counting an additive ``where(keep, 0, -inf or
+    finfo.min)`` term (eager attention's form of the same mask) as its keep mask; other bias terms."""
+    keeps, bias = list(m.keep_masks), []
+    for term in m.bias_terms:
+        what, coef, factors = term
+        if isinstance(what, tuple) and what[0] == "where-all" and len(what[1]) == 1 and coef > 0 and not factors:
+            cond = what[1][0]
+            keeps.append(cond if isinstance(cond, tuple) else (cond, False))
+        else:
+            bias.append(term)
+    return keeps, bias
+
+
 def find_cache_sites(ep: ExportedProgram) -> list[CacheSite]:
     """Every attention site of a program exported with a static KV cache. A program with no
     such site, or with attention that is not over the cache, cannot generate with our caches."""
@@ -167,14 +181,16 @@ def find_cache_sites(ep: ExportedProgram) -> list[CacheSite]:
         if kw[1] is not vw[1] or any(_relaid(op) for op in (m.q, m.k, m.v)):
             raise CaptureError(f"{sid} ({m.site.module}): cache keys and values are laid out in a way the cache "
                                "rewrite does not follow; export with transformers' static-cache recipe")
-        if m.bias_terms or m.scale_tensors or m.site.softcap:
+        keeps, bias = _keep_masks(m)
+        if bias or m.scale_tensors or m.site.softcap:
             raise CaptureError(f"{sid} ({m.site.module}): attention has a bias, a runtime scale or a softcap; "
                                "generation supports plain softmax attention over the cache")
         max_len = m.k.node.meta["val"].shape[2]
-        if len(m.keep_masks) != 1 or not _offset_causal(ep, *m.keep_masks[0], max_len, state):
-            raise CaptureError(f"{sid} ({m.site.module}): attention over the cache is not masked causally in cache_position "
-                               "(a sliding-window or padded model?); generation supports causal decoders")
-        mask = m.keep_masks[0][0].name
+        if len(keeps) != 1 or not _offset_causal(ep, *keeps[0], max_len, state):
+            raise CaptureError(f"{sid} ({m.site.module}): attention over the cache is not masked causally in "
+                               "cache_position (a sliding-window or padded model?); generation supports causal "
+                               "decoders")
+        mask = keeps[0][0].name
         site = m.site
         site.notes.append("keys/values from a static KV cache; mask: offset causal in cache_position")
         sites.append(CacheSite(site, m.anchor.name, m.output.name, m.q.node.name, m.k.node.name, m.v.node.name,

@@ -37,7 +37,15 @@ def _qwen3():
     return transformers.Qwen3ForCausalLM(cfg)
 
 
-FAMILIES = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3}
+def _qwen2_eager():
+    """Eager attention: matmul, an additive where(keep, 0, finfo.min) mask, softmax, matmul."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   attn_implementation="eager")
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+FAMILIES = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "qwen2-eager": _qwen2_eager}
 
 
 def _hf_generate(model, ids, n):
@@ -250,6 +258,7 @@ def test_prompt_longer_than_full_cache(families):
 
 @pytest.mark.parametrize("policy, message", [
     ("topk:blocks=2", r"topk.* has no KV-cache form for generation; use fused"),
+    ("auto", r"'auto' is not available for generation"),
     ("heads[0]=fused; heads[*]=sinks:4,window:16", r"query heads \[0, 1\] share KV head 0.*same heads"),
     ("window:16,right:4", r"looks at future keys"),
     ("sinks:4,window:0", r"give window >= 1"),
@@ -272,6 +281,8 @@ def test_models_that_cannot_be_captured_with_a_cache(families):
     ep = compiler.capture(Encoder(), (torch.randn(1, 8, 16),))
     with pytest.raises(compiler.CaptureError, match="not a static KV cache"):
         compile_generator(ep)
+    with pytest.raises(compiler.PolicyError, match=r"linear.* has no KV-cache form"):  # before any capture
+        compile_generator(torch.nn.Linear(4, 4), policy="linear:elu")
     with pytest.raises(compiler.BackendError, match="backend='torch'"):
         compile_generator(families["llama"][3], backend="onnxruntime")
 
@@ -284,3 +295,17 @@ def test_sliding_window_model_is_refused(one_thread):
     model = transformers.MistralForCausalLM(cfg).eval()
     with pytest.raises(compiler.CaptureError, match=r"attn.0 .*not masked causally in cache_position"):
         compile_generator(model, torch.ones(1, 4, dtype=torch.long), max_cache_len=32)
+
+
+def test_passes_import_on_their_own():
+    """compiler imports the generator, which needs passes: importing a pass first must still work."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for mod in ("passes.cache_rewrite", "passes.attention_discovery"):
+        r = subprocess.run([sys.executable, "-c", f"import {mod}"], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+        assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]

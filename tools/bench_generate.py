@@ -1,13 +1,15 @@
 """Generation with a KV cache: compile_generator against the model's own generate().
 
-    python tools/bench_generate.py [--quick] [--prompts 1024,4096] [--new-tokens 128] [--threads 2]
+    python tools/bench_generate.py [--quick] [--prompts 1024,4096] [--new-tokens 128] [--threads 2] [--repeats 2]
 
 A Llama-shaped model with random weights (4 layers, hidden 512, 8 heads, 2 KV heads, fp32) on
 CPU. For each prompt length, in one run: the model's own ``generate()`` (dynamic cache, eager,
 SDPA attention), and ``compiler.compile_generator`` with ``fused`` (exact, full static cache
-read up to the filled length) and ``sinks:4,window:1024`` (StreamingLLM ring). Greedy, same
+read up to the filled length), ``sinks:4,window:1024`` (StreamingLLM ring) and half the KV heads
+streaming (``heads[0-3]=fused; heads[*]=sinks:4,window:1024``, DuoAttention). Greedy, same
 prompt. Columns: prefill time (prompt -> first token; the peer's from a streamer's
-timestamps), decode tokens/s over the remaining tokens (best of --repeats interleaved rounds), the peak resident memory ``generate`` adds above what was live before it
+timestamps), decode tokens/s over the remaining tokens (best of --repeats interleaved rounds),
+the peak resident memory ``generate`` adds above what was live before it
 (backends/memory_probe: VmHWM reset through /proc/self/clear_refs), KV-cache bytes (what the
 cache holds at the end: DynamicCache's tensors for the peer, our buffers), and whether the
 tokens equal the peer's. ``--quick``: prompts 256 and 1024, 64 new tokens.
@@ -30,7 +32,7 @@ from backends import memory_probe  # noqa: E402
 from compiler.generate import capture_for_generation, compile_generator  # noqa: E402
 from tools.benchlib import command_line, machine, markdown_table, print_table, today, versions  # noqa: E402
 
-POLICIES = ("fused", "sinks:4,window:1024")
+POLICIES = ("fused", "sinks:4,window:1024", "heads[0-3]=fused; heads[*]=sinks:4,window:1024")
 
 
 def make_model(layers=4, hidden=512, heads=8, kv_heads=2, vocab=32000):
