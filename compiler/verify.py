@@ -137,7 +137,9 @@ def _mask_fill_value(x: torch.Tensor):
     """For an input that looks like a mask, the value of a masked position; else None.
 
     Bool and 0/1 integer tensors are keep-masks (masked = 0/False); a float tensor holding
-    only 0 and one value that acts as -inf is an additive mask.
+    only 0 and one value that acts as -inf is an additive mask, one holding only 0 and 1 a
+    keep-mask. (Elementwise tests only: a sort of a large input would change the allocator's
+    thresholds for the rest of the process.)
     """
     from compiler.masks import acts_as_neg_inf
 
@@ -145,17 +147,17 @@ def _mask_fill_value(x: torch.Tensor):
         return None
     if x.dtype == torch.bool:
         return False if bool(x.any()) else None
-    values = torch.unique(x)
-    if not x.is_floating_point() and not x.is_complex():
+    if x.is_complex():
+        return None
+    zero_one = bool(((x == 0) | (x == 1)).all())
+    if not x.is_floating_point():
         # all zeros is an id tensor (token_type_ids), not a mask that keeps nothing
-        return 0 if bool(((values == 0) | (values == 1)).all()) and bool((values == 1).any()) else None
-    if x.is_floating_point():
-        vals = [float(v) for v in values]
-        if len(vals) <= 2 and 0.0 in vals:
-            fills = [v for v in vals if v != 0.0]
-            if not fills:
-                return None
-            return fills[0] if acts_as_neg_inf(fills[0], x.dtype) else (0.0 if fills[0] == 1.0 else None)
+        return 0 if zero_one and bool((x == 1).any()) else None
+    if zero_one:
+        return 0.0 if bool((x == 1).any()) else None
+    low = float(x.min())
+    if acts_as_neg_inf(low, x.dtype) and bool(((x == 0) | (x == low)).all()):
+        return low
     return None
 
 
@@ -182,10 +184,12 @@ def _padded(x: torch.Tensor, masked, side: str, full_row: bool) -> torch.Tensor:
 def _fresh(x: torch.Tensor, g: torch.Generator, shape=None) -> torch.Tensor:
     shape = tuple(x.shape) if shape is None else tuple(shape)
     if x.is_floating_point():
-        xf = x.detach().double()
-        mean = float(xf.mean()) if x.numel() else 0.0
-        std = float(xf.std()) if x.numel() > 1 else 1.0
-        r = torch.randn(shape, generator=g, dtype=torch.float64) * (std if std > 0 else 1.0) + mean
+        # No temporaries larger than the input (a float64 copy would change the allocator's
+        # thresholds for the rest of the process).
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = float(x.detach().mean(dtype=wide)) if x.numel() else 0.0
+        std = float(x.detach().to(wide).std()) if x.numel() > 1 else 1.0
+        r = torch.randn(shape, generator=g, dtype=wide).mul_(std if std > 0 else 1.0).add_(mean)
         return r.to(dtype=x.dtype, device=x.device)
     if x.dtype == torch.bool:
         return torch.rand(shape, generator=g) < 0.5
