@@ -8,8 +8,8 @@ exact (the same math, at most a different rounding order) and local:
   functionalization (``run_decompositions`` with an empty table decomposes nothing);
 * **einsum** of a batched matrix product becomes ``permute`` + ``matmul`` (+ ``permute``), and
   ``x.mT`` becomes ``x.transpose(-2, -1)``;
-* ``exp(log_softmax(x))`` and ``exp(x - max) / sum(exp(x - max))`` become ``softmax(x)``; ``e * reciprocal(s)`` becomes ``e / s``
-  (``1 / s`` in Python is ``reciprocal(s) * 1``, and ``x * 1`` is ``x``);
+* ``exp(log_softmax(x))`` and ``exp(x - max) / sum(exp(x - max))`` become ``softmax(x)``;
+  ``e * reciprocal(s)`` becomes ``e / s`` (``1 / s`` in Python is ``reciprocal(s) * 1``, and ``x * 1`` is ``x``);
 * a softmax over 5-D grouped scores ``[B, Hkv, G, Sq, Sk]`` runs on their 4-D view;
 * ``transpose(matmul(a, b))`` becomes ``matmul(bᵀ, aᵀ)`` when that cancels a transpose
   (``(vᵀ pᵀ)ᵀ`` is ``p v``);
@@ -36,7 +36,7 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.builder import Builder
-from compiler.graph import SHAPE_ONLY, aten, count_nodes, dtype, is_op, overloads, same_shape, sym_shape
+from compiler.graph import aten, count_nodes, dtype, is_op, overloads, reaches, same_shape, sym_shape
 
 EINSUM = overloads(aten.einsum)
 EXPS = overloads(aten.exp)
@@ -196,7 +196,9 @@ def _grouped_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     ``[B, Hkv * group, Sq, Sk]`` view, so that its masks and scales meet the scores in 4-D."""
     x = node.args[0]
     shape = sym_shape(x)
-    if shape is None or len(shape) != 5 or node.args[1] not in (-1, 4) or not all(isinstance(d, int) for d in shape[1:3]):
+    if shape is None or len(shape) != 5 or node.args[1] not in (-1, 4):
+        return False
+    if not all(isinstance(d, int) for d in shape[1:3]):
         return False
     build = Builder(gm.graph, node)
     sizes = _sizes(build, x)
@@ -272,17 +274,7 @@ def _bool_bias(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _reaches_product(node: fx.Node, budget: int = 64) -> bool:
-    todo, seen = [node], set()
-    while todo and len(seen) < budget:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_op(n, PRODUCTS | EINSUM):
-            return True
-        if n.op == "call_function" and n.target not in SHAPE_ONLY:
-            todo.extend(n.all_input_nodes)
-    return False
+    return reaches(node, lambda n: is_op(n, PRODUCTS | EINSUM), budget)
 
 
 def _score_operand(node: fx.Node) -> Optional[fx.Node]:
