@@ -27,8 +27,6 @@ from onnxscript import opset23 as op
 from backends import ort_schemas
 from backends.onnx_build import MS, dim, ints, nan_to_zero, same_dim, scalar_like, static_dim
 
-FUSED_LOWERINGS = ("attention", "gqa", "mha")
-
 # Fastest first, per execution provider, measured with tools/bench_onnx.py (docs/benchmarks.md):
 # on CPU at B=1, H=8, D=64, S=4096, GQA runs causal attention in 0.72x the time of the standard
 # op (about 0.85x with a mask as attention_bias, timed by hand), MHA unmasked bidirectional

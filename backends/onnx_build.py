@@ -86,9 +86,5 @@ def nan_to_zero(x):
     return op.Where(op.IsNaN(x), scalar_like(0.0, x), x)
 
 
-def is_float(x) -> bool:
-    return x.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
-
 def to_float32(x):
     return x if x.dtype == ir.DataType.FLOAT else op.Cast(x, to=ir.DataType.FLOAT)

@@ -108,6 +108,32 @@ def _drop_unused_contrib_outputs(graph: onnx.GraphProto) -> None:
     graph.value_info.extend(keep)
 
 
+def output_names(ep: ExportedProgram) -> Optional[list]:
+    """The model's own names for its outputs (``logits``, ``last_hidden_state``), where its output
+    structure has them, so the ONNX file is read by name as the model is; else the exporter's."""
+    from torch.utils import _pytree as pytree
+
+    spec = ep.call_spec.out_spec
+    if spec is None:
+        return None
+    try:
+        dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        paths = [path for path, _ in pytree.tree_flatten_with_path(dummy)[0]]
+    except Exception:  # noqa: BLE001 - an output class that cannot be rebuilt from placeholders
+        return None
+    names = []
+    for path in paths:
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if not all(isinstance(k, str) for k in keys):
+            return None  # a position in a tuple is no name; leave the exporter's
+        names.append(".".join(keys) if keys else "output")
+    inputs = {s.arg.name for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+    user_outputs = [s for s in ep.graph_signature.output_specs if s.kind.name == "USER_OUTPUT"]
+    if len(names) != len(user_outputs) or len(set(names)) != len(names) or inputs & set(names):
+        return None
+    return names
+
+
 def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
                 fused_lowering: Optional[str] = None) -> OnnxExport:
     """The program as an ONNX model that passes the full checker.
@@ -127,7 +153,7 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, custom_translation_table=TRANSLATIONS,
-                                        optimize=True, verbose=False)
+                                        optimize=True, verbose=False, output_names=output_names(ep))
     except Exception as e:  # the exporter wraps everything; name what failed, not where
         ours = _our_error(e)
         if ours is not None:

@@ -45,16 +45,19 @@ class SiteShape:
     value_dim: int
     mask_shape: Optional[tuple] = None  # static sizes of the mask, None where dynamic
     mask_bool: bool = False
+    lengths: Optional[tuple[int, int]] = None  # (query, key) lengths when the graph fixes them
 
 
 def _example(shape: SiteShape):
-    b, sq, sk = 2, 16, 16
+    b, (sq, sk) = 2, shape.lengths or (16, 16)
     q = torch.zeros(b, shape.num_heads, sq, shape.head_dim)
     k = torch.zeros(b, shape.num_kv_heads, sk, shape.head_dim)
     v = torch.zeros(b, shape.num_kv_heads, sk, shape.value_dim)
-    seq = torch.export.Dim("seq", min=2, max=1 << 20)
+    # A graph with fixed lengths gets a lowering with fixed lengths (a neighborhood's grid comes
+    # from them); otherwise the sequence stays dynamic.
+    seq = None if shape.lengths else torch.export.Dim("seq", min=2, max=1 << 20)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    dyn = [{0: batch, 2: seq}] * 3
+    dyn = [{0: batch, **({2: seq} if seq is not None else {})}] * 3
     if shape.mask_shape is None:
         return (q, k, v), tuple(dyn)
     rank = len(shape.mask_shape)
@@ -65,7 +68,8 @@ def _example(shape: SiteShape):
             sizes.append(1)
         elif from_end <= 2:  # a query or key axis
             sizes.append(sq if from_end == 2 else sk)
-            mdyn[axis] = seq
+            if seq is not None:
+                mdyn[axis] = seq
         elif from_end == 3:
             sizes.append(size if size is not None else shape.num_heads)
         else:  # the batch axis

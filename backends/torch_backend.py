@@ -25,4 +25,21 @@ class TorchProgram(PlannedProgram):
 
 def load(ep: ExportedProgram, plan=None) -> TorchProgram:
     gm = ep.module()
+    lower_sparse(gm)
     return TorchProgram(gm, fitting_plan(gm, "torch", plan))
+
+
+def lower_sparse(gm) -> int:
+    """Sparse sites run ``attnforge_flex::sparse_attention`` (FlexAttention compiled by Inductor
+    for large sites, the reference otherwise); the exported program keeps the reference op."""
+    from backends.torch_flex import FLEX_SPARSE
+    from compiler.sparse_ops import SPARSE_ATTENTION
+
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is SPARSE_ATTENTION:
+            node.target = FLEX_SPARSE
+            n += 1
+    if n:
+        gm.recompile()
+    return n

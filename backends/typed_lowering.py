@@ -11,12 +11,11 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
-import sympy
 import torch
-from torch.utils._sympy.numbers import int_oo
 from torch.fx import GraphModule, Node
 
 from backends.capabilities import CAPABILITIES, numel_hint, op_name, workspace_bytes
+from compiler.capture import finite_bound
 from compiler.plan import Register, Step, storage_owner
 
 # Aliasing in ONNX Runtime's CPU kernels (they reuse the input buffer).
@@ -44,8 +43,7 @@ def _bounds(shape) -> dict:
         for sym in node.expr.free_symbols:
             rng = env.var_to_range.get(sym)
             if rng is not None:
-                # torch's int_oo says is_finite; compare with it instead
-                out[str(sym)] = [int(rng.lower), None if rng.upper in (int_oo, sympy.oo) else int(rng.upper)]
+                out[str(sym)] = [finite_bound(rng.lower), finite_bound(rng.upper)]
     return out
 
 

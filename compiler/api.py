@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -13,8 +14,8 @@ import backends
 from compiler import auto, verify
 from compiler.auto import calibration_batches
 from compiler.budget import Fidelity
-from compiler.capture import capture, hf_defaults
-from compiler.errors import InputError, PolicyError
+from compiler.capture import capture, hf_defaults, other_size_inputs
+from compiler.errors import InputError, PolicyError, VerificationError
 from compiler.explain import attention_maps as explain_maps
 from compiler.explain import rewritten_subgraph
 from compiler.graph import shape
@@ -23,7 +24,7 @@ from compiler.ops import attention_flops, causal_pairs
 from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
 from compiler.plan import Plan
 from compiler.policy import Policy, PolicySpec, parse_policy
-from compiler.progress import status
+from compiler.progress import quiet_dependencies, status
 from compiler.program import clone_program
 from compiler.report import FidelityRecord, Report, SiteRecord
 from compiler.variants import FUSED, Variant
@@ -62,9 +63,11 @@ class CompiledModel:
 
                 save_onnx(export_onnx(self.exported_program).model, path)
         else:
-            tmp = path.with_name(path.name + ".partial")
+            # A whole file or none: written under a temporary name (ending in .pt2, as torch wants), then renamed.
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.pt2")
             try:
-                torch.export.save(self.exported_program, tmp)
+                with quiet_dependencies():
+                    torch.export.save(self.exported_program, tmp)
                 tmp.replace(path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -87,21 +90,49 @@ def plan_path(path) -> Path:
     return path.with_name(path.name + ".plan.json")
 
 
+def load_program(path) -> ExportedProgram:
+    """``torch.export.load``, with one line naming the real cause when the file cannot be read."""
+    import zipfile
+
+    import compiler  # noqa: F401  (our ops and Hugging Face output types, which the program may use)
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; give a .pt2 written by "
+                         "torch.export.save or CompiledModel.save")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .pt2 archive written by torch.export.save (not a zip file)")
+    try:
+        with quiet_dependencies():
+            return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line with its cause
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]
+        cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        hint = ("import the package that defines that type first" if "in pytree is not registered" in first
+                else "the file is damaged or was written by another torch version; export it again")
+        raise InputError(f"{path}: torch.export.load cannot read it ({cause}); {hint}") from None
+
+
 def load(path, backend: str = "torch", backend_options: Optional[dict] = None) -> CompiledModel:
     """A compiled model saved as ``.pt2`` by ``CompiledModel.save``, with the plan saved next to it
     (planned again if the plan is missing or was made for another backend)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; give a .pt2 written by CompiledModel.save")
-    try:
-        ep = torch.export.load(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise InputError(f"{path}: not a readable torch.export program ({type(e).__name__}); give a .pt2 "
-                         "written by CompiledModel.save") from None
+    ep = load_program(path)
     sidecar = plan_path(path)
     plan = Plan.load(sidecar) if sidecar.is_file() else None
     report = Report(model=path.stem, policy="(loaded)", backend=backend)
-    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan)
+    return CompiledModel(ep, report, backend, backend_options=backend_options, plan=plan,
+                         default_kwargs=fixed_kwargs(ep))
+
+
+def fixed_kwargs(ep: ExportedProgram) -> dict:
+    """Keyword arguments captured as constants (``use_cache=False``): the program takes only these values."""
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    spec = ep.call_spec.in_spec
+    names = set(spec.child(1).context) if spec is not None and spec.num_children == 2 else set()
+    return {s.arg.name: s.arg.value for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT and isinstance(s.arg, ConstantArgument) and s.arg.name in names}
 
 
 def _intermediate_bytes(nodes) -> int:
@@ -130,7 +161,7 @@ def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, 
         seq_q=s.seq_q, seq_k=s.seq_k, scale=s.scale, flops_before=before,
         flops_after=after if rewritten else before,
         intermediate_bytes=_intermediate_bytes(m.internal), reason=reason, max_abs_error=err,
-        layer=s.layer, notes=list(s.notes),
+        layer=s.layer, notes=list(s.notes), flops_exact=after,
     )
     if effect is not None:
         rec.flops_after = effect.flops
@@ -138,54 +169,142 @@ def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, 
         rec.max_abs_error = effect.max_abs_error
         rec.cosine_similarity = effect.cosine_similarity
         rec.kept_mass = effect.kept_mass
+        rec.measured_rows = effect.measured_rows
+        if effect.flops >= effect.dense_flops:
+            rec.over_exact = True
+            rec.notes.append(f"{rec.variant} computes {effect.density:.2f}x what exact attention needs here; "
+                             "it saves nothing over fused")
+        if effect.measured_rows is not None:
+            rec.notes.append(f"site error, cosine and kept mass measured on {effect.measured_rows} of "
+                             f"{s.seq_q} query rows")
     return rec
 
 
-def _site_errors(ctx: PassContext, args, kwargs) -> dict[str, tuple[float, float]]:
-    """(max abs error, max |reference|) of each rewritten site's output against the same site
-    in the program before fusion."""
+def _site_checks(ctx: PassContext, checks: list) -> tuple[dict[str, str], dict[str, tuple[float, float]]]:
+    """Check every rewritten site on every input set: its value against the same site in the
+    program before fusion, each site fed the values the original gives it (so one wrong site
+    costs one site). Returns ({site: why it is rolled back}, {site: (error, magnitude)} on the
+    example inputs)."""
     f = ctx.fusion
     if not f.rewritten:
-        return {}
-    ref = verify.node_values(ctx.before_fusion, args, kwargs, f.output_nodes.values())
-    new = verify.node_values(ctx.ep, args, kwargs, f.fused_nodes.values())
-    errs = {}
-    for sid in f.rewritten:
-        r, n = ref.get(f.output_nodes[sid]), new.get(f.fused_nodes[sid])
-        if r is None or n is None:
-            errs[sid] = (float("inf"), 1.0)
+        return {}, {}
+    bad: dict[str, str] = {}
+    errs: dict[str, tuple[float, float]] = {}
+    for i, (label, args, kwargs) in enumerate(checks):
+        live = [sid for sid in f.rewritten if sid not in bad]
+        if not live:
+            break
+        # Every site, bad ones too, continues from the original's value: each is checked alone.
+        try:
+            ref = verify.node_values(ctx.before_fusion, args, kwargs, [f.output_nodes[sid] for sid in f.rewritten])
+        except verify.RunFailure:
+            if i == 0:
+                raise  # the cleaned-up program itself does not run: its passes are at fault
             continue
-        errs[sid] = (verify.max_abs_error(r, n), float(r.detach().abs().max()) if r.numel() else 1.0)
-    return errs
+        forced = {f.site_outputs[sid]: ref[f.output_nodes[sid]] for sid in f.rewritten if f.output_nodes[sid] in ref}
+        try:
+            new = verify.forced_values(ctx.ep, args, kwargs, forced)
+        except verify.RunFailure as e:
+            sid = _site_upstream_of(ctx, e.node)
+            if sid is None:
+                raise
+            bad[sid] = f"the rewritten program fails on {label} ({e}); rolled back"
+            return bad, errs
+        for sid in live:
+            r, n = ref.get(f.output_nodes[sid]), new.get(f.site_outputs[sid])
+            if r is None or n is None:
+                bad[sid] = "site output not computed; rolled back"
+                continue
+            finite = r.detach()[torch.isfinite(r)] if r.is_floating_point() else r
+            magnitude = float(finite.abs().max()) if finite.numel() else 1.0
+            err = verify.max_abs_error(r, n, nan_is_undefined=i > 0)
+            t = verify.tolerance(r.dtype, magnitude)
+            if i == 0:
+                errs[sid] = (err, magnitude)
+            if not err <= t:
+                bad[sid] = f"site output differs by {err:.2e} (> {t:.1e}) on {label}; rolled back"
+    return bad, errs
+
+
+def _site_upstream_of(ctx: PassContext, node_name: str) -> Optional[str]:
+    """The rewritten site nearest upstream of ``node_name`` (inclusive), if any."""
+    nodes = {n.name: n for n in ctx.ep.graph.nodes}
+    node = nodes.get(node_name)
+    if node is None:
+        return None
+    from compiler.graph import ancestors
+
+    up = ancestors(node)
+    order = {n: i for i, n in enumerate(ctx.ep.graph.nodes)}
+    best = None
+    for sid, name in ctx.fusion.site_outputs.items():
+        n = nodes.get(name)
+        if n is not None and n in up and (best is None or order[n] > order[best[1]]):
+            best = (sid, n)
+    return best[0] if best else None
+
+
+def _failing_site(ctx: PassContext, args, kwargs) -> Optional[str]:
+    """The site nearest upstream of where the rewritten program raises, if any."""
+    try:
+        verify.forced_values(ctx.ep, args, kwargs, {})
+    except verify.RunFailure as e:
+        return _site_upstream_of(ctx, e.node)
+    return None
+
+
+# Passes that may be left out when the program they leave fails end-to-end verification.
+CLEANUP_PASSES = frozenset({"constant_folding", "common_subexpression_elimination", "layout_cleanup"})
 
 
 def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, reference, verify_outputs: bool):
     """Discover and fuse every site the policy does not leave dense, exactly; roll back any
-    site whose fused output differs from the original beyond rounding."""
+    site whose fused output differs from the original beyond rounding, on the example inputs
+    and on inputs it did not cover (``verify.verification_inputs``).
+
+    A program that still differs end to end is never returned: the cleanup passes are left out,
+    then every site is rolled back, then ``VerificationError``.
+    """
     excluded: dict[str, str] = {}
+    skipped_passes: set[str] = set()
+    checks = verify.verification_inputs(ep, args, kwargs) if verify_outputs else []
     while True:
-        ctx = PassContext(clone_program(ep), pol, exclude=set(excluded))
+        ctx = PassContext(clone_program(ep), pol, exclude=set(excluded), skip_passes=set(skipped_passes))
         records = exact_pipeline().run(ctx)
         if not verify_outputs:
             return ctx, records, excluded, {}
-        site_err = _site_errors(ctx, args, kwargs)
-        bad = {}
-        for m in ctx.discovery.matches:
-            sid = m.site.id
-            if sid in site_err:
-                err, magnitude = site_err[sid]
-                t = verify.tolerance(getattr(torch, m.site.dtype, torch.float32), magnitude)
-                if not err <= t:
-                    bad[sid] = f"site output differs by {err:.2e} (> {t:.1e}); rolled back"
+        try:
+            bad, site_err = _site_checks(ctx, checks)
+        except verify.RunFailure as e:
+            bad, site_err, failure = {}, {}, str(e)
+        else:
+            failure = None
         if bad:
             excluded.update(bad)
             continue
-        cmp = verify.compare(reference, verify.run(ctx.ep, args, kwargs))
-        if not cmp["passed"] and ctx.fusion.rewritten:
-            for sid in ctx.fusion.rewritten:
-                excluded[sid] = f"end-to-end error {cmp['max_abs_error']:.2e} over tolerance; rolled back"
+        if failure is None:
+            try:
+                cmp = verify.compare(reference, verify.run(ctx.ep, args, kwargs))
+                if not cmp["passed"]:
+                    failure = f"outputs differ by {cmp['max_abs_error']:.2e} (over tolerance {cmp['tolerance']:.1e})"
+            except Exception as e:  # noqa: BLE001 - a program that does not run fails verification
+                failure = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                sid = _failing_site(ctx, args, kwargs)
+                if sid is not None:
+                    excluded[sid] = f"the rewritten program fails on the example inputs ({failure}); rolled back"
+                    continue
+        if failure is None:
+            ctx.verification = {"inputs": [c[0] for c in checks], "passes_left_out": sorted(skipped_passes)}
+            return ctx, records, excluded, site_err
+        if not CLEANUP_PASSES <= skipped_passes:
+            skipped_passes |= CLEANUP_PASSES
             continue
-        return ctx, records, excluded, site_err
+        if ctx.fusion.rewritten:
+            for sid in ctx.fusion.rewritten:
+                excluded[sid] = f"end-to-end check failed ({failure}); rolled back"
+            continue
+        raise VerificationError(f"the compiled program differs from the model even with no site rewritten ({failure}); "
+                                "compile with policy='dense' to capture only, and please report this model")
 
 
 def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
@@ -204,6 +323,31 @@ def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
                              "shaped like the example inputs, or capture with dynamic shapes") from None
 
 
+def _check_other_size(ep: ExportedProgram, new: ExportedProgram, args: tuple, kwargs: dict, fid: FidelityRecord,
+                      exact: bool, budget: Optional[Fidelity]) -> None:
+    """A dynamic program is also compared at one size inside its bounds other than the example's;
+    ``fid`` then holds the worst of both. An exact rewrite that differs there is not returned."""
+    for a2, kw2, what in other_size_inputs(ep, args, kwargs):
+        try:
+            ref = verify.run(ep, a2, kw2)
+        except Exception:  # noqa: BLE001 - the original does not run at this size either: try another
+            continue
+        cmp = verify.compare(ref, verify.run(new, a2, kw2))
+        fid.checked_inputs.append(what)
+        fid.max_abs_error = max(fid.max_abs_error, cmp["max_abs_error"])
+        fid.kl_divergence = max(fid.kl_divergence, cmp["kl_divergence"])
+        fid.cosine_similarity = min(fid.cosine_similarity, cmp["cosine_similarity"])
+        if exact and not cmp["passed"]:
+            raise VerificationError(f"the rewritten program matches the original on the example inputs but not on "
+                                    f"{what}: max abs error {cmp['max_abs_error']:.2e} (> {cmp['tolerance']:.1e}); "
+                                    "nothing returned. Capture with static shapes (dynamic_shapes=None) to rewrite "
+                                    "at the example size")
+        if budget is not None and fid.passed is not False:
+            fid.passed = budget.holds(cmp)
+        return
+
+
+@quiet_dependencies()
 def compile_program(
     ep: ExportedProgram,
     example_inputs: tuple = (),
@@ -227,7 +371,12 @@ def compile_program(
     if pol.auto and not verify_outputs:
         raise PolicyError("policy='auto' chooses by measured fidelity; it cannot run with verify=False")
     kwargs = dict(example_kwargs or {})
-    reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
+    try:
+        reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit their own program
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"the example inputs do not run through the program ({first}); give inputs shaped "
+                         "like the ones it was exported with") from None
     with status("finding, fusing and verifying attention", show_progress):
         ctx, records, excluded, site_err = _fuse_exact(ep, pol, example_inputs, kwargs, reference, verify_outputs)
     matches = {m.site.id: m for m in ctx.discovery.matches}
@@ -262,7 +411,9 @@ def compile_program(
             cmp["passed"] = budget.holds(cmp) if budget is not None else None
         elif budget is not None:
             cmp["passed"] = cmp["passed"] and budget.holds(cmp)
-        fid = FidelityRecord(**cmp, checked_inputs=["example inputs"])
+        per_site = [f"{label} (each site)" for label in ctx.verification.get("inputs", [])[1:]]
+        fid = FidelityRecord(**cmp, checked_inputs=["example inputs", *per_site])
+        _check_other_size(ep, ctx.ep, example_inputs, kwargs, fid, exact=not approx, budget=budget)
         if pol.auto:
             got = [verify.compare(verify.run(ep, *b), verify.run(ctx.ep, *b)) for b in batches]
             auto_record["verified_calibration_fidelity"] = {
@@ -328,9 +479,11 @@ def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_output
         # The backend must agree with the program it lowered; a mismatch is a lowering bug.
         cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), ours)
         low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
+        low["tolerance_vs_torch"], low["matches_torch"] = cmp["tolerance"], cmp["passed"]
     cm.report.lowering = low
 
 
+@quiet_dependencies()
 def compile(
     model: torch.nn.Module | ExportedProgram,
     example_inputs: tuple = (),

@@ -76,16 +76,21 @@ class BlockLayout:
             self._keep_cache[causal] = ~self.gathered_keep(causal)
         return self._keep_cache[causal]
 
-    def dense_keep(self, causal: bool) -> Tensor:
-        """The layout as a dense [Bl, Hl, Sq, Sk] keep mask (calibration and test oracles only)."""
-        bl, hl, nqb, _ = self.kv_blocks.shape
-        nkb = -(-self.sk // self.block)
+    def dense_keep(self, causal: bool, r0: int = 0, r1: Optional[int] = None) -> Tensor:
+        """The layout as a dense [Bl, Hl, Sq, Sk] keep mask, or its query rows ``r0:r1``
+        (calibration and test oracles only; measurement asks for a block of rows at a time)."""
+        r1 = self.sq if r1 is None else r1
+        bs = self.block
+        qb0, qb1 = r0 // bs, -(-r1 // bs)
+        blocks = self.kv_blocks[:, :, qb0:qb1]
+        bl, hl, nqb, _ = blocks.shape
+        nkb = -(-self.sk // bs)
         dev = self.kv_blocks.device
         bm = torch.zeros(bl, hl, nqb, nkb + 1, dtype=torch.bool, device=dev)
-        bm.scatter_(-1, torch.where(self.kv_blocks >= 0, self.kv_blocks, nkb), True)
-        keep = bm[..., :nkb].repeat_interleave(self.block, -2).repeat_interleave(self.block, -1)
-        keep = keep[..., : self.sq, : self.sk]
-        i = torch.arange(self.sq, device=dev).view(1, 1, -1, 1)
+        bm.scatter_(-1, torch.where(blocks >= 0, blocks, nkb), True)
+        keep = bm[..., :nkb].repeat_interleave(bs, -2).repeat_interleave(bs, -1)
+        keep = keep[..., r0 - qb0 * bs: r1 - qb0 * bs, : self.sk]
+        i = torch.arange(r0, r1, device=dev).view(1, 1, -1, 1)
         j = torch.arange(self.sk, device=dev).view(1, 1, 1, -1)
         if self.pair_keep is not None:
             keep = keep & self.pair_keep(i, j)

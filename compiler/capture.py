@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.export.dynamic_shapes import _combine_args
+from torch.utils import _pytree as pytree
 
 from compiler.errors import CaptureError
 
@@ -23,15 +25,47 @@ def hf_defaults(model: torch.nn.Module, kwargs: dict) -> dict:
     return kwargs
 
 
-def _auto_dynamic(args: tuple, kwargs: dict):
-    """Every dim of every tensor input may vary (torch decides which really do)."""
+def finite_bound(b) -> Optional[int]:
+    """A range bound from export as an int, or None where unbounded (torch's ``int_oo`` claims
+    ``is_finite``, so it is compared with both infinities)."""
+    from torch.utils._sympy.numbers import int_oo
 
-    def spec(x):
-        if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())}
+    return None if b in (int_oo, -int_oo) or not b.is_finite else int(b)
+
+
+def _argument_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[list]:
+    """The names torch.export gives the inputs (signature order), or None if they cannot be bound."""
+    try:
+        return list(_combine_args(model, args, kwargs))
+    except (TypeError, ValueError):
         return None
 
-    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+def _auto_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """Every dim of every tensor input may vary (torch decides which really do), keyed by argument name."""
+
+    def spec(x):
+        return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+
+    combined = _combine_args(model, args, kwargs)
+    return {k: pytree.tree_map(spec, v) for k, v in combined.items()}
+
+
+def _by_name(model: torch.nn.Module, args: tuple, given: dict, kwargs: dict, dynamic_shapes: Any) -> Any:
+    """The user's spec, keyed by argument name, with the keywords we added (``use_cache``) static.
+
+    torch reads a tuple spec as one entry per argument in signature order, so a keyword we add
+    behind the user's back would shift it: name the entries first.
+    """
+    added = [k for k in kwargs if k not in given]
+    if isinstance(dynamic_shapes, (tuple, list)):
+        names = _argument_names(model, args, given)
+        if names is None or len(names) != len(dynamic_shapes) or not added:
+            return dynamic_shapes  # torch's own message says what does not fit
+        dynamic_shapes = dict(zip(names, dynamic_shapes))
+    if isinstance(dynamic_shapes, dict):
+        dynamic_shapes = {**dynamic_shapes, **{k: None for k in added if k not in dynamic_shapes}}
+    return dynamic_shapes
 
 
 def _one_line(e: BaseException, model: torch.nn.Module) -> str:
@@ -59,11 +93,16 @@ def capture(
         example_inputs = (example_inputs,)
     given = dict(example_kwargs or {})
     kwargs = hf_defaults(model, given)
-    if dynamic_shapes == "auto":
-        dynamic_shapes = _auto_dynamic(example_inputs, kwargs)
-    elif isinstance(dynamic_shapes, dict):
-        # The keyword arguments we added (use_cache) are static.
-        dynamic_shapes = {**dynamic_shapes, **{k: None for k in kwargs if k not in given and k not in dynamic_shapes}}
+    if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
+        try:
+            dynamic_shapes = _auto_dynamic(model, example_inputs, kwargs)
+        except TypeError as e:
+            raise CaptureError(f"the example inputs do not fit {type(model).__name__}.forward: {e}") from None
+    elif isinstance(dynamic_shapes, str):
+        raise CaptureError(f"dynamic_shapes={dynamic_shapes!r}: give \"auto\", a dict by argument name or a tuple "
+                           "(torch.export's spec), or None for static shapes")
+    else:
+        dynamic_shapes = _by_name(model, example_inputs, given, kwargs, dynamic_shapes)
     was_training = model.training
     model.eval()
     try:
@@ -75,3 +114,82 @@ def capture(
         raise CaptureError(_one_line(e, model)) from None
     finally:
         model.train(was_training)
+
+
+def _resized(x: torch.Tensor, shape: list, seed: int) -> torch.Tensor:
+    """``x`` at another shape: fresh noise for floats; for ids and masks, the example's own values
+    repeated along each resized dim (token ids stay in the vocabulary, masks stay 0/1)."""
+    if x.is_floating_point():
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=g, dtype=x.dtype).to(x.device)
+    out = x
+    for d, n in enumerate(shape):
+        if n != out.shape[d]:
+            out = out.index_select(d, torch.arange(n, device=x.device) % max(out.shape[d], 1))
+    return out.clone()
+
+
+def other_size_inputs(ep: ExportedProgram, args: tuple, kwargs: dict, tries: tuple = (3, -2, 5, -1, 1)):
+    """Inputs for ``ep`` at another size than the example's, inside the bounds export recorded.
+
+    A dynamically captured program must be right at every size it accepts, and what a rewrite
+    recovers from the example (a causal mask, a padding pattern) may hold at that size only.
+    Every dynamic symbol moves by the same step, so relations such as ``s1 >= s0`` keep holding.
+    Yields ``(args, kwargs, description)`` candidates, nearest first; none for a static program.
+    """
+    from torch.export.graph_signature import InputKind
+
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    try:
+        flat, spec = ep._get_flat_args_with_check(args, kwargs)
+    except Exception:  # noqa: BLE001 - inputs that do not fit get no second size
+        return
+    user = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    if len(user) != len(flat):
+        return
+    vals = [placeholders[s.arg.name].meta.get("val") if hasattr(s.arg, "name") and s.arg.name in placeholders
+            else None for s in user]
+    symbols = {}
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            for d in v.shape:
+                if isinstance(d, torch.SymInt):
+                    for sym in d.node.expr.free_symbols:
+                        env = d.node.shape_env
+                        hint = (env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val).get(sym)
+                        if hint is None:
+                            return  # an unbacked size: no example value to move from
+                        symbols[sym] = int(hint)
+    if not symbols:
+        return
+    seen = set()
+    for step in tries:
+        values = {}
+        for sym, hint in symbols.items():
+            rng = ranges.get(str(sym))
+            lo = max(2, int(rng.lower) if rng is not None else 2)  # 0 and 1 are specialised by export
+            hi = finite_bound(rng.upper) if rng is not None else None
+            values[sym] = min(max(hint + step, lo), hi if hi is not None else hint + step)
+        if all(values[s] == h for s, h in symbols.items()) or tuple(values.values()) in seen:
+            continue
+        seen.add(tuple(values.values()))
+        new = []
+        for i, (x, v) in enumerate(zip(flat, vals)):
+            if not isinstance(x, torch.Tensor) or not isinstance(v, torch.Tensor):
+                new.append(x)
+                continue
+            shape = [int(d.node.expr.subs(values)) if isinstance(d, torch.SymInt) else int(d) for d in v.shape]
+            new.append(_resized(x, shape, seed=i + 1))
+        new_args, new_kwargs = pytree.tree_unflatten(new, spec)
+        what = ", ".join(f"{s}={n}" for s, n in values.items())
+        yield tuple(new_args), dict(new_kwargs), f"inputs at another size ({what})"
+
+
+def model_class_name(ep: ExportedProgram) -> Optional[str]:
+    """The class name of the module ``ep`` was captured from (``BertModel``), from node metadata."""
+    for n in ep.graph.nodes:
+        for path, kind in (n.meta.get("nn_module_stack") or {}).values():
+            if path == "":
+                return str(kind).rsplit(".", 1)[-1]
+    return None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-import zipfile
 from pathlib import Path
 
 from compiler.errors import AttnforgeError, InputError
@@ -15,23 +16,52 @@ def _die(msg: str, code: int = 2) -> int:
     return code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: the problem, then where the usage is."""
+
+    def error(self, message):
+        self.exit(2, f"attnforge: error: {message}; see {self.prog} --help\n")
+
+
+def _count(text: str) -> int:
+    """A non-negative whole number (``--threads``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative; give 0 (onnxruntime's default) or more")
+    return n
+
+
+# One example input at most this many elements: a typo (1x1280000000) should not allocate for minutes.
+MAX_EXAMPLE_ELEMENTS = 2**28
+
+
 def _parse_shape(spec: str):
     """``name=2x16:int64`` or ``2x16`` (float32) -> (name or None, shape, dtype)."""
     import torch
 
-    name = None
+    text, name = spec, None
     if "=" in spec:
         name, spec = spec.split("=", 1)
+        if not name.isidentifier():
+            raise InputError(f"--example-shape {text!r}: {name!r} is not an input name")
     dtype = "float32"
     if ":" in spec:
         spec, dtype = spec.split(":", 1)
     try:
         dims = [int(d) for d in spec.lower().split("x")]
     except ValueError:
-        raise InputError(f"--example-shape {spec!r}: expected dims like 2x16, optionally name=2x16:int64") from None
+        raise InputError(f"--example-shape {text!r}: expected dims like 2x16, optionally name=2x16:int64") from None
+    if any(d < 1 for d in dims):
+        raise InputError(f"--example-shape {text!r}: every dim must be at least 1")
+    if math.prod(dims) > MAX_EXAMPLE_ELEMENTS:
+        raise InputError(f"--example-shape {text!r}: {math.prod(dims):,} elements is more than an example needs "
+                         f"(at most {MAX_EXAMPLE_ELEMENTS:,})")
     dt = getattr(torch, dtype, None)
     if not isinstance(dt, torch.dtype):
-        raise InputError(f"--example-shape: unknown dtype {dtype!r}")
+        raise InputError(f"--example-shape {text!r}: unknown dtype {dtype!r} (e.g. float32, int64, bool)")
     return name, dims, dt
 
 
@@ -42,7 +72,14 @@ def _example(shapes: list[str]):
     g = torch.Generator().manual_seed(0)
     for s in shapes:
         name, dims, dt = _parse_shape(s)
-        t = torch.randint(0, 2, dims, generator=g).to(dt) if not dt.is_floating_point else torch.randn(dims, generator=g, dtype=dt)
+        if dt == torch.bool:
+            t = torch.ones(dims, dtype=dt)
+        elif dt.is_floating_point or dt.is_complex:
+            t = torch.randn(dims, generator=g, dtype=dt)
+        else:
+            t = torch.randint(0, 2, dims, generator=g).to(dt)
+        if name in kwargs:
+            raise InputError(f"--example-shape names {name} twice")
         if name:
             kwargs[name] = t
         else:
@@ -50,48 +87,10 @@ def _example(shapes: list[str]):
     return tuple(args), kwargs
 
 
-def _register_pytree_types(path: Path) -> None:
-    """Import the modules whose classes a program's input/output pytrees use.
-
-    A Hugging Face model returns ``ModelOutput`` dataclasses; their pytree registration
-    happens when transformers is imported, and torch.export.load needs it.
-    """
-    import importlib
-    import importlib.util
-    import re
-
-    pattern = re.compile(r'type\\*"\s*:\s*\\*"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)')
-    try:
-        with zipfile.ZipFile(path) as z:
-            text = "".join(z.read(n).decode("utf-8", "ignore") for n in z.namelist() if n.endswith(".json"))
-    except (zipfile.BadZipFile, OSError):
-        return
-    for qualname in set(pattern.findall(text)):
-        module = qualname.rsplit(".", 1)[0]
-        top = module.split(".", 1)[0]
-        if top in ("builtins", "collections", "torch") or importlib.util.find_spec(top) is None:
-            continue
-        try:
-            importlib.import_module(module)
-        except Exception:
-            pass  # torch.export.load will then say what it cannot rebuild
-
-
 def _load_pt2(path: Path):
-    import torch
+    from compiler.api import load_program
 
-    import compiler  # noqa: F401  (registers our ops so rewritten programs load)
-
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: not a .pt2 archive written by torch.export.save (not a zip file)")
-    _register_pytree_types(path)
-    try:
-        return torch.export.load(path)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path}: cannot be loaded by torch.export.load ({type(e).__name__}: {first[:200]})") from None
+    return load_program(path)
 
 
 def _policy_arg(text: str):
@@ -143,9 +142,31 @@ def _check_budget(report) -> None:
                          f"{f.cosine_similarity:.6f}; nothing written. Use a milder policy or policy=auto")
 
 
+def _example_for(ep, shapes: list, src: Path):
+    """The example inputs to compile with: --example-shape held against the program, else the
+    inputs stored in the .pt2; checked by running the program once, before the long work."""
+    from compiler import verify
+    from compiler.example_inputs import fit_example
+
+    if shapes:
+        args, kwargs = fit_example(ep, *_example(shapes))
+    elif ep.example_inputs is not None:
+        args, kwargs = ep.example_inputs
+    else:
+        raise InputError(f"{src} stores no example inputs; give --example-shape (e.g. input_ids=1x128:int64)")
+    try:
+        verify.run(ep, tuple(args), dict(kwargs))
+    except Exception as e:  # noqa: BLE001 - the program's own guard says what it expects
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        raise InputError(f"{src} does not run on these example inputs ({first}); give --example-shape shaped "
+                         "as the program was captured") from None
+    return tuple(args), dict(kwargs)
+
+
 def cmd_rewrite(a) -> int:
-    from compiler.api import compile_program
+    from compiler.api import compile_program, plan_path
     from compiler.errors import PolicyError
+    from compiler.paths import check_input, check_outputs
     from compiler.policy import parse_policy
 
     src, out = Path(a.input), Path(a.output)
@@ -155,10 +176,17 @@ def cmd_rewrite(a) -> int:
         raise InputError(f"{out}: write a .pt2 (ExportedProgram) or an .onnx model")
     if src.suffix == ".onnx" and out.suffix != ".onnx":
         raise InputError(f"{out}: an ONNX model is rewritten into an ONNX model; name the output .onnx")
-    policy = parse_policy(_policy_arg(a.policy))  # fail on a bad policy before the slow load
+    # Everything the user can get wrong is checked before the slow load and compile.
+    check_input(src)
+    inputs = {"input": src, "--calibration": a.calibration}
+    check_outputs(inputs, {"-o": out, "--report": a.report})
+    check_outputs(inputs, {"the plan next to -o": plan_path(out), "--report": a.report})
+    policy = parse_policy(_policy_arg(a.policy))
     budget = _budget_arg(a)
     if policy.auto and budget is None:
         raise PolicyError("--policy auto needs a budget: --min-cosine, --max-kl and/or --max-abs-error")
+    if a.example_shape:
+        _example(a.example_shape)  # syntax and sizes, before loading
     if src.suffix == ".onnx":
         return _rewrite_onnx(a, src, out, policy, budget)
     calibration = _calibration_arg(a.calibration)
@@ -166,15 +194,13 @@ def cmd_rewrite(a) -> int:
 
     with status(f"loading {src.name}", None if not a.quiet else False):
         ep = _load_pt2(src)
-    if a.example_shape:
-        args, kwargs = _example(a.example_shape)
-    elif ep.example_inputs is not None:
-        args, kwargs = ep.example_inputs
-    else:
-        raise InputError(f"{src} stores no example inputs; give --example-shape (e.g. input_ids=1x128:int64)")
+        args, kwargs = _example_for(ep, a.example_shape, src)
     backend = "onnxruntime" if out.suffix == ".onnx" else "torch"
     options = {"intra_op_num_threads": a.threads} if backend == "onnxruntime" and a.threads else None
-    cm = compile_program(ep, tuple(args), dict(kwargs), policy=policy, model_name=src.stem,
+    from compiler.capture import model_class_name
+
+    name = model_class_name(ep)
+    cm = compile_program(ep, args, kwargs, policy=policy, model_name=f"{name} ({src.name})" if name else src.stem,
                          calibration=calibration, budget=budget, show_progress=None if not a.quiet else False,
                          attention_maps=a.attention_maps, backend=backend, backend_options=options)
     t = cm.report.totals
@@ -185,14 +211,23 @@ def cmd_rewrite(a) -> int:
 
 
 def cmd_plan(a) -> int:
+    import time
+
     from compiler.api import plan_program
+    from compiler.paths import check_input, check_outputs
     from compiler.plan import plan_lines
 
     src = Path(a.input)
     if src.suffix != ".pt2":
         raise InputError(f"{src}: plan takes a .pt2 file from torch.export.save (or CompiledModel.save)")
+    check_input(src)
+    check_outputs({"input": src}, {"--json": a.json})
+    t0 = time.perf_counter()
     ep = _load_pt2(src)
     plan = plan_program(ep, a.backend)
+    default = " (the default; --backend torch, onnxruntime or triton)" if a.backend == DEFAULT_PLAN_BACKEND else ""
+    print(f"execution plan of {src.name} for the {a.backend} backend{default}, made in "
+          f"{time.perf_counter() - t0:.1f} s without running the program")
     for line in plan_lines(plan.summary()):
         print(line)
     if a.steps:
@@ -209,9 +244,26 @@ def cmd_plan(a) -> int:
 
 
 def _finish(a, result, out: Path) -> int:
-    result.save(out)
+    """Write the model (and its plan) and the report, all or nothing."""
+    from compiler.api import plan_path
+
+    fresh = [p for p in (out, plan_path(out)) if not Path(p).exists()]  # only these may be removed on failure
+    report_tmp = None
     if a.report:
-        result.report.save(a.report)
+        report = Path(a.report)
+        report_tmp = report.with_name(f".{report.name}.{os.getpid()}.tmp")
+        report_tmp.write_text(result.report.to_json())
+    try:
+        result.save(out)
+        if report_tmp is not None:
+            report_tmp.replace(a.report)
+    except BaseException:
+        for p in fresh:
+            Path(p).unlink(missing_ok=True)
+        raise
+    finally:
+        if report_tmp is not None:
+            report_tmp.unlink(missing_ok=True)
     if not a.quiet:
         result.report.render()
         print(f"wrote {out}" + (f" and {a.report}" if a.report else ""))
@@ -225,22 +277,41 @@ def _rewrite_onnx(a, src: Path, out: Path, policy, budget) -> int:
     if a.calibration:
         raise InputError("--calibration is for --policy auto on a .pt2 program; an ONNX rewrite takes an explicit "
                          "policy")
-    model = load_onnx(src)
     shapes = None
     if a.example_shape:
         args, kwargs = _example(a.example_shape)
         if args:
             raise InputError("name each --example-shape after the ONNX input it feeds (NAME=2x128:int64)")
         shapes = {k: tuple(v.shape) for k, v in kwargs.items()}
+    model = load_onnx(src)
+    if shapes:
+        _check_onnx_shapes(model, shapes)
     with status(f"rewriting {src.name}", None if not a.quiet else False):
         result = rewrite_onnx(model, policy, example_feeds(model, shapes), budget, model_name=src.stem)
     _check_budget(result.report)
     return _finish(a, result, out)
 
 
+def _check_onnx_shapes(model, shapes: dict) -> None:
+    """Each named shape feeds an input the model has, with its rank and fixed sizes."""
+    init = {i.name for i in model.graph.initializer}
+    inputs = {i.name: i for i in model.graph.input if i.name not in init}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise InputError(f"--example-shape names {name!r}, but the ONNX model's inputs are {', '.join(inputs)}")
+        dims = inputs[name].type.tensor_type.shape.dim
+        want = "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+        if len(dims) != len(shape) or any(d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, shape)):
+            raise InputError(f"the ONNX model expects {name} as {want}; --example-shape gives "
+                             f"{'x'.join(map(str, shape))}")
+
+
 def cmd_inspect(a) -> int:
+    from compiler.paths import check_input, check_outputs
     from compiler.report import Report
 
+    check_input(a.report, "report")
+    check_outputs({"report": a.report}, {"--html": a.html})
     report = Report.load(a.report)
     if a.html:
         from compiler.report_html import write_html
@@ -257,20 +328,33 @@ def _on(inputs: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def cmd_demo(a) -> int:
-    import torch
+DEMO_HTML = "attnforge-demo.html"
 
-    import compiler
-    from compiler.minilm import PARAGRAPHS, SENTENCES, load_minilm, sentence_embeddings
+
+def cmd_demo(a) -> int:
+    if a.generate:
+        from compiler.generate_cli import cmd_demo_generate
+
+        return cmd_demo_generate(a)
 
     import backends
+    import compiler
+    from compiler.paths import check_outputs
 
-    backends.check(a.backend)  # before loading anything: the reason a backend cannot run here
+    # Every argument is checked before the model loads.
+    backends.check(a.backend)  # the reason a backend cannot run here
+    policy = compiler.parse_policy(_policy_arg(a.policy))
+    budget = _budget_arg(a)
+    html = a.html or (DEMO_HTML if a.attention_maps else None)
+    check_outputs({}, {"--report": a.report, "--html": html})
+
+    import torch
+
+    from compiler.minilm import PARAGRAPHS, SENTENCES, load_minilm, sentence_embeddings
+
     mini = load_minilm(a.attn_implementation)
     device = "cuda" if a.backend == "triton" and torch.cuda.is_available() else "cpu"
     mini.model.to(device)
-    policy = compiler.parse_policy(_policy_arg(a.policy))
-    budget = _budget_arg(a)
     calibration = None
     if policy.auto:
         # Long paragraphs, two per batch, at one length: sparse patterns only pay off on long inputs.
@@ -290,6 +374,11 @@ def cmd_demo(a) -> int:
     if a.report:
         cm.report.save(a.report)
     cm.report.render()
+    if html:
+        from compiler.report_html import write_html
+
+        write_html(cm.report, html, attention_maps=a.attention_maps)
+        print(f"wrote {html}" + (" (with the attention maps)" if a.attention_maps else ""))
     err = float((before - after).abs().max())
     cos = float(torch.nn.functional.cosine_similarity(before, after, dim=-1).min())
     n = inputs["input_ids"].shape[0]
@@ -307,15 +396,18 @@ def _budget_flags(p) -> None:
     g.add_argument("--max-abs-error", type=float, help="highest max abs error of outputs vs the original")
 
 
+DEFAULT_PLAN_BACKEND = "onnxruntime"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnforge", description="Find and rewrite attention in exported PyTorch programs.")
+    p = _Parser(prog="attnforge", description="Find and rewrite attention in exported PyTorch programs.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("rewrite", help="rewrite the attention of a .pt2 program or an ONNX model")
     r.add_argument("input", help=".pt2 file written by torch.export.save, or an .onnx model")
     r.add_argument("-o", "--output", required=True,
                    help="where to write the result: .pt2 (ExportedProgram) or .onnx (run and checked in onnxruntime)")
-    r.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: its own)")
+    r.add_argument("--threads", type=_count, default=0, help="onnxruntime intra-op threads (default: its own)")
     r.add_argument("--policy", default="fused",
                    help="variant for every site (fused, window:256,sinks:4, topk:blocks=8,block=64, linear:elu, ...), "
                         "auto, or a JSON object of per-site rules (default: fused)")
@@ -330,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="print the execution plan of a .pt2 program for a backend, without running it")
     pl.add_argument("input", help=".pt2 file written by torch.export.save or CompiledModel.save")
-    pl.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime", "triton"])
+    pl.add_argument("--backend", default=DEFAULT_PLAN_BACKEND, choices=["torch", "onnxruntime", "triton"],
+                    help=f"the backend to plan for (default: {DEFAULT_PLAN_BACKEND})")
     pl.add_argument("--steps", action="store_true", help="also list every step, segment by segment")
     pl.add_argument("--json", help="write the whole plan (registers, steps, buffers) as JSON here")
     pl.set_defaults(func=cmd_plan)
@@ -351,8 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the rewritten model in PyTorch, exported to ONNX in onnxruntime, or with "
                         "attention in Triton kernels (CUDA GPU)")
     d.add_argument("--report", help="also write the report as JSON here")
-    d.add_argument("--attention-maps", action="store_true", help="store attention maps in the report")
+    d.add_argument("--attention-maps", action="store_true",
+                   help=f"draw each site's attention maps into the HTML report (--html, default {DEMO_HTML})")
+    d.add_argument("--html", help="also write the report as one self-contained HTML page here")
+    d.add_argument("--generate", action="store_true",
+                   help="instead: generate with a KV cache on a small random-weight Llama (fused vs model.generate, "
+                        "then --policy or a DuoAttention head mix)")
     d.set_defaults(func=cmd_demo)
+
+    from compiler.generate_cli import add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 
@@ -367,7 +469,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else 2
     _quiet_libraries()
     try:
         return args.func(args)
@@ -375,6 +480,9 @@ def main(argv=None) -> int:
         return _die(str(e))
     except KeyboardInterrupt:
         return _die("interrupted", 130)
+    except OSError as e:  # the file system's answer (disk full, permissions) is the user's to act on
+        where = f"{e.filename}: " if e.filename else ""
+        return _die(f"{where}{e.strerror or e}")
     except Exception as e:  # a bug of ours: still one line, and say so
         first = (str(e).strip().splitlines() or [""])[0][:300]
         return _die(f"internal error ({type(e).__name__}: {first}); please report it with the command you ran", 3)

@@ -24,3 +24,7 @@ class InputError(AttnforgeError):
 
 class BackendError(AttnforgeError):
     """A backend cannot run here or cannot run this program."""
+
+
+class VerificationError(AttnforgeError):
+    """The rewritten program differs from the model and nothing attnforge can roll back fixes it."""

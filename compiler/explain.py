@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from compiler.measure import SiteInputs, exact_probabilities
-from compiler.sparse_ops import sparse_keep_mask
+from compiler.measure import MEASURE_ROWS, SiteInputs, exact_probabilities
+from compiler.sparse_ops import sparse_keep_rows
 from compiler.variants import Variant
 
 MAP_SIZE = 64  # attention maps are pooled to at most this many rows and columns
@@ -74,22 +74,50 @@ def decode_map(data: str, shape: list) -> "torch.Tensor":
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*shape).float() / 255.0
 
 
+def _bins(n: int, size: int) -> list[tuple[int, int]]:
+    """The row ranges adaptive pooling of ``n`` rows to ``size`` uses."""
+    return [(r * n // size, -(-(r + 1) * n // size)) for r in range(size)]
+
+
 def attention_maps(x: SiteInputs, variant: Optional[Variant] = None) -> Optional[dict]:
     """Exact attention probabilities of batch 0 per head, pooled to at most MAP_SIZE², and,
-    for a sparse variant, the share of each pooled cell the variant keeps."""
-    probs = exact_probabilities(x)
-    if probs is None:
-        return None
-    p = probs[0, :MAX_HEADS]  # [H, Sq, Sk]
-    sq, sk = p.shape[-2:]
+    for a sparse variant, the share of each pooled cell the variant keeps.
+
+    Pooled a band of query rows at a time (max and mean pool separably over a rectangle), so a
+    long site never holds its square. Above ``MEASURE_ROWS`` queries each band is represented
+    by a stripe of its rows (``sampled_rows`` says how many in all)."""
+    mask = x.mask if x.mask is None or x.mask.dim() < 4 or x.mask.shape[0] == 1 else x.mask[:1]
+    one = SiteInputs(x.q[:1], x.k[:1], x.v[:1], mask, x.scale, x.causal, x.softcap)
+    exact = exact_probabilities(one)
+    sq, sk = x.q.shape[2], x.k.shape[2]
+    heads = min(x.q.shape[1], MAX_HEADS)
     size = (min(sq, MAP_SIZE), min(sk, MAP_SIZE))
-    # Pool by max so a few strong keys stay visible; each head scaled to its own peak.
-    pooled = F.adaptive_max_pool2d(p.unsqueeze(1), size).squeeze(1)
-    peak = pooled.amax((-2, -1), keepdim=True).clamp_min(1e-12)
-    out = {"heads": list(range(p.shape[0])), "shape": list(size), "seq": [sq, sk],
-           "probs": [_png_bytes(m) for m in (pooled / peak).sqrt()], "keep": None}
+    keep_rows = None
     if variant is not None and variant.kind == "sparse":
-        keep = sparse_keep_mask(x.q[:1], x.k[:1], variant.text, x.scale, x.causal)[0, :MAX_HEADS].float()
-        kept = F.adaptive_avg_pool2d(keep.unsqueeze(1), size).squeeze(1)
-        out["keep"] = [_png_bytes(m) for m in kept]
+        keep_rows = sparse_keep_rows(one.q, one.k, variant.text, x.scale, x.causal)
+    per_band = max(1, MEASURE_ROWS // size[0])
+    prob_rows, keep_rows_out, sampled = [], [], 0
+    for a, z in _bins(sq, size[0]):
+        if z - a > per_band and sq > MEASURE_ROWS:
+            mid = (a + z - per_band) // 2
+            a, z = mid, mid + per_band
+        sampled += z - a
+        band = torch.full((heads, size[1]), 0.0)
+        kept = torch.zeros(heads, size[1])
+        for r0, r1 in exact.blocks([(a, z)]):
+            p = exact.probs(r0, r1)[0, :heads]  # [H, n, Sk]
+            band = torch.maximum(band, F.adaptive_max_pool1d(p, size[1]).amax(1))
+            if keep_rows is not None:
+                kept += F.adaptive_avg_pool1d(keep_rows(r0, r1)[0, :heads].float(), size[1]).sum(1)
+        prob_rows.append(band)
+        keep_rows_out.append(kept / (z - a))
+    pooled = torch.stack(prob_rows, 1)  # [H, rows, cols]
+    # Pooled by max so a few strong keys stay visible; each head scaled to its own peak.
+    peak = pooled.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    out = {"heads": list(range(heads)), "shape": list(size), "seq": [sq, sk],
+           "probs": [_png_bytes(m) for m in (pooled / peak).sqrt()], "keep": None}
+    if sampled < sq:
+        out["sampled_rows"] = sampled
+    if keep_rows is not None:
+        out["keep"] = [_png_bytes(m) for m in torch.stack(keep_rows_out, 1)]
     return out

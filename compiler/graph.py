@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -212,5 +211,3 @@ class ConeEvaluator:
         with torch.no_grad():
             return n.target(*args, **kwargs)
 
-
-GETITEM = operator.getitem

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -25,13 +26,35 @@ BOOL_PASSTHROUGH = overloads(aten.expand, aten.clone, aten.alias, aten.contiguou
 CASTS = overloads(aten.to, aten._to_copy)
 WHERES = overloads(aten.where)
 
-# A fill at or below this is "absorbing": score + fill == fill for any realistic fp32 score,
-# so where(keep, s, fill) and s + where(keep, 0, fill) agree exactly.
-ABSORBING = -1e30
+# The one definition of a mask value that "acts as -inf", shared by the PyTorch and ONNX front
+# ends: -inf itself, or at least half as negative as the lowest finite value of the dtype the
+# scores are computed in (``finfo.min``, ``-finfo.max`` and ``finfo.min / 2`` as models write
+# them, for fp16, bf16, fp32 and fp64 alike). Such a fill gives a masked key exactly zero weight
+# in a row with any kept key; a row whose keys are ALL filled is uniform over every key, which a
+# rewrite must keep (see ``compiler.ops``: it masks with ``finfo(compute dtype).min``).
+NEG_INF_FRACTION = 0.5
 
 
-def is_absorbing(x: float) -> bool:
-    return x == float("-inf") or x <= ABSORBING
+def neg_inf_threshold(dt=torch.float32) -> float:
+    """Values at or below this act as -inf in ``dt``: a torch dtype, or a numpy one (ONNX front
+    end); fp32 for anything that is not a float dtype."""
+    if isinstance(dt, torch.dtype):
+        lowest = torch.finfo(dt if dt.is_floating_point else torch.float32).min
+    else:
+        try:
+            lowest = np.finfo(dt).min
+        except (TypeError, ValueError):
+            lowest = torch.finfo(torch.float32).min
+    return NEG_INF_FRACTION * float(lowest)
+
+
+def acts_as_neg_inf(x: float, dt: torch.dtype = torch.float32) -> bool:
+    return x == float("-inf") or x <= neg_inf_threshold(dt)
+
+
+def is_absorbing(x: float, dt: torch.dtype = torch.float32) -> bool:
+    """Kept for callers: a fill that acts as -inf in ``dt``."""
+    return acts_as_neg_inf(x, dt)
 
 
 @dataclass
@@ -137,7 +160,7 @@ def additive_keep(node: fx.Node, scalar_value) -> Optional[tuple[fx.Node, float]
     if not isinstance(cond, fx.Node) or dtype(cond) != torch.bool:
         return None
     va, vb = scalar_value(a), scalar_value(b)
-    if va == 0.0 and vb is not None and is_absorbing(vb):
+    if va == 0.0 and vb is not None and acts_as_neg_inf(vb, dtype(node)):
         return cond, vb
     return None
 
@@ -153,7 +176,7 @@ def constant_additive_pattern(node: fx.Node, evaluator: ConeEvaluator, user_inpu
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         return None
     kept = v == 0
-    if not bool(((v == 0) | (v <= ABSORBING)).all()):
+    if not bool(((v == 0) | (v <= neg_inf_threshold(v.dtype))).all()):
         return None
     return _pattern(kept, sq, sk)
 

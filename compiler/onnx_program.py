@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from compiler.measure import SiteInputs, exact_probabilities, site_effect
 from compiler.ops import attention_flops, causal_pairs
 from compiler.policy import PolicySpec, parse_policy
 from compiler.report import FidelityRecord, PassRecord, Report, SiteRecord
-from compiler.site import AttentionSite
+from compiler.site import AttentionSite, layer_of
+from passes.attention_variants import check_variant
 from passes.onnx_attention_fusion import fuse_onnx_attention
 
 MAX_OPSET = 26  # the newest ai.onnx opset onnxruntime 1.31 loads
@@ -55,7 +57,14 @@ def load_onnx(path) -> onnx.ModelProto:
         raise InputError(f"{path}: no such file")
     try:
         model = onnx.load(path)
-    except (DecodeError, RuntimeWarning, ValueError, OSError) as e:
+    except (FileNotFoundError, onnx.checker.ValidationError) as e:  # names external data that is not there
+        import re
+
+        where = re.search(r"should be stored in (\S+?),", str(e))
+        missing = Path(where.group(1) if where else e.filename or "its external data file").name
+        raise InputError(f"{path}: the model keeps its weights in {missing}, which is missing or unreadable; put "
+                         "that file next to the model") from None
+    except (DecodeError, RuntimeWarning, ValueError, OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}); is the file complete?") from None
     if not model.graph.node:
         raise InputError(f"{path}: the ONNX file holds no graph (truncated or not an ONNX model)")
@@ -193,14 +202,17 @@ def rewrite_onnx(model: onnx.ModelProto, policy: PolicySpec = "fused", feeds: Op
         x = SiteInputs(q, k, v, mask, scale, bool(a.get("is_causal", 0)), float(a.get("softcap", 0.0)))
         inputs[s.id] = x
         sites.append(AttentionSite(
-            id=s.id, module=s.node, module_type=s.source, form=s.source, batch=q.shape[0],
+            id=s.id, module=s.module or s.node, module_type=s.source, form=s.source, batch=q.shape[0],
             num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[-1], value_dim=v.shape[-1],
             seq_q=q.shape[2], seq_k=k.shape[2], scale=scale, causal=x.causal,
             mask_kind="none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive"),
-            softcap=x.softcap, layer=i,
+            softcap=x.softcap, layer=layer_of(s.module),
         ))
     pol.check_selectors(sites)
     variants = {s.id: pol.variant_for(s) for s in sites}
+    for site in sites:
+        mask = inputs[site.id].mask
+        check_variant(site, variants[site.id], None if mask is None else tuple(mask.shape))
 
     t1 = time.perf_counter()
     out = onnx.ModelProto()
@@ -213,7 +225,7 @@ def rewrite_onnx(model: onnx.ModelProto, policy: PolicySpec = "fused", feeds: Op
             continue
         shape = SiteShape(site.num_heads, site.num_kv_heads, site.head_dim, site.value_dim,
                           None if x.mask is None else tuple(x.mask.shape), x.mask is not None and
-                          x.mask.dtype == torch.bool)
+                          x.mask.dtype == torch.bool, _static_lengths(fused, n))
         lowered, lowerings[site.id] = lowered_graph(var, _mask_dims(shape, fused, n), x.scale, x.causal, x.softcap)
         target = next(m for m in out.graph.node if _site_of(m) == site.id)
         splice(out, target, lowered, site.id)
@@ -242,6 +254,19 @@ def rewrite_onnx(model: onnx.ModelProto, policy: PolicySpec = "fused", feeds: Op
     return OnnxRewrite(out, report)
 
 
+def _static_lengths(model: onnx.ModelProto, node: onnx.NodeProto) -> Optional[tuple[int, int]]:
+    """(query length, key length) when the graph declares both as fixed sizes, else None: a
+    static file gets a static lowering, which is what a grid-shaped variant needs."""
+    typed = _typed(model)
+    lengths = []
+    for name in node.input[:2]:
+        dims = typed[name].type.tensor_type.shape.dim if name in typed else []
+        if len(dims) != 4 or not dims[2].HasField("dim_value"):
+            return None
+        lengths.append(dims[2].dim_value)
+    return lengths[0], lengths[1]
+
+
 def _mask_dims(shape: SiteShape, model: onnx.ModelProto, node: onnx.NodeProto) -> SiteShape:
     """The mask's static layout as the graph declares it (1 stays 1; other sizes are dynamic)."""
     if shape.mask_shape is None:
@@ -250,7 +275,7 @@ def _mask_dims(shape: SiteShape, model: onnx.ModelProto, node: onnx.NodeProto) -
     if vi is None:
         return shape
     dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
-    return SiteShape(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.value_dim, dims, shape.mask_bool)
+    return dataclasses.replace(shape, mask_shape=dims)
 
 
 def _site_of(node: onnx.NodeProto) -> Optional[str]:

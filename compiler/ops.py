@@ -12,20 +12,42 @@ recover from a hand-written graph kept as attributes instead of tensors:
   query head ``h`` reads kv head ``h // (Hq // Hkv)``; nothing is repeated;
 * ``softcap``: when > 0, scores become ``softcap * tanh(scores / softcap)`` (Gemma 2).
 
-Rows whose keys are all masked produce zeros, never NaN.
+Rows whose keys are all masked produce zeros, never NaN. Scores and softmax run in fp32 (fp64
+for fp64 inputs): ``softmax_dtype``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def _keep_mask_causal(sq: int, sk: int, device) -> Tensor:
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
+def softmax_dtype(dt: torch.dtype) -> torch.dtype:
+    """The precision the op computes scores and softmax in for inputs of dtype ``dt``."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+# Bytes of fp32 scores one block of query rows may take. Exact attention larger than this runs
+# a block of queries at a time (measurement, verification and the torch backend alike), so
+# long context needs O(S * block) memory, not O(S^2). A test knob as much as a setting.
+BLOCK_BYTES = int(os.environ.get("ATTNFORGE_BLOCK_BYTES", 64 << 20))
+
+
+def query_block(b: int, hq: int, sk: int) -> int:
+    """Query rows per block so that one block's fp32 scores fit ``BLOCK_BYTES``."""
+    return max(1, BLOCK_BYTES // max(1, b * hq * sk * 4))
+
+
+def mask_rows(mask: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+    """The rows ``r0:r1`` of a mask broadcastable to [.., Sq, Sk] (a key mask has one row)."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., r0:r1, :]
 
 
 def _grouped(x: Tensor, hkv: int) -> Tensor:
@@ -43,6 +65,71 @@ def _grouped_mask(mask: Tensor, hq: int, hkv: int) -> Tensor:
     return mask.reshape(mask.shape[0], hkv, hq // hkv, *mask.shape[2:])
 
 
+def _probabilities(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool, softcap: float,
+                   row0: int) -> Tensor:
+    """fp32 softmax probabilities of queries ``row0 ..`` (q holds just those rows); grouped
+    [B, Hkv, rep, n, Sk] under GQA, else [B, H, n, Sk]; all-masked rows are zeros."""
+    hq, n = q.shape[1], q.shape[2]
+    hkv, sk = k.shape[1], k.shape[2]
+    grouped = hkv != hq
+    if grouped:
+        # Query heads sharing a kv head become one group, so k/v broadcast instead of repeating.
+        scores = torch.matmul(_grouped(q, hkv), k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, rep, n, Sk]
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H, n, Sk]
+    # Softmax in fp32 (fp64 for fp64 inputs) whatever the input dtype, as the models we replace do.
+    cdt = softmax_dtype(q.dtype)
+    if scores.dtype != cdt:
+        # fp16/bf16: the models we replace scale in their own precision (``q @ k^T * s``), then
+        # upcast for the softmax; rounding where they round keeps us within their noise.
+        scores = (scores * scale).to(cdt)
+    else:
+        scores = scores * scale
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
+    keep = None
+    if mask is not None:
+        m = _grouped_mask(mask, hq, hkv) if grouped else mask
+        if m.dtype == torch.bool:
+            keep = m
+        else:
+            scores = scores + m.to(cdt)
+    if is_causal:
+        causal = torch.ones(n, sk, dtype=torch.bool, device=q.device).tril(row0)
+        keep = causal if keep is None else keep & causal
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if keep is not None or mask is not None:
+        # A row whose keys are all masked is all -inf: zeros, not NaN.
+        probs = probs.nan_to_num(0.0)
+    return probs
+
+
+def attention_probabilities(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
+                            is_causal: bool = False, softcap: float = 0.0, row0: int = 0) -> Tensor:
+    """[B, Hq, n, Sk] fp32 probabilities of the ``n`` query rows in ``q``, which start at row
+    ``row0`` of the site (causality needs to know); ``mask`` holds the same rows."""
+    p = _probabilities(q, k, mask, scale, is_causal, softcap, row0)
+    return p.reshape(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def apply_probabilities(probs: Tensor, v: Tensor) -> Tensor:
+    """``probs @ v`` for probabilities [B, Hq, n, Sk] or grouped [B, Hkv, rep, n, Sk]; GQA
+    broadcasts v over the query heads of its group instead of repeating it."""
+    hkv = v.shape[1]
+    if probs.dim() == 4 and probs.shape[1] != hkv:
+        probs = _grouped(probs, hkv)
+    if probs.dim() == 5:
+        out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # [B, Hkv, rep, n, Dv]
+        return out.reshape(out.shape[0], -1, out.shape[-2], v.shape[-1])
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def _attention_rows(q, k, v, mask, scale, is_causal, softcap, row0) -> Tensor:
+    return apply_probabilities(_probabilities(q, k, mask, scale, is_causal, softcap, row0), v)
+
+
 def attention_reference(
     q: Tensor,
     k: Tensor,
@@ -56,40 +143,23 @@ def attention_reference(
 
     It follows the arithmetic of the eager attention it replaces (same matmul shapes when
     there is no GQA, ``torch.softmax`` itself) so that an exact rewrite stays within fp32
-    rounding of the original.
+    rounding of the original. Scores larger than ``BLOCK_BYTES`` are never materialised: an
+    unmasked site runs PyTorch's own fused SDPA kernel (it skips the causal upper triangle),
+    any other a block of query rows at a time.
     """
     b, hq, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    grouped = hkv != hq
-    if grouped:
-        # Query heads sharing a kv head become one group, so k/v broadcast instead of repeating.
-        scores = torch.matmul(_grouped(q, hkv), k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, rep, Sq, Sk]
-    else:
-        scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H, Sq, Sk]
-    # Softmax in fp32 whatever the input dtype, as the models we replace do.
-    scores = scores.float() * scale
-    if softcap > 0.0:
-        scores = softcap * torch.tanh(scores / softcap)
-    keep = None
-    if mask is not None:
-        m = _grouped_mask(mask, hq, hkv) if grouped else mask
-        if m.dtype == torch.bool:
-            keep = m
-        else:
-            scores = scores + m.float()
-    if is_causal:
-        causal = _keep_mask_causal(sq, sk, q.device)
-        keep = causal if keep is None else keep & causal
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if keep is not None or mask is not None:
-        # A row whose keys are all masked is all -inf: zeros, not NaN.
-        probs = probs.nan_to_num(0.0)
-    if grouped:
-        out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # [B, Hkv, rep, Sq, Dv]
-        return out.reshape(b, hq, sq, v.shape[-1])
-    return torch.matmul(probs.to(v.dtype), v)
+    rows = query_block(b, hq, k.shape[2])
+    if rows >= sq:
+        return _attention_rows(q, k, v, mask, scale, is_causal, softcap, 0)
+    if mask is None and softcap == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                              enable_gqa=k.shape[1] != hq)
+    out = q.new_empty((b, hq, sq, v.shape[-1]), dtype=v.dtype)
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        out[:, :, r0:r1] = _attention_rows(q[:, :, r0:r1], k, v, mask_rows(mask, r0, r1), scale, is_causal,
+                                           softcap, r0)
+    return out
 
 
 @torch.library.custom_op("attnforge::attention", mutates_args=())

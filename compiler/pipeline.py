@@ -25,6 +25,8 @@ class PassContext:
     subgraphs: dict = field(default_factory=dict)  # site id -> its matched subgraph (compiler.explain)
     variants: dict = field(default_factory=dict)  # site id -> compiler.variants.Variant
     variant_result: object = None  # passes.attention_variants.VariantResult
+    skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
+    verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
 
 
 @dataclass
@@ -40,6 +42,11 @@ class PassManager:
     def run(self, ctx: PassContext) -> list[PassRecord]:
         records = []
         for p in self.passes:
+            if p.name in ctx.skip_passes:
+                nodes = count_nodes(ctx.ep.graph_module)
+                records.append(PassRecord(name=p.name, seconds=0.0, nodes_before=nodes, nodes_after=nodes,
+                                          details={"left_out": "with it the program failed end-to-end verification"}))
+                continue
             before = count_nodes(ctx.ep.graph_module)
             t0 = time.perf_counter()
             details = p.run(ctx) or {}

@@ -36,3 +36,17 @@ def status(description: str, enabled: Optional[bool] = None) -> Iterator[None]:
 
     with Console(stderr=True).status(description):
         yield
+
+
+@contextlib.contextmanager
+def quiet_dependencies() -> Iterator[None]:
+    """Warnings our dependencies raise about their own internals, which a user cannot act on.
+
+    torch 2.13 warns about its own deprecated ``LeafSpec`` on every deep copy of a program's input
+    spec, which every compile makes.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        yield

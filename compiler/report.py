@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +57,12 @@ class SiteRecord:
     subgraph_after: Optional[dict] = None  # the op that replaced them and what feeds it
     attention_map: Optional[dict] = None  # compiler.explain.attention_maps, when asked for
     lowering: Optional[str] = None  # what the backend ran the site as (e.g. ONNX "attention", "block-gather")
+    # Three costs: flops_before is the dense square the original computes, flops_exact what
+    # exact attention needs (the causal triangle where causal), flops_after what the variant
+    # computes. "saved" is against flops_before, density is flops_after / flops_exact.
+    flops_exact: Optional[int] = None
+    over_exact: bool = False  # an approximate variant that computes as much as exact attention or more
+    measured_rows: Optional[int] = None  # query rows site error/cosine/mass were measured on; None = all
 
 
 @dataclass
@@ -101,6 +109,9 @@ class Report:
             "attention_flops_before": fb,
             "attention_flops_after": fa,
             "attention_flops_saved_pct": round(100.0 * (fb - fa) / fb, 2) if fb else 0.0,
+            "attention_flops_exact": sum(s.flops_exact if s.flops_exact is not None else s.flops_before
+                                         for s in self.sites),
+            "sites_over_exact": sum(s.status == "rewritten" and s.over_exact for s in self.sites),
             "sites_approximate": sum(s.status == "rewritten" and s.variant not in ("fused", "dense")
                                      for s in self.sites),
             "intermediate_bytes_removed": sum(s.intermediate_bytes for s in rewritten),
@@ -130,6 +141,11 @@ class Report:
     def from_dict(cls, d: dict) -> "Report":
         if d.get("schema") != SCHEMA:
             raise InputError(f"not an attnforge report (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+        _check_fields(cls, {k: v for k, v in d.items() if k != "totals"}, "report")
+        for key, record in (("passes", PassRecord), ("sites", SiteRecord)):
+            for i, item in enumerate(d.get(key, [])):
+                _check_fields(record, item, f"{key}[{i}]")
+        _check_fields(FidelityRecord, d.get("fidelity", {}), "fidelity")
         return cls(
             model=d["model"],
             policy=d["policy"],
@@ -158,8 +174,8 @@ class Report:
             raise InputError(f"{path}: not an attnforge report")
         try:
             return cls.from_dict(d)
-        except TypeError as e:
-            raise InputError(f"{path}: malformed attnforge report ({e})") from None
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
 
     # ------------------------------------------------------------------ text
 
@@ -172,6 +188,61 @@ class Report:
         from compiler.report_view import render_text
 
         return render_text(self)
+
+
+_JSON_TYPES = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", list: "a list",
+               dict: "an object"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value has the type a report field is declared with."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list and args and not is_dataclass(args[0]):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is not None:
+        hint = origin
+    if is_dataclass(hint):
+        return isinstance(value, dict)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+    hint = typing.get_origin(hint) or hint
+    if hint is list and typing.get_args(hint):
+        return f"a list (each {_describe(typing.get_args(hint)[0])})"
+    return "an object" if is_dataclass(hint) else _JSON_TYPES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_fields(cls, d, where: str) -> None:
+    """``d`` has every required field of dataclass ``cls``, no unknown field, and each of the declared type."""
+    if not isinstance(d, dict):
+        raise InputError(f"malformed attnforge report: {where} should be an object, not {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for name in d:
+        if name not in known:
+            raise InputError(f"malformed attnforge report: {where} has an unknown field {name!r}")
+    for name, f in known.items():
+        if name not in d:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise InputError(f"malformed attnforge report: {where} lacks the field {name!r}")
+            continue
+        if not _fits(d[name], hints[name]):
+            raise InputError(f"malformed attnforge report: {where}.{name} should be {_describe(hints[name])}, "
+                             f"not {json.dumps(d[name])[:40]}")
 
 
 def _json_default(o: Any):

@@ -51,6 +51,9 @@ tbody tr:hover{background:#f8f9fb}
 code{font:13px/1.35 ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;background:#f0f2f5;
 padding:1px 4px;border-radius:3px}
 td code{background:none;padding:0}
+.nb{white-space:nowrap}
+pre.plan{font:13px/1.45 ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;background:#f0f2f5;padding:10px 14px;
+border-radius:6px;overflow-x:auto}
 .verdict{border-radius:8px;padding:12px 16px;margin:8px 0 14px;font-size:16px;border:1px solid}
 .verdict b{font-size:18px;margin-right:8px}
 .verdict.pass{background:#e8f6ec;border-color:#9ad3ab;color:#125c2b}
@@ -94,9 +97,9 @@ def _esc(x) -> str:
 
 
 def _wrap(text: str) -> str:
-    """Escaped text that may break after dots, commas and semicolons (module paths, variants)."""
-    return "".join(_esc(part) + ("<wbr>" if part[-1:] in ".,;" else "")
-                   for part in re.split(r"(?<=[.,;])", str(text)) if part)
+    """Escaped code that may break after dots, commas and semicolons (module paths, variants) and
+    nowhere else: a browser would otherwise break ``layers.0-3`` or ``all-MiniLM-L6-v2`` at the hyphen."""
+    return "<wbr>".join(f"<span class=nb>{_esc(part)}</span>" for part in re.split(r"(?<=[.,;])", str(text)) if part)
 
 
 def _fmt_flops(x) -> str:
@@ -416,8 +419,8 @@ def _auto(r) -> str:
     a = r.auto
     cal = a.get("verified_calibration_fidelity") or a.get("calibration_fidelity") or {}
     text = (f"{len(a.get('trials', []))} end-to-end trials on {a.get('calibration_batches', '?')} calibration "
-            f"batch(es). Budget <code>{_esc(_budget_text(a.get('budget')) or '–')}</code>; the search held itself to "
-            f"<code>{_esc(_budget_text(a.get('search_budget')) or '–')}</code>")
+            f"batch(es). Budget <code>{_wrap(_budget_text(a.get('budget')) or '–')}</code>; the search held itself to "
+            f"<code>{_wrap(_budget_text(a.get('search_budget')) or '–')}</code>")
     if a.get("margin") is not None:
         text += f" (margin {_esc(a['margin'])})"
     text += " so that inputs it has not seen keep some slack."
@@ -519,7 +522,7 @@ def _maps_legend(s) -> str:
     out = _esc(out)
     if m.get("keep"):
         out += (f'<br><span class="swatch" style="background:#51127c"></span>kept by '
-                f'<code>{_esc(compact_text(s.variant))}</code><span class="swatch" style="background:#d6d6d6"></span>'
+                f'<code>{_wrap(compact_text(s.variant))}</code><span class="swatch" style="background:#d6d6d6"></span>'
                 "dropped (darker grey = probability the variant does not compute)")
     if s.causal:
         out += '<span class="swatch" style="background:#fff"></span>future keys (causal mask)'
@@ -528,7 +531,7 @@ def _maps_legend(s) -> str:
     elif compact_text(s.variant) in ("fused", "dense"):
         out += " Exact attention: every pair is kept."
     else:
-        out += f" <code>{_esc(compact_text(s.variant))}</code> keeps no fixed set of pairs."
+        out += f" <code>{_wrap(compact_text(s.variant))}</code> keeps no fixed set of pairs."
     return f"<p class=legend>{out}</p>"
 
 
@@ -661,6 +664,23 @@ def _site_details(s, attention_maps: bool) -> str:
             f' · {" · ".join(_esc(x) for x in meta)}</span></summary>{body}</details>')
 
 
+def _plan(r) -> str:
+    """The plan as the terminal shows it (``compiler.plan.plan_lines``), and the lowering it ran."""
+    from compiler.plan import plan_lines
+    from compiler.report_view import lowering_verdict
+
+    low = r.lowering or {}
+    lowered = ""
+    if low.get("format"):
+        err = low.get("max_abs_error_vs_torch")
+        lowered = (f"<p>Lowered to <code>{_wrap(low['format'])}</code>"
+                   + (f"; max abs error vs the torch backend {_num(err)}{_esc(lowering_verdict(low))}"
+                      if err is not None else "") + ".</p>")
+    return (f"<p class=legend>How the {_esc(r.plan.get('backend', r.backend))} backend runs the program: segments "
+            "by backend, the transitions between them, and memory planned against export order.</p>"
+            f"<pre class=plan>{_esc(chr(10).join(plan_lines(r.plan)))}</pre>{lowered}")
+
+
 def render_html(report, attention_maps: bool = True) -> str:
     """The report as one HTML page (a string); ``attention_maps=False`` leaves out the
     attention map pictures even where the report stores them."""
@@ -668,6 +688,8 @@ def render_html(report, attention_maps: bool = True) -> str:
     t = r.totals
     sections = [("summary", "Summary", _summary(r)), ("passes", "Passes", _passes(r)),
                 ("sites", f"Attention sites ({t['sites_found']})", _sites(r))]
+    if r.plan:
+        sections.append(("plan", "Execution plan", _plan(r)))
     if r.auto:
         sections.append(("auto", "Automatic selection", _drawn(_auto, r, "automatic selection")))
     detail = "".join(_site_details(s, attention_maps) for s in r.sites)
@@ -686,13 +708,13 @@ def render_html(report, attention_maps: bool = True) -> str:
         sections.append(("rejected", f"Softmax nodes left alone ({len(r.rejected)})",
                          "<p class=legend>Softmax nodes that did not match attention, and why.</p>"
                          + _table(["node", "module", "reason"],
-                                  [[f"<code>{_esc(x.get('node', '?'))}</code>",
+                                  [[f"<code>{_wrap(x.get('node', '?'))}</code>",
                                     f"<code>{_wrap(x.get('module') or 'top level')}</code>",
                                     _esc(x.get("reason", ""))] for x in r.rejected])))
     nav = "<nav>" + "".join(f'<a href="#{k}">{_esc(title)}</a>' for k, title, _ in sections) + "</nav>"
     body = "".join(f'<section id="{k}"><h2>{_esc(title)}</h2>{content}</section>' for k, title, content in sections)
     head = (f"<h1>attnforge report: {_esc(r.model)}</h1>"
-            f'<div class="sub">policy <code>{_esc(r.policy)}</code> · backend <code>{_esc(r.backend)}</code> · '
+            f'<div class="sub">policy <code>{_wrap(r.policy)}</code> · backend <code>{_wrap(r.backend)}</code> · '
             f"compiled in {t['compile_seconds']:.2f} s</div>")
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             '<meta name=viewport content="width=device-width,initial-scale=1">'

@@ -53,6 +53,10 @@ def render(report, console: Console | None = None) -> None:
                       "-" if s.cosine_similarity is None else f"{s.cosine_similarity:.5f}",
                       "-" if s.kept_mass is None else f"{s.kept_mass:.4f}")
     console.print(sites)
+    for s in report.sites:
+        if s.status == "rewritten" and s.over_exact:
+            console.print(f"[yellow]{s.id}: {compact_text(s.variant)} computes {s.density:.2f}x the FLOPs exact "
+                          "attention needs (density >= 1): approximate and no cheaper; use fused[/yellow]")
 
     f = report.fidelity
     fid = Table(title="Fidelity (rewritten vs original)", title_justify="left")
@@ -73,7 +77,8 @@ def render(report, console: Console | None = None) -> None:
         else:
             where = (f"{low.get('format')} (opset {low.get('opset')}, {', '.join(low.get('providers', []))}) "
                      f"in {low.get('export_seconds', 0.0):.2f}s")
-        console.print(f"lowered to {where}; sites: {per_site or '-'}; max abs error vs the torch backend {_fmt_err(err)}")
+        console.print(f"lowered to {where}; sites: {per_site or '-'}; max abs error vs the torch backend "
+                      f"{_fmt_err(err)}{lowering_verdict(low)}")
     if report.plan:
         for line in plan_lines(report.plan):
             console.print(line)
@@ -93,6 +98,15 @@ def render(report, console: Console | None = None) -> None:
         console.print(f"[dim]{len(report.rejected)} softmax node(s) left alone (not attention):[/dim]")
         for r in report.rejected:
             console.print(f"[dim]  {r['node']} ({r['module'] or 'top level'}): {r['reason']}[/dim]")
+
+
+def lowering_verdict(low: dict) -> str:
+    """Whether the backend's outputs agree with the torch backend's, within the exact tolerance."""
+    tol, ok = low.get("tolerance_vs_torch"), low.get("matches_torch")
+    if tol is None or ok is None:
+        return ""
+    return (f" (within the {tol:.0e} tolerance: agrees)" if ok else
+            f" (OVER the {tol:.0e} tolerance: the backend's kernels round differently; compare with backend='torch')")
 
 
 def render_text(report) -> str:

@@ -6,12 +6,20 @@ a rewrite needs; it lives only while a pass pipeline runs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from torch import fx
 
 SITE_META = "attnforge_site"  # node.meta key: the site id an attnforge op node came from
+
+
+def layer_of(module_path: str) -> Optional[int]:
+    """The layer a site belongs to, for ``layers.N`` selectors: the first integer component of its
+    module path (``encoder.layer.3.attention.self`` -> 3), the same rule on both front ends."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_path)
+    return int(m.group(1)) if m else None
 
 
 @dataclass

@@ -163,22 +163,35 @@ def _sparse_attention_fake(q, k, v, mask=None, scale=1.0, is_causal=False, softc
 # ---------------------------------------------------------------------------- measuring
 
 
-def sparse_keep_mask(q: Tensor, k: Tensor, spec: str, scale: float, causal: bool) -> Tensor:
-    """The pairs the op attends as a dense [B, Hq, Sq, Sk] mask (before the user's mask)."""
+def sparse_keep_rows(q: Tensor, k: Tensor, spec: str, scale: float, causal: bool):
+    """``rows(r0, r1)``: the pairs the op attends for queries ``r0:r1``, a dense
+    [B, Hq, r1 - r0, Sk] mask (before the user's mask). Layouts are built once, rows on demand,
+    so measuring a long site holds one block of rows at a time."""
     pattern = parse_variant(spec).pattern
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     dev = q.device
     kv_map = kv_head_map(hq, k.shape[1], dev)
-    keep = torch.zeros(b, hq, sq, sk, dtype=torch.bool, device=dev)
-    for heads, pat in head_groups(pattern, hq, dev):
-        if pat is None:
-            g = torch.ones(sq, sk, dtype=torch.bool, device=dev)
-            keep[:, heads] = g.tril() if causal else g
-        else:
-            layout = layout_for(pat, q.index_select(1, heads), k, scale, causal, kv_map[heads])
-            keep[:, heads] = layout.dense_keep(causal).to(dev).expand(b, len(heads), sq, sk)
-    return keep
+    groups = [(heads, None if pat is None else layout_for(pat, q.index_select(1, heads), k, scale, causal,
+                                                          kv_map[heads]))
+              for heads, pat in head_groups(pattern, hq, dev)]
+
+    def rows(r0: int, r1: int) -> Tensor:
+        keep = torch.zeros(b, hq, r1 - r0, sk, dtype=torch.bool, device=dev)
+        for heads, layout in groups:
+            if layout is None:
+                g = torch.ones(r1 - r0, sk, dtype=torch.bool, device=dev)
+                keep[:, heads] = g.tril(r0) if causal else g
+            else:
+                keep[:, heads] = layout.dense_keep(causal, r0, r1).to(dev).expand(b, len(heads), r1 - r0, sk)
+        return keep
+
+    return rows
+
+
+def sparse_keep_mask(q: Tensor, k: Tensor, spec: str, scale: float, causal: bool) -> Tensor:
+    """The pairs the op attends as a dense [B, Hq, Sq, Sk] mask (before the user's mask)."""
+    return sparse_keep_rows(q, k, spec, scale, causal)(0, q.shape[2])
 
 
 def sparse_computed_pairs(q: Tensor, k: Tensor, spec: str, scale: float, causal: bool) -> float:

@@ -36,9 +36,9 @@ variants (DuoAttention's retrieval and streaming heads).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Optional
 
 from compiler.errors import PolicyError
 
@@ -113,9 +113,6 @@ class Hybrid:
 class HeadMix:
     groups: tuple  # ((heads or None for "*", Variant), ...)
 
-
-SparsePattern = Union[Window, BlockSparse, TopK, VerticalSlash, Neighborhood, HeadMix]
-LinearPattern = Union[Linear, Hybrid]
 
 _PATTERNS = {
     "window": (Window, "left"),
@@ -209,6 +206,9 @@ def _fmt_heads(heads: tuple) -> str:
     return ",".join(out)
 
 
+_MAX_PARAM = 2**31 - 1
+
+
 def _convert(name: str, key: str, raw: str):
     raw = raw.strip()
     what = f"{name}: {key}={raw!r}"
@@ -237,12 +237,17 @@ def _convert(name: str, key: str, raw: str):
     except ValueError:
         raise PolicyError(f"{what}: expected a whole number") from None
     positive = key in ("block", "chunk", "features", "blocks", "last", "window")
+    if x > _MAX_PARAM:  # sizes feed int32 kernels and tensor shapes
+        raise PolicyError(f"{what}: too large (at most {_MAX_PARAM})")
     if x < (1 if positive else 0):
         raise PolicyError(f"{what}: must be {'positive' if positive else '>= 0'}")
     return x
 
 
 def _parse_single(text: str) -> Variant:
+    if not text.isprintable():
+        raise PolicyError(f"{text!r}: a policy is one line of printable text; remove the line break or control "
+                          "character")
     tokens = [t.strip() for t in text.split(",")]
     if not tokens[0] or any(not t for t in tokens):
         raise PolicyError(f"empty item in {text!r}; valid variants: {VALID}")
@@ -360,7 +365,3 @@ def resolve_right(p: Window, causal: bool) -> int:
         return p.right
     return 0 if causal else p.left
 
-
-def with_block(p, block: int):
-    """The same pattern at another block size (calibration tries a few)."""
-    return replace(p, block=block) if hasattr(p, "block") else p

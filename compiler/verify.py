@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx
@@ -18,9 +18,11 @@ def tolerance(dtype: torch.dtype, magnitude: float = 1.0) -> float:
     return _TOLERANCE.get(dtype, 1e-5) * max(1.0, magnitude)
 
 
-def max_abs_error(ref: torch.Tensor, new: torch.Tensor) -> float:
+def max_abs_error(ref: torch.Tensor, new: torch.Tensor, nan_is_undefined: bool = False) -> float:
+    """Max abs difference; NaN only matches NaN, unless ``nan_is_undefined`` (the reference's
+    NaN positions, e.g. softmax over a row of -inf, then accept any value)."""
     ref, new = ref.detach().double(), new.detach().double().reshape(ref.shape)
-    both_nan = torch.isnan(ref) & torch.isnan(new)
+    both_nan = torch.isnan(ref) & (torch.isnan(new) | nan_is_undefined)
     diff = (ref - new).abs().masked_fill(both_nan, 0.0)
     if torch.isnan(diff).any():
         return math.inf
@@ -63,6 +65,15 @@ def run(ep: ExportedProgram, args: tuple, kwargs: dict):
         return ep.module()(*args, **kwargs)
 
 
+class RunFailure(Exception):
+    """Running a program raised at ``node`` (a name in its graph)."""
+
+    def __init__(self, node: str, error: Exception):
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        super().__init__(f"{type(error).__name__} at {node}: {first}")
+        self.node = node
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm, names: set[str]):
         super().__init__(gm)
@@ -70,10 +81,44 @@ class _Recorder(fx.Interpreter):
         self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n):
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except RunFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported with the node it happened at
+            raise RunFailure(n.name, e) from e
         if n.name in self.names:
             self.values[n.name] = out
         return out
+
+
+class _Forcing(_Recorder):
+    """Records the named nodes, then continues from ``forced`` values in their place: each site
+    is checked on the inputs the original program gives it, so one wrong site upstream does
+    not make every site after it differ."""
+
+    def __init__(self, gm, forced: dict[str, torch.Tensor]):
+        super().__init__(gm, set(forced))
+        self.forced = forced
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        ref = self.forced.get(n.name)
+        if ref is not None and isinstance(out, torch.Tensor):
+            if tuple(ref.shape) != tuple(out.shape):
+                ref = ref.reshape(out.shape)
+            return ref.to(out.dtype)
+        return out
+
+
+def forced_values(ep: ExportedProgram, args: tuple, kwargs: dict, forced: dict[str, torch.Tensor]) -> dict:
+    """Values of the nodes named in ``forced`` when ``ep`` runs on (args, kwargs) with each of
+    them replaced, for its consumers, by the given value. Raises ``RunFailure``."""
+    flat = ep._graph_module_flat_inputs(args, kwargs)
+    rec = _Forcing(ep.graph_module, forced)
+    with torch.no_grad():
+        rec.run(*flat)
+    return rec.values
 
 
 def node_values(ep: ExportedProgram, args: tuple, kwargs: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -83,3 +128,160 @@ def node_values(ep: ExportedProgram, args: tuple, kwargs: dict, names: Iterable[
     with torch.no_grad():
         rec.run(*flat)
     return rec.values
+
+
+# ----------------------------------------------------------------------------- inputs the example did not cover
+
+
+def _mask_fill_value(x: torch.Tensor):
+    """For an input that looks like a mask, the value of a masked position; else None.
+
+    Bool and 0/1 integer tensors are keep-masks (masked = 0/False); a float tensor holding
+    only 0 and one value that acts as -inf is an additive mask.
+    """
+    from compiler.masks import acts_as_neg_inf
+
+    if x.dim() == 0 or x.numel() < 2:
+        return None
+    if x.dtype == torch.bool:
+        return False if bool(x.any()) else None
+    values = torch.unique(x)
+    if not x.is_floating_point() and not x.is_complex():
+        # all zeros is an id tensor (token_type_ids), not a mask that keeps nothing
+        return 0 if bool(((values == 0) | (values == 1)).all()) and bool((values == 1).any()) else None
+    if x.is_floating_point():
+        vals = [float(v) for v in values]
+        if len(vals) <= 2 and 0.0 in vals:
+            fills = [v for v in vals if v != 0.0]
+            if not fills:
+                return None
+            return fills[0] if acts_as_neg_inf(fills[0], x.dtype) else (0.0 if fills[0] == 1.0 else None)
+    return None
+
+
+def _padded(x: torch.Tensor, masked, side: str, full_row: bool) -> torch.Tensor:
+    """``x`` with padding along its last dim: more per batch row, optionally one row fully masked."""
+    if x.dtype == torch.bool:
+        keep = True
+    elif x.is_floating_point():
+        keep = 1.0 if masked == 0.0 else 0.0  # a 0/1 keep-mask, or an additive 0/fill mask
+    else:
+        keep = 1
+    out = torch.full_like(x, keep)
+    n, rows = x.shape[-1], x.shape[0] if x.dim() > 1 else 1
+    for b in range(rows):
+        k = n if (full_row and b == rows - 1) else max(1, min(n - 1, (b + 1) * n // (rows + 1)))
+        sl = (b,) if x.dim() > 1 else ()
+        if side == "left":
+            out[sl + (..., slice(0, k))] = masked
+        else:
+            out[sl + (..., slice(n - k, n))] = masked
+    return out
+
+
+def _fresh(x: torch.Tensor, g: torch.Generator, shape=None) -> torch.Tensor:
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    if x.is_floating_point():
+        xf = x.detach().double()
+        mean = float(xf.mean()) if x.numel() else 0.0
+        std = float(xf.std()) if x.numel() > 1 else 1.0
+        r = torch.randn(shape, generator=g, dtype=torch.float64) * (std if std > 0 else 1.0) + mean
+        return r.to(dtype=x.dtype, device=x.device)
+    if x.dtype == torch.bool:
+        return torch.rand(shape, generator=g) < 0.5
+    if x.numel():
+        lo, hi = int(x.min()), int(x.max())
+        return torch.randint(lo, hi + 1, shape, generator=g, dtype=x.dtype).to(x.device)
+    return torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+def _other_sizes(ep: ExportedProgram, fakes: list) -> Optional[dict]:
+    """A different valid value for every symbolic size of the user inputs, or None if there is none."""
+    import sympy
+
+    symbols = {}
+    for f in fakes:
+        for d in f.shape:
+            if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                symbols[d.node.expr] = int(d.node.hint)
+    if not symbols:
+        return None
+    new = {}
+    for sym, h in symbols.items():
+        r = ep.range_constraints.get(sym)
+        lo = max(2, int(r.lower)) if r is not None and r.lower.is_finite else 2
+        hi = int(r.upper) if r is not None and r.upper.is_finite else 1 << 30
+        new[sym] = next((c for c in (h + 3, h - 2, h + 1, h - 1) if lo <= c <= hi and c != h), h)
+    return new
+
+
+def verification_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tuple[str, tuple, dict]]:
+    """(label, args, kwargs) to check a rewrite on: the example, then inputs it did not cover.
+
+    Masks (bool, 0/1 integer or 0/-inf-like float inputs) get left padding, and right padding
+    with one batch row fully masked; floats get fresh values; dynamic dims another length.
+    Sets the original program does not accept are dropped.
+    """
+    out = [("example inputs", args, kwargs)]
+    try:
+        return out + _uncovered_inputs(ep, args, kwargs)
+    except Exception:  # noqa: BLE001 - inputs we cannot build are not checks; the example still is
+        return out
+
+
+def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tuple[str, tuple, dict]]:
+    from torch.export._tree_utils import reorder_kwargs
+
+    out = []
+    flat, _ = ep._get_flat_args_with_check(args, kwargs)
+    users = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    fake_of = {}
+    for spec, x in zip(users, flat):
+        node = nodes.get(getattr(spec.arg, "name", None))
+        if isinstance(x, torch.Tensor) and node is not None and isinstance(node.meta.get("val"), torch.Tensor):
+            fake_of[id(x)] = node.meta["val"]
+    tree = (args, reorder_kwargs(kwargs, ep.call_spec.in_spec) if kwargs else kwargs)
+    leaves, spec = pytree.tree_flatten(tree)
+    masks = {i: _mask_fill_value(x) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
+    has_mask = any(v is not None for v in masks.values())
+    g = torch.Generator().manual_seed(0)
+
+    def build(kind: str, sizes=None):
+        new = []
+        for i, x in enumerate(leaves):
+            if not isinstance(x, torch.Tensor) or id(x) not in fake_of:
+                new.append(x)
+                continue
+            shape = None
+            if sizes is not None:
+                shape = [sizes.get(d.node.expr, d.node.hint) if isinstance(d, torch.SymInt) else d
+                         for d in fake_of[id(x)].shape]
+                shape = [int(s) for s in shape]
+            if masks[i] is not None:
+                y = _padded(x.new_empty(shape) if shape else x, masks[i], "left" if kind != "right" else "right",
+                            full_row=kind == "right")
+            elif x.is_floating_point() or sizes is not None:
+                y = _fresh(x, g, shape)
+            else:
+                y = x
+            new.append(y)
+        a, kw = pytree.tree_unflatten(new, spec)
+        return a, dict(kw)
+
+    candidates = []
+    if has_mask:
+        candidates += [("left-padded masks", "left", None), ("right-padded masks, one row fully masked", "right", None)]
+    else:
+        candidates.append(("fresh values", "fresh", None))
+    sizes = _other_sizes(ep, list(fake_of.values()))
+    if sizes:
+        candidates.append(("another length", "left", sizes))
+    for label, kind, sz in candidates:
+        try:
+            a, kw = build(kind, sz)
+            run(ep, a, kw)
+        except Exception:
+            continue  # the original does not accept these inputs: not a check
+        out.append((label, a, kw))
+    return out

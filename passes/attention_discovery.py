@@ -14,7 +14,7 @@ The pass only describes; ``attention_fusion`` rewrites.
 from __future__ import annotations
 
 import math
-import re
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +24,6 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.graph import (
-    GETITEM,
     ConeEvaluator,
     ancestors,
     aten,
@@ -44,14 +43,14 @@ from compiler.graph import (
 )
 from compiler.masks import (
     WHERES,
+    acts_as_neg_inf,
     additive_keep,
     constant_additive_pattern,
-    is_absorbing,
     split_causal,
     split_causal_masked,
 )
 from compiler.ops import default_scale
-from compiler.site import AttentionSite, Operand, SiteMatch
+from compiler.site import AttentionSite, Operand, SiteMatch, layer_of
 
 SOFTMAX = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
 SDPA = overloads(aten.scaled_dot_product_attention)
@@ -120,7 +119,7 @@ def _row_max(node: fx.Node) -> Optional[fx.Node]:
         x = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    elif node.op == "call_function" and node.target is GETITEM and node.args[1] == 0 and is_op(node.args[0], MAX_DIM):
+    elif node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 and is_op(node.args[0], MAX_DIM):
         x = node.args[0].args[0]
         dims = [node.args[0].args[1]]
         keep = node.args[0].args[2] if len(node.args[0].args) > 2 else node.args[0].kwargs.get("keepdim", False)
@@ -132,7 +131,7 @@ def _row_max(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _row_max_like(x) -> bool:
-    return is_op(x, AMAX) or (isinstance(x, fx.Node) and x.target is GETITEM and is_op(x.args[0], MAX_DIM))
+    return is_op(x, AMAX) or (isinstance(x, fx.Node) and x.target is operator.getitem and is_op(x.args[0], MAX_DIM))
 
 
 def _is_safe_softmax_where(node: fx.Node, probs: fx.Node, scores: fx.Node) -> bool:
@@ -159,11 +158,6 @@ def _dropout_inactive(node: fx.Node) -> bool:
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
     return p == 0 or train is False
-
-
-def _layer_index(path: str) -> Optional[int]:
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-    return int(m.group(1)) if m else None
 
 
 class _Matcher:
@@ -277,14 +271,14 @@ class _Matcher:
                     path, fill, negate = b, a, True
                 else:
                     raise NotAttention("where() on scores without a score branch")
-                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps)
+                self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = path
             elif is_op(cur, MASKED_FILL):
                 if softcap:
                     raise NotAttention("a mask is applied inside the softcap tanh")
                 src, cond, fill = cur.args[:3]
-                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps)
+                self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = src
             else:
@@ -331,11 +325,11 @@ class _Matcher:
                 return src, t
         return None
 
-    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps):
+    def _mask_fill(self, fill, cond, negate, const, tensor_factors, terms, keeps, scores_dtype=torch.float32):
         f = self.scalar_value(fill)
         if f is None:
             raise NotAttention("mask fill value is not a constant")
-        if not is_absorbing(f):
+        if not acts_as_neg_inf(f, scores_dtype):
             raise NotAttention(
                 f"mask fill {f:g} is neither -inf nor finfo.min; rewriting would change fully-masked rows"
             )
@@ -421,9 +415,43 @@ class _Matcher:
 
     # -- masks ------------------------------------------------------------------------
 
-    def resolve_masks(self, terms, keeps, sq, sk, notes):
-        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind)."""
+    def resolve_masks(self, terms, keeps, sq, sk, notes, full_rows=None):
+        """Split causal structure out of the masks. Returns (causal, terms, keeps, kind).
+
+        A causal part found in a mask with a finite fill (``finfo.min``) only becomes
+        ``is_causal`` when the model's rows stay the same: a row whose every key is filled
+        attends uniformly over ALL keys in the model, causal ones included. That is kept exactly
+        when this mask is the site's only mask (``full_rows`` receives its other conjuncts, for
+        the rewrite to restore such rows); otherwise the causal part stays in the mask.
+        """
+        first = self._resolve_masks(terms, keeps, sq, sk, split_finite=True)
+        causal, out_terms, out_keeps, n, finite = first
+        if finite:
+            # Input-dependent additive terms may be masks too; constant ones (ALiBi) are biases.
+            masks = sum(isinstance(t[0], tuple) or self.activation(t[0]) for t in out_terms)
+            others = bool(out_keeps) or masks > sum(produced for _, produced in finite)
+            with_rest = [rest for rest, _ in finite if rest]
+            if not others and len(with_rest) <= 1 and (not with_rest or sq <= sk):
+                if with_rest and full_rows is not None:
+                    full_rows.extend(with_rest[0])
+            else:
+                causal, out_terms, out_keeps, n, _ = self._resolve_masks(terms, keeps, sq, sk, split_finite=False)
+                notes.append("causal part kept in the mask: a row whose keys are all filled with a finite value "
+                             "attends uniformly over every key, as the model does")
+        notes.extend(n)
+        kinds = []
+        if out_keeps:
+            kinds.append("bool")
+        if out_terms:
+            kinds.append("additive")
+        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+
+    def _resolve_masks(self, terms, keeps, sq, sk, split_finite: bool):
+        """(causal, terms, keeps, notes, finite): ``finite`` lists, for each causal part split
+        from a finite-fill mask, the (cond, negate) conjuncts that stayed with it."""
         causal = False
+        notes: list[str] = []
+        finite: list[list] = []
         out_terms, out_keeps = [], []
         for cond, negate in keeps:
             if negate:
@@ -437,39 +465,49 @@ class _Matcher:
         for node, coef, tfs in terms:
             if isinstance(node, tuple):  # ("where", cond, negate, fill) from a masked score
                 _, cond, negate, fill = node
+                if not split_finite:
+                    out_terms.append((node, coef, tfs))
+                    continue
+                rest = []
                 if negate:
                     split, masked = split_causal_masked(cond, self.evaluator, self.user_inputs, sq, sk)
+                    rest = [(m, True) for m in masked]
                     for m in masked:
                         out_terms.append((("where", m, True, fill), coef, tfs))
                 else:
                     split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
+                rest += [(r, False) for r in split.residual]
+                if split.causal:
+                    finite.append((rest, len(rest) - len(split.residual) + bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))
                 continue
             ak = additive_keep(node, self.scalar_value)
             if ak is not None and coef > 0:
                 cond, fill = ak
+                if not split_finite:
+                    out_terms.append((("where-all", [cond], fill), coef, tfs))
+                    continue
                 split = split_causal(cond, self.evaluator, self.user_inputs, sq, sk)
                 notes.extend(split.notes)
                 causal |= split.causal
+                if split.causal and fill != float("-inf"):
+                    finite.append(([(r, False) for r in split.residual], bool(split.residual)))
                 if split.residual:
                     out_terms.append((("where-all", split.residual, fill), coef, tfs))
                 continue
             pat = constant_additive_pattern(node, self.evaluator, self.user_inputs, sq, sk)
-            if pat == "causal":
+            if pat == "causal" and split_finite:
                 causal = True
+                if not bool((self.evaluator(node) == float("-inf")).any()):
+                    finite.append(([], 0))
                 continue
             if pat == "all":
                 continue
             out_terms.append((node, coef, tfs))
-        kinds = []
-        if out_keeps:
-            kinds.append("bool")
-        if out_terms:
-            kinds.append("additive")
-        return causal, out_terms, out_keeps, "+".join(kinds) or "none"
+        return causal, out_terms, out_keeps, notes, finite
 
     # -- site assembly ---------------------------------------------------------------
 
@@ -505,7 +543,8 @@ class _Matcher:
         if is_op(product, BADDBMM):
             beta = float(product.kwargs.get("beta", 1.0))
             alpha = float(product.kwargs.get("alpha", 1.0))
-            terms.append((product.args[0], const * beta, list(tfs)))
+            if beta != 0.0:  # beta == 0: baddbmm never reads its input (often torch.empty)
+                terms.append((product.args[0], const * beta, list(tfs)))
         xq, xk = product.args[-2], product.args[-1]
         qk_batch = shape(product)[:-2]
         fb = qk_batch if is_op(product, MATMUL) else None
@@ -576,7 +615,8 @@ class _Matcher:
                 batch_heads, hkv, sq, sk, d, dv, causal, internal, softcap=0.0) -> SiteMatch:
         b, hq = batch_heads
         notes: list[str] = []
-        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes)
+        full_rows: list = []
+        found_causal, terms, keeps, kind = self.resolve_masks(terms, keeps, sq, sk, notes, full_rows)
         causal = causal or found_causal
         if (terms or keeps or tfs) and len(sym_shape(softmax_input(anchor) if form != "sdpa" else q_op.node)) > 4:
             raise NotAttention("a mask or tensor scale on 5-D grouped scores")
@@ -601,10 +641,13 @@ class _Matcher:
             mask_kind=kind,
             softcap=softcap,
             dtype=str(dtype(q_op.node)).replace("torch.", ""),
-            layer=_layer_index(path),
+            layer=layer_of(path),
             notes=notes,
         )
-        return SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+        match = SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
+        if full_rows:
+            match.extra["full_rows"] = full_rows
+        return match
 
 
 def _batch_heads(batch: list[int]) -> tuple[int, int]:
@@ -632,4 +675,8 @@ def discover(ep: ExportedProgram) -> Discovery:
                 idx += 1
         except NotAttention as e:
             out.rejected.append({"node": node.name, "module": module_path(node), "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - a form the matcher trips on stays dense, with why
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            out.rejected.append({"node": node.name, "module": module_path(node),
+                                 "reason": f"matcher failed ({type(e).__name__}: {first}); left dense"})
     return out

@@ -1,10 +1,12 @@
 """Dead-code elimination.
 
 fx's own ``eliminate_dead_code`` keeps side-effecting and random nodes. In exported graphs
-that includes ``_assert_tensor_metadata`` checks and inference-mode ``dropout`` (the
-identity); either would keep a whole dead attention subgraph alive. Checks on values nothing
-else reads go first, inactive dropout counts as pure, and unused lifted state (a causal-mask
-buffer, say) is pruned from the program afterwards.
+that includes ``_assert_tensor_metadata`` checks and every op tagged as drawing random numbers
+even when its arguments say it draws none: inference-mode ``dropout`` (the identity) and
+``scaled_dot_product_attention`` with ``dropout_p=0`` (the op a rewritten SDPA site leaves
+behind). Either would keep a whole dead attention subgraph alive, computed on every call.
+Checks on values nothing else reads go first, seeded ops that draw nothing count as pure, and
+unused lifted state (a causal-mask buffer, say) is pruned from the program afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from compiler.graph import count_nodes, user_input_names
 from compiler.program import prune_unused_state
 
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
-_DROPOUT = {torch.ops.aten.dropout.default}
+# Arguments that, at these values, make a seeded op draw no random numbers.
+_NO_DRAW = (("train", False), ("p", 0), ("dropout_p", 0))
 
 
 def _orphan_asserts(graph, user_inputs: set[str]) -> list:
@@ -29,12 +32,28 @@ def _orphan_asserts(graph, user_inputs: set[str]) -> list:
     return out
 
 
+def _draws_nothing(node) -> bool:
+    """A ``nondeterministic_seeded`` op called with dropout off (p=0, or train=False)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    given = {}
+    for i, a in enumerate(target._schema.arguments):
+        if i < len(node.args) and not a.kwarg_only:
+            given[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            given[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            given[a.name] = a.default_value
+    return any(name in given and type(given[name]) in (bool, int, float) and given[name] == off
+               for name, off in _NO_DRAW)
+
+
 def _impure(node) -> bool:
-    if node.op == "call_function" and node.target in _DROPOUT:
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        if p == 0 or train is False:
-            return False
+    if _draws_nothing(node):
+        return node.is_impure(impure_random=False)
     return node.is_impure()
 
 

@@ -12,7 +12,8 @@ from torch.export import ExportedProgram
 
 from compiler.graph import aten, count_nodes, is_op, overloads, same_shape, sym_shape
 
-RESHAPES = overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
+# aten.view.dtype reinterprets bits (qweight.view(torch.int8)): not a reshape, never dropped.
+RESHAPES = overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten) - {aten.view.dtype}
 IDENTITY_IF_SAME = RESHAPES | overloads(aten.expand, aten.alias)
 PERMUTES = overloads(aten.permute)
 TRANSPOSES = overloads(aten.transpose)

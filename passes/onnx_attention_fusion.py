@@ -31,6 +31,7 @@ The pass only rewrites; it does not verify numerics (tests compare against onnxr
 
 from __future__ import annotations
 
+import ast
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript import version_converter
 
 from compiler.errors import InputError
+from compiler.masks import neg_inf_threshold
 
 TARGET_OPSET = 23
 # onnx.helper writes the newest IR version; onnxruntime 1.31 loads up to 13 and callers
@@ -66,6 +68,7 @@ class OnnxSite:
     node: str
     source: str
     removed_nodes: list[str] = field(default_factory=list)
+    module: str = ""  # module path of the anchor, "" when the file does not record one
     q_heads: Optional[int] = None
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -83,6 +86,24 @@ class OnnxFusionResult:
     sites: list[OnnxSite] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def _module_path(node: ir.Node) -> str:
+    """The PyTorch module an exported node came from: the dynamo exporter records the name scopes
+    (``['', 'encoder', 'encoder.layer.0', ..., 'softmax']``), the TorchScript exporter names nodes
+    by scope (``/encoder/layer.0/attention/self/Softmax``)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = []
+        if len(names) >= 2 and isinstance(names[-2], str):
+            return names[-2]
+    name = node.name or ""
+    if name.startswith("/"):
+        return ".".join(p for p in name.split("/")[:-1] if p)
+    return ""
 
 
 class _Reject(Exception):
@@ -160,11 +181,11 @@ def _swap_last(rank: int) -> list[int]:
 
 
 def _neg_threshold(dtype: Optional[ir.DataType]) -> float:
-    """Fill values at or below this act as -inf: half the dtype's lowest finite value."""
+    """Fill values at or below this act as -inf (compiler.masks, shared with the PyTorch front end)."""
     try:
-        return 0.5 * float(np.finfo(dtype.numpy()).min)
+        return neg_inf_threshold(dtype.numpy())
     except Exception:
-        return 0.5 * float(np.finfo(np.float32).min)
+        return neg_inf_threshold(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -624,7 +645,7 @@ class _Fuser:
                 old.name = None
                 new.name = name
         site = OnnxSite(
-            id=site_id, node=attn.name, source=source, removed_nodes=removed,
+            id=site_id, node=attn.name, source=source, removed_nodes=removed, module=_module_path(b.anchor),
             q_heads=_int_dim(q4, 1), kv_heads=_int_dim(k4, 1), head_dim=_int_dim(q4, 3),
             is_causal=causal, mask=mask_kind, scale=scale, softcap=softcap,
         )
@@ -907,10 +928,11 @@ class _Fuser:
                 ca, cc = self.consts.scalar(a), self.consts.scalar(c)
                 # masked_fill with a finite fill attends nowhere else either, as long as the
                 # fill is far below any score; only fully masked rows differ (documented).
-                if cc is not None and cc <= -1e4 and not self.consts.is_static(a):
+                thr = _neg_threshold(p.outputs[0].dtype)
+                if cc is not None and cc <= thr and not self.consts.is_static(a):
                     terms.append(_Term("keep", cond))
                     v = a
-                elif ca is not None and ca <= -1e4 and not self.consts.is_static(c):
+                elif ca is not None and ca <= thr and not self.consts.is_static(c):
                     terms.append(_Term("drop", cond))
                     v = c
                 else:

@@ -18,6 +18,17 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist each worker is one process on a shared core: one intra-op thread each,
+# or two workers with two threads apiece oversubscribe a 2-core machine and spin.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: exhaustive sweeps and long end-to-end runs; CI runs them in a second step "
+        "(`pytest -m slow`), the default run leaves them out")
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -1,0 +1,25 @@
+"""tools/bench_e2e.py --quick: the end-to-end benchmark runs every contender and prints ratios."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_e2e_quick():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "tools/bench_e2e.py", "--quick", "--threads", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    timed = {r.split("|")[3].strip(): r for r in rows if re.match(r"\| \d+ \| window", r)}
+    for name in ("dense SDPA", "FlexAttention (compiled, same mask)", "compile(..., backend='torch')",
+                 "compile(..., backend='onnxruntime')"):
+        cells = [c.strip() for c in timed[name].split("|")]
+        assert float(cells[4]) > 0 and float(cells[5]) > 0, timed[name]  # ms and the ratio to dense SDPA
+    model = [r for r in rows if re.match(r"\| \d+ \| (original|compile)", r)]
+    assert any("compile window" in r and "2/2 sites" in r for r in model), model
+    assert any("compile fused" in r and "2/2 sites" in r for r in model), model
