@@ -150,12 +150,12 @@ def _uniform_rows(build: Builder, fused: fx.Node, v: fx.Node, rest: list, batch_
     """Rows the model attends uniformly: its causal mask had a finite fill and every key a query
     row sees is masked by ``rest`` too, so every score of the row is the fill. The causal op
     gives such a row zeros; the model gives the mean of all values."""
-    ss = sym_shape(fused)
     b, hq = batch_heads
     keep = _and_all(build, [build(aten.logical_not.default, c) if neg else c for c, neg in rest])
     keep = _site_rank(build, keep, b, hq)
     ks = sym_shape(keep)
-    keep = build(aten.expand.default, keep, [*ks[:-2], ss[-2], sym_shape(v)[-2]])
+    keep = build(aten.expand.default, keep, [*(build.size(keep, i) for i in range(len(ks) - 2)),
+                                             build.size(fused, -2), build.size(v, -2)])
     seen = build(aten.cumsum.default, keep, -1)  # kept keys j <= current key, per row
     any_kept = build(aten.gt.Scalar, build(aten.diagonal.default, seen, 0, -2, -1), 0)  # [.., Sq]
     any_kept = build(aten.unsqueeze.default, any_kept, -1)

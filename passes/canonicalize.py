@@ -201,7 +201,7 @@ def _grouped_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not all(isinstance(d, int) for d in shape[1:3]):
         return False
     build = Builder(gm.graph, node)
-    sizes = _sizes(build, x)
+    sizes = build.sizes(x)
     x4 = build(aten.reshape.default, x, [sizes[0], shape[1] * shape[2], *sizes[3:]])
     sm = build(node.target, x4, -1, *node.args[2:], **node.kwargs)
     node.replace_all_uses_with(build(aten.view.default, sm, sizes))
@@ -283,11 +283,6 @@ def _score_operand(node: fx.Node) -> Optional[fx.Node]:
     return path[0] if len(path) == 1 else None
 
 
-def _sizes(build: Builder, x: fx.Node) -> list:
-    """``x``'s sizes as expand/view arguments: ints, and ``sym_size`` nodes for symbolic ones."""
-    return [d if isinstance(d, int) else build(aten.sym_size.int, x, i) for i, d in enumerate(sym_shape(x))]
-
-
 def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
     """view(op(x, m)) -> op(view(x), m re-laid-out); returns the new op node."""
     op = view.args[0]
@@ -312,7 +307,7 @@ def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
             return build(view.target, a, shape)
         if len(s) == 0:
             return a
-        return build(aten.reshape.default, build(aten.expand.default, a, _sizes(build, x)), shape)
+        return build(aten.reshape.default, build(aten.expand.default, a, build.sizes(x)), shape)
 
     args = tuple(moved(a) for a in op.args)
     kwargs = {k: moved(v) for k, v in op.kwargs.items()}
