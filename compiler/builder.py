@@ -33,3 +33,12 @@ class Builder:
             if k in self.meta_from.meta:
                 node.meta[k] = self.meta_from.meta[k]
         return node
+
+    def size(self, x: fx.Node, dim: int):
+        """``x.shape[dim]`` as a node argument: an int when static, else a ``sym_size`` node (a
+        SymInt written into an argument would be frozen at its example value)."""
+        d = x.meta["val"].shape[dim]
+        return d if isinstance(d, int) else self(torch.ops.aten.sym_size.int, x, dim % x.meta["val"].dim())
+
+    def sizes(self, x: fx.Node) -> list:
+        return [self.size(x, i) for i in range(x.meta["val"].dim())]

@@ -156,6 +156,22 @@ def depends_on_user_values(node: fx.Node, user_inputs: set[str]) -> bool:
 SHAPE_ONLY = overloads(aten.sym_size, aten.sym_numel, aten.sym_stride)  # read a shape, not values
 
 
+def reaches(node: fx.Node, pred, budget: int = 64) -> bool:
+    """Whether ``node`` or one of its first ``budget`` ancestors satisfies ``pred`` (size reads
+    are not followed: a tensor's shape is not its value)."""
+    todo, seen = [node], set()
+    while todo and len(seen) < budget:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if pred(n):
+            return True
+        if n.op == "call_function" and n.target not in SHAPE_ONLY:
+            todo.extend(n.all_input_nodes)
+    return False
+
+
 class ConeEvaluator:
     """Evaluates nodes that do not depend on user input values.
 

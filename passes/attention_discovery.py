@@ -24,7 +24,6 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.graph import (
-    SHAPE_ONLY,
     ConeEvaluator,
     ancestors,
     aten,
@@ -34,6 +33,7 @@ from compiler.graph import (
     module_path,
     module_type,
     overloads,
+    reaches,
     same_shape,
     same_size,
     shape,
@@ -339,18 +339,9 @@ class _Matcher:
             # Keep the model's exact semantics for fully masked rows (uniform, not zero).
             terms.append((("where", cond, negate, f), const, list(tensor_factors)))
 
-    def _reaches_product(self, node: fx.Node, budget: int = 64) -> bool:
-        todo, seen = [node], set()
-        while todo and len(seen) < budget:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if is_op(n, QK_PRODUCTS) and all(self.activation(a) for a in n.args[-2:] if isinstance(a, fx.Node)):
-                return True
-            if n.op == "call_function" and n.target not in SHAPE_ONLY:
-                todo.extend(n.all_input_nodes)
-        return False
+    def _reaches_product(self, node: fx.Node) -> bool:
+        return reaches(node, lambda n: is_op(n, QK_PRODUCTS) and all(
+            self.activation(a) for a in n.args[-2:] if isinstance(a, fx.Node)))
 
     def _pick_path(self, a: fx.Node, b: fx.Node):
         ra, rb = self._reaches_product(a), self._reaches_product(b)

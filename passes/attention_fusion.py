@@ -17,7 +17,6 @@ from compiler.builder import Builder
 from compiler.graph import aten, dtype, hint, is_op, overloads, same_shape, sym_shape, val
 from compiler.ops import softmax_dtype
 from compiler.site import SITE_META, Operand, SiteMatch
-from passes.canonicalize import _sizes
 
 ATTENTION = torch.ops.attnforge.attention.default
 
@@ -154,9 +153,9 @@ def _uniform_rows(build: Builder, fused: fx.Node, v: fx.Node, rest: list, batch_
     b, hq = batch_heads
     keep = _and_all(build, [build(aten.logical_not.default, c) if neg else c for c, neg in rest])
     keep = _site_rank(build, keep, b, hq)
-    # Sizes as graph values (sym_size where dynamic): a SymInt baked into the node holds only at the example.
-    ks, fs, vs = _sizes(build, keep), _sizes(build, fused), _sizes(build, v)
-    keep = build(aten.expand.default, keep, [*ks[:-2], fs[-2], vs[-2]])
+    ks = sym_shape(keep)
+    keep = build(aten.expand.default, keep, [*(build.size(keep, i) for i in range(len(ks) - 2)),
+                                             build.size(fused, -2), build.size(v, -2)])
     seen = build(aten.cumsum.default, keep, -1)  # kept keys j <= current key, per row
     any_kept = build(aten.gt.Scalar, build(aten.diagonal.default, seen, 0, -2, -1), 0)  # [.., Sq]
     any_kept = build(aten.unsqueeze.default, any_kept, -1)

@@ -8,8 +8,8 @@ exact (the same math, at most a different rounding order) and local:
   functionalization (``run_decompositions`` with an empty table decomposes nothing);
 * **einsum** of a batched matrix product becomes ``permute`` + ``matmul`` (+ ``permute``), and
   ``x.mT`` becomes ``x.transpose(-2, -1)``;
-* ``exp(log_softmax(x))`` and ``exp(x - max) / sum(exp(x - max))`` become ``softmax(x)``; ``e * reciprocal(s)`` becomes ``e / s``
-  (``1 / s`` in Python is ``reciprocal(s) * 1``, and ``x * 1`` is ``x``);
+* ``exp(log_softmax(x))`` and ``exp(x - max) / sum(exp(x - max))`` become ``softmax(x)``;
+  ``e * reciprocal(s)`` becomes ``e / s`` (``1 / s`` in Python is ``reciprocal(s) * 1``, and ``x * 1`` is ``x``);
 * a softmax over 5-D grouped scores ``[B, Hkv, G, Sq, Sk]`` runs on their 4-D view;
 * ``transpose(matmul(a, b))`` becomes ``matmul(bᵀ, aᵀ)`` when that cancels a transpose
   (``(vᵀ pᵀ)ᵀ`` is ``p v``);
@@ -36,7 +36,7 @@ from torch.export import ExportedProgram
 
 from compiler import layout as L
 from compiler.builder import Builder
-from compiler.graph import SHAPE_ONLY, aten, count_nodes, dtype, is_op, overloads, same_shape, sym_shape
+from compiler.graph import aten, count_nodes, dtype, is_op, overloads, reaches, same_shape, sym_shape
 
 EINSUM = overloads(aten.einsum)
 EXPS = overloads(aten.exp)
@@ -196,10 +196,12 @@ def _grouped_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     ``[B, Hkv * group, Sq, Sk]`` view, so that its masks and scales meet the scores in 4-D."""
     x = node.args[0]
     shape = sym_shape(x)
-    if shape is None or len(shape) != 5 or node.args[1] not in (-1, 4) or not all(isinstance(d, int) for d in shape[1:3]):
+    if shape is None or len(shape) != 5 or node.args[1] not in (-1, 4):
+        return False
+    if not all(isinstance(d, int) for d in shape[1:3]):
         return False
     build = Builder(gm.graph, node)
-    sizes = _sizes(build, x)
+    sizes = build.sizes(x)
     x4 = build(aten.reshape.default, x, [sizes[0], shape[1] * shape[2], *sizes[3:]])
     sm = build(node.target, x4, -1, *node.args[2:], **node.kwargs)
     node.replace_all_uses_with(build(aten.view.default, sm, sizes))
@@ -272,28 +274,13 @@ def _bool_bias(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _reaches_product(node: fx.Node, budget: int = 64) -> bool:
-    todo, seen = [node], set()
-    while todo and len(seen) < budget:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_op(n, PRODUCTS | EINSUM):
-            return True
-        if n.op == "call_function" and n.target not in SHAPE_ONLY:
-            todo.extend(n.all_input_nodes)
-    return False
+    return reaches(node, lambda n: is_op(n, PRODUCTS | EINSUM), budget)
 
 
 def _score_operand(node: fx.Node) -> Optional[fx.Node]:
     """The one tensor operand of an elementwise op that carries the scores (same shape)."""
     path = [a for a in node.all_input_nodes if same_shape(sym_shape(a), sym_shape(node)) and _reaches_product(a)]
     return path[0] if len(path) == 1 else None
-
-
-def _sizes(build: Builder, x: fx.Node) -> list:
-    """``x``'s sizes as expand/view arguments: ints, and ``sym_size`` nodes for symbolic ones."""
-    return [d if isinstance(d, int) else build(aten.sym_size.int, x, i) for i, d in enumerate(sym_shape(x))]
 
 
 def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
@@ -320,7 +307,7 @@ def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
             return build(view.target, a, shape)
         if len(s) == 0:
             return a
-        return build(aten.reshape.default, build(aten.expand.default, a, _sizes(build, x)), shape)
+        return build(aten.reshape.default, build(aten.expand.default, a, build.sizes(x)), shape)
 
     args = tuple(moved(a) for a in op.args)
     kwargs = {k: moved(v) for k, v in op.kwargs.items()}

@@ -386,6 +386,10 @@ def _wrong(ref, got, tol: float) -> float:
     return worst
 
 
+def _has_nan(out) -> bool:
+    return any(bool(t.isnan().any()) for t in (out if isinstance(out, tuple) else (out,)))
+
+
 def _tolerance(sp: Spec) -> float:
     return 1e-5
 
@@ -428,6 +432,11 @@ def check(sp: Spec, verify: bool = False) -> None:
     with torch.no_grad():
         ref = model(*x)
     STATS["cases"] += 1
+    if _has_nan(ref):
+        # Masks stacked on finfo.min can overflow to -inf and leave eager rows of NaN, where the
+        # fused op documents zeros: not a program whose meaning a rewrite can keep.
+        STATS["eager NaN (not compared)"] += 1
+        return
     try:
         cm = compiler.compile(model, x, verify=verify, show_progress=False)
         with torch.no_grad():
@@ -457,6 +466,8 @@ def check(sp: Spec, verify: bool = False) -> None:
         for seed in (1, 2, 3):
             y = x if seed == 1 else inputs(sp, seed)
             want = ref if seed == 1 else model(*y)
+            if _has_nan(want):
+                continue
             err = _wrong(want, cm(*y), _tolerance(sp))
             if not err <= _tolerance(sp):
                 known = other_area(sp)
