@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -313,10 +314,25 @@ def cmd_inspect(a) -> int:
     check_input(a.report, "report")
     check_outputs({"report": a.report}, {"--html": a.html})
     report = Report.load(a.report)
-    if a.html:
-        from compiler.report_html import write_html
+    # The schema check covers field types, not the contents of free-form sections (plan, auto,
+    # lowering): render both views before writing anything, so a damaged section is one line.
+    try:
+        from rich.console import Console
 
-        write_html(report, a.html, attention_maps=a.attention_maps)
+        console = Console(record=True, file=io.StringIO())
+        report.render(console)
+        page = None
+        if a.html:
+            from compiler.report_html import render_html
+
+            page = render_html(report, attention_maps=a.attention_maps)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{a.report}: malformed attnforge report ({type(e).__name__}: {str(e)[:80]}); give a "
+                         "report.json written by attnforge") from None
+    if page is not None:
+        from compiler.report_html import save_html
+
+        save_html(page, a.html)
     if not a.quiet:
         report.render()
         if a.html:

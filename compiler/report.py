@@ -49,7 +49,7 @@ class SiteRecord:
     reason: str = ""
     max_abs_error: Optional[float] = None
     layer: Optional[int] = None
-    notes: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     density: float = 1.0  # scores computed / scores exact attention needs (causal-aware)
     cosine_similarity: Optional[float] = None  # site output vs exact attention on the same inputs
     kept_mass: Optional[float] = None  # share of exact attention probability the pattern keeps
@@ -74,7 +74,7 @@ class FidelityRecord:
     cosine_similarity: Optional[float] = None
     tolerance: Optional[float] = None
     passed: Optional[bool] = None
-    checked_inputs: list = field(default_factory=list)  # descriptions of the inputs compared
+    checked_inputs: list[str] = field(default_factory=list)  # descriptions of the inputs compared
 
 
 @dataclass

@@ -725,10 +725,14 @@ def render_html(report, attention_maps: bool = True) -> str:
 
 def write_html(report, path, attention_maps: bool = True) -> Path:
     """Write ``render_html(report)`` to ``path``; an unwritable path is an InputError."""
+    return save_html(render_html(report, attention_maps), path)
+
+
+def save_html(text: str, path) -> Path:
+    """Write a rendered page to ``path``; an unwritable path is an InputError."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give a file name for the HTML report")
-    text = render_html(report, attention_maps)
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as e:

@@ -139,6 +139,8 @@ BAD_REPORTS = [
     ("wrong element field", lambda d: d.update(sites=[{"id": 3}]), "sites[0]"),
     ("null fidelity field", lambda d: d["fidelity"].update(checked_inputs=None), "fidelity.checked_inputs"),
     ("wrong schema", lambda d: d.update(schema="other/9"), "not an attnforge report"),
+    ("null in a string list", lambda d: d["fidelity"].update(checked_inputs=[None]), "fidelity.checked_inputs"),
+    ("damaged plan section", lambda d: d.update(plan={"segments": 1}), "malformed attnforge report"),
 ]
 
 
