@@ -201,6 +201,10 @@ class _Matcher:
         steps: list[fx.Node] = []
         internal: list[fx.Node] = []
         softcap = 0.0  # set once the walk passes c * tanh(.): everything further back is inside it
+        # A finite fill (finfo.min) applied after an earlier -inf mask overwrites its -inf: a row
+        # the fill masks whole is uniform over ALL keys in the model, -inf ones included.
+        finite_fill = False
+        overridden = "a finite mask fill overwrites an earlier -inf mask (rows it masks whole would differ)"
         cur = x
 
         def at_full_shape(n):
@@ -257,6 +261,8 @@ class _Matcher:
                 path, other = self._pick_path(a, b)
                 if cur.target in SUBS and path is b:
                     raise NotAttention("scores subtracted from a tensor")
+                if finite_fill and self._holds_neg_inf(other):
+                    raise NotAttention(overridden)
                 at_full_shape(cur)
                 sign = -1.0 if cur.target in SUBS else 1.0
                 terms.append((other, sign * const, list(tensor_factors)))
@@ -271,6 +277,7 @@ class _Matcher:
                     path, fill, negate = b, a, True
                 else:
                     raise NotAttention("where() on scores without a score branch")
+                finite_fill = self._fill_order(fill, finite_fill, overridden)
                 self._mask_fill(fill, cond, negate, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = path
@@ -278,6 +285,7 @@ class _Matcher:
                 if softcap:
                     raise NotAttention("a mask is applied inside the softcap tanh")
                 src, cond, fill = cur.args[:3]
+                finite_fill = self._fill_order(fill, finite_fill, overridden)
                 self._mask_fill(fill, cond, True, const, tensor_factors, terms, keeps, dtype(cur))
                 at_full_shape(cur)
                 cur = src
@@ -288,6 +296,24 @@ class _Matcher:
             # c * tanh(a * qk) is the op's softcap * tanh(scale * qk / softcap) with scale = a * c.
             const = const * softcap
         return cur, const, tensor_factors, terms, keeps, steps, internal, softcap
+
+    def _fill_order(self, fill, finite_seen: bool, reason: str) -> bool:
+        """Walking back from the softmax: whether a finite fill has been seen, refusing an
+        -inf fill that a later finite one would overwrite."""
+        f = self.scalar_value(fill)
+        if f == float("-inf") and finite_seen:
+            raise NotAttention(reason)
+        return finite_seen or (f is not None and f != float("-inf"))
+
+    def _holds_neg_inf(self, node: fx.Node) -> bool:
+        """Whether an input-independent additive term holds -inf (a causal triu(-inf), say)."""
+        if self.activation(node):
+            return False
+        try:
+            v = self.evaluator(node)
+        except Exception:  # noqa: BLE001 - cannot tell: assume it may
+            return True
+        return isinstance(v, torch.Tensor) and bool((v == float("-inf")).any())
 
     def _row_constant(self, node: fx.Node) -> Optional[fx.Node]:
         """The scores side of ``scores + c`` / ``scores - c`` for a finite constant ``c``, else None."""
