@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 
 from compiler import linear_ops, ops, pytree_types, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError, VerificationError
@@ -50,6 +52,19 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later reads skip this hook
     return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing a submodule sets it as an attribute of its package: ``compiler.capture`` (the
+        # module) would then hide ``compiler.capture`` (the function). Public names win, as they did
+        # when this file imported them eagerly.
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():
