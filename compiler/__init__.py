@@ -17,6 +17,7 @@ import sys
 import types
 
 from compiler import linear_ops, ops, pytree_types, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
+from compiler import dilated  # noqa: F401  (registers its pattern; one import per pattern module)
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError, VerificationError
 
 pytree_types.install()
