@@ -27,7 +27,9 @@ from backends.onnx_attention import lower_attention
 from backends.onnx_build import (NEG_INF, arange, at_rank4, ceil_div, dim, ints, mask_dims4, nan_to_zero, pad_axis,
                                  scalar_int, scalar_like, static_dim, to_float32)
 from compiler.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of
+from compiler.dilated import Dilated
 from compiler.errors import BackendError
+from compiler.patterns import spec_of
 from compiler.sparse_ops import head_groups
 from compiler.variants import BlockSparse, Neighborhood, TopK, VerticalSlash, Window, parse_variant, resolve_right
 
@@ -56,6 +58,17 @@ def _window(p: Window, causal: bool, qb, kb, sq, sk):
     def keep(i, j):
         band = op.And(op.GreaterOrEqual(j, op.Sub(i, ints(p.left))), op.LessOrEqual(j, op.Add(i, ints(right))))
         return op.Or(band, op.Less(j, ints(p.sinks)))
+
+    return bm, keep
+
+
+def _dilated(p: Dilated, causal: bool, qb, kb, sq, sk):
+    """The window's band of blocks; inside it, keys at a multiple of ``dilation`` from the query."""
+    bm, band = _window(p, causal, qb, kb, sq, sk)
+
+    def keep(i, j):
+        on_stride = op.Equal(op.Mod(op.Sub(i, j), ints(p.dilation)), ints(0))  # integer Mod: floor, as torch
+        return op.Or(op.And(band(i, j), on_stride), op.Less(j, ints(p.sinks)))
 
     return bm, keep
 
@@ -210,6 +223,37 @@ def _vslash(p: VerticalSlash, causal: bool, qb, kb, q, k, sq, sk, nkb, scale: fl
     return bm, keep
 
 
+@dataclass
+class BlockGrid:
+    """What a pattern's ONNX block mask may read: the inputs, their blocked views, the block ids
+    and the sizes (graph values; ``sizes``: Sq, Sk as numbers where the exporter knows them)."""
+    q: object
+    k: object
+    q5: object
+    k5: object
+    qb: object
+    kb: object
+    sq: object
+    sk: object
+    nkb: object
+    sizes: tuple
+    scale: float
+    causal: bool
+
+
+# Pattern class -> (pattern, BlockGrid) -> (block mask, pair_keep or None): this backend's lowering
+# of each pattern in ``compiler.patterns`` (static masks are [nqb, nkb], content-selected ones
+# [B, H, nqb, nkb]). A new pattern adds its entry here.
+BLOCK_MASKS = {
+    Window: lambda p, g: _window(p, g.causal, g.qb, g.kb, g.sq, g.sk),
+    BlockSparse: lambda p, g: _blocksparse(p, g.qb, g.kb),
+    Dilated: lambda p, g: _dilated(p, g.causal, g.qb, g.kb, g.sq, g.sk),
+    Neighborhood: lambda p, g: _neighborhood(p, g.sizes, g.causal),
+    TopK: lambda p, g: _topk(p, g.causal, g.qb, g.kb, g.q5, g.k5, g.sq, g.sk, g.nkb, g.scale),
+    VerticalSlash: lambda p, g: _vslash(p, g.causal, g.qb, g.kb, g.q, g.k, g.sq, g.sk, g.nkb, g.scale),
+}
+
+
 def _gather_blocks(x5, idx, per_head: bool, b, h):
     """x5 [B, H, nb, bs, D] and kept-block lists idx [Bl, Hl, nqb, K] -> [B, H, nqb, K, bs, D]."""
     if not per_head:
@@ -279,19 +323,11 @@ def gather_layout(q, k, v, mask, pattern, scale: float, causal: bool, sizes: tup
 
     q5, k5 = rows(q), blocks(k)
     qb, kb = _block_grid(nqb, nkb)
-    if isinstance(pattern, Window):
-        bm, pair_keep = _window(pattern, causal, qb, kb, sq, sk)
-    elif isinstance(pattern, BlockSparse):
-        bm, pair_keep = _blocksparse(pattern, qb, kb)
-    elif isinstance(pattern, Neighborhood):
-        bm, pair_keep = _neighborhood(pattern, sizes, causal)
-    elif isinstance(pattern, TopK):
-        bm, pair_keep = _topk(pattern, causal, qb, kb, q5, k5, sq, sk, nkb, scale)
-    elif isinstance(pattern, VerticalSlash):
-        bm, pair_keep = _vslash(pattern, causal, qb, kb, q, k, sq, sk, nkb, scale)
-    else:
+    lowering = BLOCK_MASKS.get(type(pattern))
+    if lowering is None:
         raise BackendError(f"no ONNX lowering for sparse pattern {type(pattern).__name__}")
-    per_head = isinstance(pattern, (TopK, VerticalSlash))
+    bm, pair_keep = lowering(pattern, BlockGrid(q, k, q5, k5, qb, kb, sq, sk, nkb, sizes, scale, causal))
+    per_head = not spec_of(pattern).static
     if causal and not per_head:
         bm = op.And(bm, _causal_blocks(qb, kb, bs, sq))
     if not per_head:

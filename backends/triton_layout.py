@@ -19,9 +19,10 @@ from torch import Tensor
 
 from backends.triton_attention import FULL_SLOT as FULL, PARTIAL_SLOT as PARTIAL, SparseTables
 from compiler.block_layout import (BlockLayout, _causal_blocks, block_lists, static_layout, topk_block_mask,
-                                   topk_width, vslash_layout)
+                                   topk_width)
+from compiler.patterns import spec_of
 from compiler.sparse_ops import head_groups, kv_head_map
-from compiler.variants import TopK, VerticalSlash, parse_variant
+from compiler.variants import TopK, parse_variant
 
 
 PAIR_BUDGET = 1 << 25  # gathered pairs classified at once
@@ -116,10 +117,11 @@ def pattern_tables(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv
         bm = topk_block_mask(pattern, q, k, scale, causal, kv_map)
         layout = BlockLayout(pattern.block, sq, sk, block_lists(bm, topk_width(pattern, sk, causal)))
         return tables_from_layout(layout, causal)
-    if isinstance(pattern, VerticalSlash):
-        return tables_from_layout(vslash_layout(pattern, q, k.index_select(1, kv_map), scale, causal), causal)
     if pattern is None:
         raise ValueError("an exact head group has no block size of its own")
+    spec = spec_of(pattern)
+    if not spec.static:  # content-selected: the pattern's own layout, from q and k at q's heads
+        return tables_from_layout(spec.layout(pattern, q, k.index_select(1, kv_map), scale, causal), causal)
     return _static_tables(pattern, sq, sk, causal, str(q.device))
 
 

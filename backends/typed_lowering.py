@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from backends.capabilities import CAPABILITIES, numel_hint, op_name, workspace_bytes
-from compiler.capture import finite_bound
+from compiler.graph import finite_bound
 from compiler.plan import Register, Step, storage_owner
 
 # Aliasing in ONNX Runtime's CPU kernels (they reuse the input buffer).

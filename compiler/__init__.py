@@ -2,21 +2,39 @@
 
 Importing this package registers the ``attnforge::*`` ops, which programs saved by attnforge
 need before ``torch.export.load``, and lets it rebuild Hugging Face output classes.
+
+The public API (``compile``, ``load``, ``capture``, ...) is loaded on first use (PEP 562), so
+``passes`` and ``backends``, which build on the vocabulary modules here, never pull in the
+driver (api, pipeline, auto, capture, cli, generate): imports flow one way, and
+``lint-imports`` holds them to it (see ``[tool.importlinter]`` in pyproject.toml).
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
 from compiler import linear_ops, ops, pytree_types, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
-from compiler.api import CompiledModel, compile, compile_program, load
-from compiler.budget import Fidelity
-from compiler.capture import capture
+from compiler import dilated  # noqa: F401  (registers its pattern; one import per pattern module)
 from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError, VerificationError
-from compiler.generate import Generator, compile_generator
-from compiler.policy import Policy, parse_policy
-from compiler.report import Report
-from compiler.site import AttentionSite
 
 pytree_types.install()
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it, imported when the name is first read.
+_LAZY = {
+    "CompiledModel": "compiler.api", "compile": "compiler.api", "compile_program": "compiler.api",
+    "load": "compiler.api",
+    "Fidelity": "compiler.budget",
+    "capture": "compiler.capture",
+    "Generator": "compiler.generate", "compile_generator": "compiler.generate",
+    "Policy": "compiler.policy", "parse_policy": "compiler.policy",
+    "Report": "compiler.report",
+    "AttentionSite": "compiler.site",
+}
 
 __all__ = [
     "AttentionSite", "AttnforgeError", "BackendError", "CaptureError", "CompiledModel", "Fidelity", "InputError",
@@ -24,3 +42,31 @@ __all__ = [
     "parse_policy",
     "Generator", "compile_generator",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        if importlib.util.find_spec(f"compiler.{name}") is None:
+            raise AttributeError(f"module 'compiler' has no attribute {name!r}")
+        return importlib.import_module(f"compiler.{name}")  # ``compiler.verify`` after ``import compiler``
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later reads skip this hook
+    return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing a submodule sets it as an attribute of its package: ``compiler.capture`` (the
+        # module) would then hide ``compiler.capture`` (the function). Public names win, as they did
+        # when this file imported them eagerly.
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -20,13 +20,13 @@ from compiler.explain import attention_maps as explain_maps
 from compiler.explain import rewritten_subgraph
 from compiler.graph import shape
 from compiler.measure import SiteEffect, exact_probabilities, record_site_inputs, site_effect
-from compiler.ops import attention_flops, causal_pairs
 from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
 from compiler.plan import Plan
 from compiler.policy import Policy, PolicySpec, parse_policy
 from compiler.progress import quiet_dependencies, status
 from compiler.program import clone_program
 from compiler.report import FidelityRecord, Report, SiteRecord
+from compiler.site_record import site_record
 from compiler.variants import FUSED, Variant
 
 _VIEWLIKE = {"view", "reshape", "_unsafe_view", "expand", "alias", "unsqueeze", "permute", "transpose", "detach"}
@@ -148,36 +148,10 @@ def _intermediate_bytes(nodes) -> int:
 
 def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, variant: Optional[Variant] = None,
                  effect: Optional[SiteEffect] = None) -> SiteRecord:
-    s = m.site
-    before = attention_flops(s.batch, s.num_heads, s.seq_q, s.seq_k, s.head_dim, s.value_dim)
-    kept = causal_pairs(s.seq_q, s.seq_k) if s.causal else None
-    after = attention_flops(s.batch, s.num_heads, s.seq_q, s.seq_k, s.head_dim, s.value_dim, kept)
     rewritten = status == "rewritten"
-    rec = SiteRecord(
-        id=s.id, module=s.module, module_type=s.module_type, form=s.form,
-        variant=(variant or FUSED).text if rewritten else "dense", status=status,
-        causal=s.causal, mask_kind=s.mask_kind, batch=s.batch, num_heads=s.num_heads,
-        num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, value_dim=s.value_dim,
-        seq_q=s.seq_q, seq_k=s.seq_k, scale=s.scale, flops_before=before,
-        flops_after=after if rewritten else before,
-        intermediate_bytes=_intermediate_bytes(m.internal), reason=reason, max_abs_error=err,
-        layer=s.layer, notes=list(s.notes), flops_exact=after,
-    )
-    if effect is not None:
-        rec.flops_after = effect.flops
-        rec.density = effect.density
-        rec.max_abs_error = effect.max_abs_error
-        rec.cosine_similarity = effect.cosine_similarity
-        rec.kept_mass = effect.kept_mass
-        rec.measured_rows = effect.measured_rows
-        if effect.flops >= effect.dense_flops:
-            rec.over_exact = True
-            rec.notes.append(f"{rec.variant} computes {effect.density:.2f}x what exact attention needs here; "
-                             "it saves nothing over fused")
-        if effect.measured_rows is not None:
-            rec.notes.append(f"site error, cosine and kept mass measured on {effect.measured_rows} of "
-                             f"{s.seq_q} query rows")
-    return rec
+    return site_record(m.site, (variant or FUSED).text if rewritten else "dense", status,
+                       intermediate_bytes=_intermediate_bytes(m.internal), exact_after=rewritten, reason=reason,
+                       max_abs_error=err, effect=effect)
 
 
 def _site_checks(ctx: PassContext, checks: list) -> tuple[dict[str, str], dict[str, tuple[float, float]]]:

@@ -31,6 +31,7 @@ from compiler.block_layout import grid_of
 from compiler.budget import Fidelity
 from compiler.errors import PolicyError
 from compiler.measure import SiteInputs, exact_probabilities, inputs_of, record_site_inputs, run_variant, site_effect
+from compiler.patterns import PATTERNS
 from compiler.progress import progress
 from compiler.site import AttentionSite
 from compiler.variants import FUSED, Neighborhood, Variant, parse_variant
@@ -87,6 +88,9 @@ def candidates(site: AttentionSite, key_mask_only: bool = True) -> list[Variant]
             texts += [f"neighborhood:{n}x{n},block={bs}" for n in (3, 5, 7)]
         except ValueError:
             pass
+    for spec in PATTERNS.values():  # patterns registered with their own candidates (compiler.patterns)
+        if spec.candidates is not None:
+            texts += spec.candidates(site, bs)
     if site.softcap == 0 and key_mask_only:
         texts += ["linear:elu", f"linear:favor,features={2 * site.head_dim}", f"hybrid:window={max(bs, s // 8)}"]
     return [parse_variant(t) for t in dict.fromkeys(texts)]

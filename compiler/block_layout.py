@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from compiler.patterns import extend, spec_of
 from compiler.variants import BlockSparse, Neighborhood, TopK, VerticalSlash, Window, resolve_right
 
 PairKeep = Callable[[Tensor, Tensor], Tensor]  # (i [.., nqb, bs, 1], j [.., nqb, 1, K*bs]) -> bool
@@ -199,20 +200,38 @@ def _window_blocks(left: int, right: int, sinks: int, sq: int, sk: int, block: i
     return bm & _causal_blocks(nqb, nkb, block) if causal else bm
 
 
+def _window_mask(p: Window, sq: int, sk: int, causal: bool):
+    right = resolve_right(p, causal)
+    return _window_blocks(p.left, right, p.sinks, sq, sk, p.block, causal), _window_keep(p.left, right, p.sinks)
+
+
+def _blocksparse_mask(p: BlockSparse, sq: int, sk: int, causal: bool):
+    return _blocks_from_pairs(_blocksparse_keep(p), sq, sk, p.block, causal), None  # whole blocks
+
+
+def _neighborhood_mask(p: Neighborhood, sq: int, sk: int, causal: bool):
+    keep = _neighborhood_keep(p, sk)
+    return _blocks_from_pairs(keep, sq, sk, p.block, causal), keep
+
+
+def _neighborhood_legal(p: Neighborhood, site) -> "str | None":
+    if site.causal:
+        return "a 2-D neighborhood needs a bidirectional site; this one is causal"
+    if site.seq_q != site.seq_k:
+        return f"a 2-D neighborhood needs as many queries as keys ({site.seq_q} vs {site.seq_k})"
+    try:
+        grid_of(p, site.seq_k)
+    except ValueError as e:
+        return f"2-D neighborhood on a 1-D sequence: {e}"
+    return None
+
+
 @lru_cache(maxsize=64)
 def static_layout(p, sq: int, sk: int, causal: bool) -> BlockLayout:
-    if isinstance(p, Window):
-        right = resolve_right(p, causal)
-        keep = _window_keep(p.left, right, p.sinks)
-        bm = _window_blocks(p.left, right, p.sinks, sq, sk, p.block, causal)
-    elif isinstance(p, BlockSparse):
-        keep = None  # whole blocks
-        bm = _blocks_from_pairs(_blocksparse_keep(p), sq, sk, p.block, causal)
-    elif isinstance(p, Neighborhood):
-        keep = _neighborhood_keep(p, sk)
-        bm = _blocks_from_pairs(keep, sq, sk, p.block, causal)
-    else:
+    spec = spec_of(p)
+    if spec.block_mask is None:
         raise TypeError(f"{type(p).__name__} is not a static pattern")
+    bm, keep = spec.block_mask(p, sq, sk, causal)
     return BlockLayout(p.block, sq, sk, block_lists(bm)[None, None], keep)
 
 
@@ -338,3 +357,10 @@ def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: 
         return cv | dv
 
     return BlockLayout(p.block, sq, sk, block_lists(bm), keep)
+
+
+extend(Window, block_mask=_window_mask)
+extend(BlockSparse, block_mask=_blocksparse_mask)
+extend(Neighborhood, block_mask=_neighborhood_mask, legal_on=_neighborhood_legal)
+extend(TopK, layout=topk_layout)
+extend(VerticalSlash, layout=vslash_layout)

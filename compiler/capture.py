@@ -12,6 +12,7 @@ from torch.export.dynamic_shapes import _combine_args
 from torch.utils import _pytree as pytree
 
 from compiler.errors import CaptureError
+from compiler.graph import finite_bound  # noqa: F401  (re-exported: example_inputs reads it here)
 
 
 def hf_defaults(model: torch.nn.Module, kwargs: dict) -> dict:
@@ -23,14 +24,6 @@ def hf_defaults(model: torch.nn.Module, kwargs: dict) -> dict:
     if "use_cache" in params and "use_cache" not in kwargs:
         kwargs = {**kwargs, "use_cache": False}
     return kwargs
-
-
-def finite_bound(b) -> Optional[int]:
-    """A range bound from export as an int, or None where unbounded (torch's ``int_oo`` claims
-    ``is_finite``, so it is compared with both infinities)."""
-    from torch.utils._sympy.numbers import int_oo
-
-    return None if b in (int_oo, -int_oo) or not b.is_finite else int(b)
 
 
 def _argument_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[list]:

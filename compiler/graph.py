@@ -211,3 +211,10 @@ class ConeEvaluator:
         with torch.no_grad():
             return n.target(*args, **kwargs)
 
+
+def finite_bound(b) -> Optional[int]:
+    """A range bound from export as an int, or None where unbounded (torch's ``int_oo`` claims
+    ``is_finite``, so it is compared with both infinities)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    return None if b in (int_oo, -int_oo) or not b.is_finite else int(b)

@@ -29,9 +29,9 @@ from compiler import verify
 from compiler.budget import Fidelity
 from compiler.errors import BackendError, InputError, PolicyError
 from compiler.measure import SiteInputs, exact_probabilities, site_effect
-from compiler.ops import attention_flops, causal_pairs
 from compiler.policy import PolicySpec, parse_policy
 from compiler.report import FidelityRecord, PassRecord, Report, SiteRecord
+from compiler.site_record import site_record
 from compiler.site import AttentionSite, layer_of
 from passes.attention_variants import check_variant
 from passes.onnx_attention_fusion import fuse_onnx_attention
@@ -283,21 +283,10 @@ def _site_of(node: onnx.NodeProto) -> Optional[str]:
 
 
 def _record(site: AttentionSite, variant, x: SiteInputs, lowering: str) -> SiteRecord:
-    before = attention_flops(site.batch, site.num_heads, site.seq_q, site.seq_k, site.head_dim, site.value_dim)
-    pairs = causal_pairs(site.seq_q, site.seq_k) if site.causal else None
-    after = attention_flops(site.batch, site.num_heads, site.seq_q, site.seq_k, site.head_dim, site.value_dim, pairs)
     kept = variant.text == "dense"
-    rec = SiteRecord(
-        id=site.id, module=site.module, module_type=site.module_type, form=site.form, variant=variant.text,
-        status="kept" if kept else "rewritten",
-        reason="exact: an ONNX site is always normalized to one standard Attention node" if kept else "", causal=site.causal, mask_kind=site.mask_kind, batch=site.batch,
-        num_heads=site.num_heads, num_kv_heads=site.num_kv_heads, head_dim=site.head_dim, value_dim=site.value_dim,
-        seq_q=site.seq_q, seq_k=site.seq_k, scale=site.scale, flops_before=before, flops_after=after,
-        intermediate_bytes=4 * site.batch * site.num_heads * site.seq_q * site.seq_k * 2, layer=site.layer,
-        lowering=lowering,
-    )
-    if not variant.exact:
-        e = site_effect(variant, x, exact_probs=exact_probabilities(x))
-        rec.flops_after, rec.density = e.flops, e.density
-        rec.max_abs_error, rec.cosine_similarity, rec.kept_mass = e.max_abs_error, e.cosine_similarity, e.kept_mass
-    return rec
+    # Every ONNX site is normalized to one attention op, so even a kept one costs exact flops.
+    return site_record(site, variant.text, "kept" if kept else "rewritten",
+                       reason="exact: an ONNX site is always normalized to one standard Attention node" if kept else "",
+                       intermediate_bytes=4 * site.batch * site.num_heads * site.seq_q * site.seq_k * 2,
+                       exact_after=True, lowering=lowering,
+                       effect=None if variant.exact else site_effect(variant, x, exact_probs=exact_probabilities(x)))

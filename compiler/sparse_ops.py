@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compiler.block_layout import BlockLayout, static_layout, topk_layout, vslash_layout
+from compiler.block_layout import BlockLayout, static_layout
 from compiler.ops import attention_reference, causal_pairs
-from compiler.variants import HeadMix, TopK, VerticalSlash, parse_variant
+from compiler.patterns import spec_of
+from compiler.variants import HeadMix, parse_variant
 
 
 def kv_head_map(hq: int, hkv: int, device=None) -> Tensor:
@@ -28,10 +29,9 @@ def kv_head_map(hq: int, hkv: int, device=None) -> Tensor:
 
 
 def layout_for(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> BlockLayout:
-    if isinstance(pattern, (TopK, VerticalSlash)):
-        kq = k.index_select(1, kv_map)
-        build = topk_layout if isinstance(pattern, TopK) else vslash_layout
-        return build(pattern, q, kq, scale, causal)
+    spec = spec_of(pattern)
+    if not spec.static:
+        return spec.layout(pattern, q, k.index_select(1, kv_map), scale, causal)
     return static_layout(pattern, q.shape[2], k.shape[2], causal)
 
 

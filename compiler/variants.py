@@ -41,6 +41,7 @@ from functools import lru_cache
 from typing import Optional
 
 from compiler.errors import PolicyError
+from compiler.patterns import BY_NAME, PatternSpec, register, spec_of
 
 FEATURE_MAPS = ("elu", "relu", "favor", "taylor")
 SOFTMAX_KERNEL_MAPS = ("favor", "taylor")  # estimate exp(q.k), so they can share a softmax normalizer
@@ -114,19 +115,37 @@ class HeadMix:
     groups: tuple  # ((heads or None for "*", Variant), ...)
 
 
-_PATTERNS = {
-    "window": (Window, "left"),
-    "blocksparse": (BlockSparse, "block"),
-    "topk": (TopK, "blocks"),
-    "vslash": (VerticalSlash, None),
-    "neighborhood": (Neighborhood, "size"),
-    "linear": (Linear, "map"),
-    "hybrid": (Hybrid, "window"),
-}
-_NAMES = {cls: name for name, (cls, _) in _PATTERNS.items()}
+def _softmax_map(p: "Hybrid", text: str) -> None:
+    if p.map not in SOFTMAX_KERNEL_MAPS:
+        raise PolicyError(f"{text!r}: a hybrid shares the softmax normalizer, so its map must estimate exp(q.k): "
+                          f"{', '.join(SOFTMAX_KERNEL_MAPS)}")
+
+
+def _odd_size(p: "Neighborhood", text: str) -> None:
+    if any(s % 2 == 0 for s in p.size):
+        raise PolicyError(f"{text!r}: neighborhood size must be odd in each dimension (e.g. 7x7)")
+
+
+# The built-in patterns' text forms; their block layouts join them in compiler.block_layout.
+for _spec in (PatternSpec("window", Window, "left"), PatternSpec("blocksparse", BlockSparse, "block"),
+              PatternSpec("topk", TopK, "blocks"), PatternSpec("vslash", VerticalSlash, None),
+              PatternSpec("neighborhood", Neighborhood, "size", validate=_odd_size),
+              PatternSpec("linear", Linear, "map", kind="linear"),
+              PatternSpec("hybrid", Hybrid, "window", kind="linear", validate=_softmax_map)):
+    register(_spec)
 _EXACT = {"fused": "exact attention as one attnforge::attention op", "dense": "leave the site as the model wrote it"}
 ALIASES = {"none": "dense", "off": "dense", "exact": "fused", "sinks": "window"}
-VALID = ", ".join([*_EXACT, *_PATTERNS, "heads[...]=... (head mix)"])
+
+
+def valid_names() -> str:
+    """Every variant name, patterns registered later included (for error messages)."""
+    return ", ".join([*_EXACT, *BY_NAME, "heads[...]=... (head mix)"])
+
+
+def __getattr__(name: str):
+    if name == "VALID":  # computed on read, so patterns registered after this module are listed
+        return valid_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +191,7 @@ def format_pattern(p) -> str:
             sel = "*" if heads is None else _fmt_heads(heads)
             parts.append(f"heads[{sel}]={var.text}")
         return "; ".join(parts)
-    name = _NAMES[type(p)]
+    name = spec_of(p).name
     return name + ":" + ",".join(f"{_field_name(f)}={_fmt_value(getattr(p, f.name))}" for f in fields(p))
 
 
@@ -192,7 +211,7 @@ def _compact(v: "Variant") -> str:
     if isinstance(p, HeadMix):
         return "; ".join(f"heads[{'*' if h is None else _fmt_heads(h)}]={_compact(var)}" for h, var in p.groups)
     changed = [f"{_field_name(f)}={_fmt_value(getattr(p, f.name))}" for f in fields(p) if getattr(p, f.name) != f.default]
-    return _NAMES[type(p)] + (":" + ",".join(changed) if changed else "")
+    return spec_of(p).name + (":" + ",".join(changed) if changed else "")
 
 
 def _fmt_heads(heads: tuple) -> str:
@@ -250,7 +269,7 @@ def _parse_single(text: str) -> Variant:
                           "character")
     tokens = [t.strip() for t in text.split(",")]
     if not tokens[0] or any(not t for t in tokens):
-        raise PolicyError(f"empty item in {text!r}; valid variants: {VALID}")
+        raise PolicyError(f"empty item in {text!r}; valid variants: {valid_names()}")
     head, rest = re.fullmatch(r"([^:=]*)(?:[:=](.*))?", tokens[0]).groups()
     rest = (rest or "").strip()
     name = ALIASES.get(head.strip().lower(), head.strip().lower())
@@ -258,9 +277,10 @@ def _parse_single(text: str) -> Variant:
         if rest or len(tokens) > 1:
             raise PolicyError(f"{text!r}: {name!r} takes no parameters")
         return Variant(name)
-    if name not in _PATTERNS:
-        raise PolicyError(f"unknown attention variant {head.strip()!r}; valid variants: {VALID}")
-    cls, primary = _PATTERNS[name]
+    if name not in BY_NAME:
+        raise PolicyError(f"unknown attention variant {head.strip()!r}; valid variants: {valid_names()}")
+    spec = BY_NAME[name]
+    cls, primary = spec.cls, spec.primary
     keys = {_field_name(f): f for f in fields(cls)}
     items: list[tuple[str, str]] = []
     if head.strip().lower() == "sinks":  # "sinks:4,window:256"
@@ -290,12 +310,9 @@ def _parse_single(text: str) -> Variant:
     if name == "window" and "left" not in values:
         raise PolicyError(f"{text!r}: sinks need a window, e.g. window:256,sinks:4")
     p = cls(**values)
-    if isinstance(p, Hybrid) and p.map not in SOFTMAX_KERNEL_MAPS:
-        raise PolicyError(f"{text!r}: a hybrid shares the softmax normalizer, so its map must estimate exp(q.k): "
-                          f"{', '.join(SOFTMAX_KERNEL_MAPS)}")
-    if isinstance(p, Neighborhood) and any(s % 2 == 0 for s in p.size):
-        raise PolicyError(f"{text!r}: neighborhood size must be odd in each dimension (e.g. 7x7)")
-    return Variant("linear" if isinstance(p, (Linear, Hybrid)) else "sparse", p)
+    if spec.validate is not None:
+        spec.validate(p, text)
+    return Variant(spec.kind, p)
 
 
 def _parse_heads(sel: str, text: str) -> Optional[tuple]:
@@ -346,7 +363,7 @@ def _parse_mix(text: str) -> Variant:
 def parse_variant(text: str) -> Variant:
     """One variant from its text form; raises PolicyError naming the bad token."""
     if not isinstance(text, str):
-        raise PolicyError(f"a variant is a string, not {type(text).__name__}; valid variants: {VALID}")
+        raise PolicyError(f"a variant is a string, not {type(text).__name__}; valid variants: {valid_names()}")
     return _parse_cached(text)
 
 
@@ -354,7 +371,7 @@ def parse_variant(text: str) -> Variant:
 def _parse_cached(text: str) -> Variant:
     t = text.strip()
     if not t:
-        raise PolicyError(f"empty variant; valid variants: {VALID}")
+        raise PolicyError(f"empty variant; valid variants: {valid_names()}")
     if t.lower().startswith("heads[") or ";" in t:
         return _parse_mix(t)
     return _parse_single(t)

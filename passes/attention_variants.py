@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from compiler.block_layout import grid_of
 from compiler.builder import Builder
 from compiler.errors import PolicyError
 from compiler.graph import shape
 from compiler.site import SITE_META, AttentionSite
 from compiler.linear_ops import LINEAR_ATTENTION
 from compiler.sparse_ops import SPARSE_ATTENTION, head_groups
-from compiler.variants import HeadMix, Neighborhood, Variant
+from compiler.patterns import spec_of
+from compiler.variants import HeadMix, Variant
 from passes.attention_fusion import ATTENTION
 
 
@@ -44,16 +44,10 @@ def check_variant(site: AttentionSite, variant: Variant, mask_shape=None) -> Non
             except ValueError as e:
                 raise PolicyError(f"{where}: {e}") from None
         for p in _sparse_patterns(variant.pattern):
-            if isinstance(p, Neighborhood):
-                if site.causal:
-                    raise PolicyError(f"{where}: a 2-D neighborhood needs a bidirectional site; this one is causal")
-                if site.seq_q != site.seq_k:
-                    raise PolicyError(f"{where}: a 2-D neighborhood needs as many queries as keys "
-                                      f"({site.seq_q} vs {site.seq_k})")
-                try:
-                    grid_of(p, site.seq_k)
-                except ValueError as e:
-                    raise PolicyError(f"{where}: 2-D neighborhood on a 1-D sequence: {e}") from None
+            legal_on = spec_of(p).legal_on
+            reason = legal_on(p, site) if legal_on is not None else None
+            if reason:
+                raise PolicyError(f"{where}: {reason}")
     elif variant.kind == "linear":
         if site.softcap > 0:
             raise PolicyError(f"{where}: linear attention cannot apply a logit softcap")
