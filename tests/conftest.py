@@ -30,6 +30,24 @@ def pytest_configure(config):
         "(`pytest -m slow`), the default run leaves them out")
 
 
+def covering(*axes):
+    """The cross product of ``axes`` as pytest params, the default run keeping a covering subset:
+    each value of the first two axes meets every other, and every value of each axis appears; the
+    rest of the product is marked slow (CI's second step runs it). The rule is fixed (index sum
+    modulo the last axis's length), so the subset does not change from run to run."""
+    import itertools
+
+    def label(v):
+        return v if isinstance(v, str) else ("none" if v is None else str(v))
+
+    out = []
+    for idx in itertools.product(*(range(len(a)) for a in axes)):
+        values = tuple(a[i] for a, i in zip(axes, idx))
+        marks = () if sum(idx) % len(axes[-1]) == 0 else (pytest.mark.slow,)
+        out.append(pytest.param(*values, marks=marks, id="-".join(label(v) for v in values)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: threads only add overhead, and spin badly when the CPU is shared."""

@@ -55,7 +55,7 @@ def _batch(mini, texts):
     return enc
 
 
-@pytest.mark.parametrize("min_cosine", [0.99, 0.95])
+@pytest.mark.parametrize("min_cosine", [0.99, pytest.param(0.95, marks=pytest.mark.slow)])
 def test_minilm_budget_holds_on_held_out_text(mini, min_cosine):
     cal = [_batch(mini, CALIBRATION[:2]), _batch(mini, CALIBRATION[2:])]
     held = _batch(mini, HELD_OUT)

@@ -13,6 +13,7 @@ import backends
 import compiler
 from backends.onnx_attention import FusedFeatures, choose_fused
 from backends.onnx_export import export_onnx
+from conftest import covering
 from compiler.errors import BackendError, InputError
 from compiler.linear_ops import linear_attention_reference
 from compiler.ops import attention_reference
@@ -174,9 +175,7 @@ SPARSE = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPARSE)
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m or "nomask")
+@pytest.mark.parametrize("spec,causal,mask", covering(SPARSE, [False, True], MASKS))
 def test_sparse_lowering(spec, causal, mask):
     assert _check_lengths(OneOp("sparse", 0.3, causal, spec=spec), mask) == "block-gather"
 
@@ -209,9 +208,7 @@ LINEAR = ["linear:elu,chunk=16", "linear:relu,chunk=16", "linear:favor,features=
           "hybrid:8,map=taylor,chunk=16", "hybrid:16,map=favor,features=32,chunk=16"]
 
 
-@pytest.mark.parametrize("spec", LINEAR)
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("mask", [None, "key-bool", "key-float"], ids=lambda m: m or "nomask")
+@pytest.mark.parametrize("spec,causal,mask", covering(LINEAR, [False, True], [None, "key-bool", "key-float"]))
 def test_linear_lowering(spec, causal, mask):
     assert _check_lengths(OneOp("linear", 0.3, causal, spec=spec), mask) == "feature-map"
 
@@ -223,12 +220,16 @@ def _zoo_cases():
         "bert": ["blocksparse:block=2,local=1,global=1", "linear:favor,features=16"],
         "vit": ["neighborhood:3x3,block=4", "linear:taylor"],
     }
+    # The default run keeps every variant and fused on the eager forms; fused on SDPA-written and
+    # torch-module forms runs in the slow step.
+    slow = pytest.mark.slow
     for kind, impl in HF_CASES:
         for pol in ["fused", *variants[kind][impl == "sdpa"::2]]:
-            yield pytest.param(("hf", kind, impl), pol, id=f"{kind}-{impl}-{pol}")
+            marks = (slow,) if pol == "fused" and impl == "sdpa" else ()
+            yield pytest.param(("hf", kind, impl), pol, id=f"{kind}-{impl}-{pol}", marks=marks)
     for kind in TORCH_CASES:
         for pol in ["fused", "topk:mass=0.9,block=2"]:
-            yield pytest.param(("torch", kind, None), pol, id=f"{kind}-{pol}")
+            yield pytest.param(("torch", kind, None), pol, id=f"{kind}-{pol}", marks=(slow,) if pol == "fused" else ())
 
 
 @pytest.mark.parametrize("case,policy", list(_zoo_cases()))
