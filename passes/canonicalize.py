@@ -315,6 +315,9 @@ def _sink_view(gm: fx.GraphModule, view: fx.Node) -> Optional[fx.Node]:
     view.replace_all_uses_with(new)
     # Erase the old pair now: the next view up must see its op used once.
     gm.graph.erase_node(view)
+    for u in list(op.users):  # metadata checks of a value nothing computes from any more
+        if u.target is aten._assert_tensor_metadata.default and not u.users:
+            gm.graph.erase_node(u)
     if not op.users:
         gm.graph.erase_node(op)
     return new
