@@ -237,25 +237,27 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Opti
     return torch.multinomial(x.softmax(-1), 1, generator=gen)
 
 
-def _lower_torch(gm: torch.fx.GraphModule) -> None:
+def _lower_torch(gm: torch.fx.GraphModule, attention=None) -> None:
     """Run the rewritten module eagerly at the least cost per step: ``cache_attention`` nodes call
     the implementation (a decode step makes a few small calls, and the custom-op dispatcher's
     Python layers cost as much as the attention), and the export's dtype/device assertions on
-    intermediate values, fixed at capture, go (a fifth of a Llama step's calls)."""
+    intermediate values, fixed at capture, go (a fifth of a Llama step's calls). ``attention``
+    replaces the implementation (the Triton backend's)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target is torch.ops.attnforge.cache_attention.default:
-            node.target = kv_cache.cache_attention_eager
+            node.target = attention or kv_cache.cache_attention_eager
         elif node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "torch":
-        raise BackendError(f"generation runs on backend='torch' for now, not {backend!r}; "
-                           "compile the forward pass with compiler.compile for other backends")
+    """An unknown backend, or Triton without CUDA (and not interpreting): one line, as compile()."""
+    from backends import check
+
+    check(backend)
 
 
 class Generator:
@@ -290,7 +292,22 @@ class Generator:
         cache_dtype = self.module.get_buffer(self.sites[0].k_buffer).dtype
         self.buffers = rewrite_cache_sites(self.module, self.sites, self.layouts, cache_dtype)
         self.last_position_logits = keep_last_logits(self.module)
-        _lower_torch(self.module)
+        self._session = None
+        if backend == "onnxruntime":
+            dense = [cs.site.id for cs in self.sites if cs.site.id not in self.layouts]
+            if dense:
+                raise BackendError(f"sites {', '.join(dense)} are left dense (the exported static cache); "
+                                   "backend='onnxruntime' generates with policy caches (fused, sinks/window) only; "
+                                   "give those sites one, or use backend='torch'")
+            from backends.onnx_cache import OrtStepSession
+
+            self._session = OrtStepSession(self.module, self._ids_name, self._pos_name)
+        elif backend == "triton":
+            from backends.triton_cache import cache_attention_triton
+
+            _lower_torch(self.module, cache_attention_triton)
+        else:
+            _lower_torch(self.module)
         self.policy = pol.text
         self.report = GenerationReport(model_name, pol.text, backend, self.max_cache_len)
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]
@@ -323,6 +340,8 @@ class Generator:
                    for cs in self.sites)
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        if self._session is not None:
+            return self._session.run(ids, start)
         out = self.module(**{self._ids_name: ids, self._pos_name: torch.arange(start, start + ids.shape[1])})
         return out[0] if isinstance(out, (tuple, list)) else out
 

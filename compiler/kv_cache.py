@@ -110,7 +110,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor
 
 
 def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Tensor, vc: Tensor,
-                     g: CacheGroup, scale: float) -> Tensor:
+                     g: CacheGroup, scale: float, attend=_attend) -> Tensor:
     n = positions.numel()
     p0 = int(positions[0])
     end = p0 + n
@@ -119,28 +119,28 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
         vc.index_copy_(2, positions, v)
         keys, values = kc[:, :, :end], vc[:, :, :end]
         if n == 1:  # one query at the newest position sees every filled key
-            return _attend(q, keys, values, scale)
+            return attend(q, keys, values, scale)
         if p0 == 0:
-            return _attend(q, keys, values, scale, causal=True)
-        return _attend(q, keys, values, scale, keep_mask(positions, torch.arange(end, device=q.device), 0, None))
+            return attend(q, keys, values, scale, causal=True)
+        return attend(q, keys, values, scale, keep_mask(positions, torch.arange(end, device=q.device), 0, None))
     s, w = g.sinks, g.window
     if n == 1:
         slot = ring_slots(positions, s, w)
         kc.index_copy_(2, slot, k)
         vc.index_copy_(2, slot, v)
         filled = min(end, s + w)  # every filled slot is a kept key of the newest query
-        return _attend(q, kc[:, :, :filled], vc[:, :, :filled], scale)
+        return attend(q, kc[:, :, :filled], vc[:, :, :filled], scale)
     # A chunk of queries (prefill): the ring's history plus the new keys, each query its keep set.
     before = min(p0, s + w)
     if end <= s + w and p0 == 0:  # nothing has left the window yet: plain causal attention
-        out = _attend(q, k, v, scale, causal=True)
+        out = attend(q, k, v, scale, causal=True)
         kc[:, :, :n], vc[:, :, :n] = k, v
         return out
     hist_pos = ring_slot_positions(p0, s, w).to(positions.device)
     keys = torch.cat([kc[:, :, :before], k], dim=2)
     values = torch.cat([vc[:, :, :before], v], dim=2)
     k_pos = torch.cat([hist_pos, positions])
-    out = _attend(q, keys, values, scale, keep_mask(positions, k_pos, s, w))
+    out = attend(q, keys, values, scale, keep_mask(positions, k_pos, s, w))
     # Only the tokens the ring keeps are written, so no slot is written twice.
     kept = (positions < s) | (positions >= end - w)
     slot = ring_slots(positions[kept], s, w)
@@ -150,20 +150,22 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
 
 
 def cache_attention_eager(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_caches: list[Tensor],
-                          v_caches: list[Tensor], layout: str, scale: float) -> Tensor:
+                          v_caches: list[Tensor], layout: str, scale: float, attend=_attend) -> Tensor:
     """The op's implementation, which the torch backend calls directly: a decode step is a few
-    small calls, and the custom-op dispatcher's Python layers cost as much as the attention."""
+    small calls, and the custom-op dispatcher's Python layers cost as much as the attention.
+    ``attend(q, k, v, scale, mask=None, causal=False)`` is the attention over the kept keys
+    (SDPA here; the Triton backend passes its kernel)."""
     groups = parse_layout(layout)
     hq, hkv = q.shape[1], k.shape[1]
     if len(groups) == 1:
-        return _group_attention(q, k, v, positions, k_caches[0], v_caches[0], groups[0], scale)
+        return _group_attention(q, k, v, positions, k_caches[0], v_caches[0], groups[0], scale, attend)
     rep = hq // hkv
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     for g, kc, vc in zip(groups, k_caches, v_caches):
         kv = torch.tensor(g.kv_heads, device=q.device)
         qh = (kv[:, None] * rep + torch.arange(rep, device=q.device)).flatten()
         o = _group_attention(q.index_select(1, qh), k.index_select(1, kv), v.index_select(1, kv), positions,
-                             kc, vc, g, scale)
+                             kc, vc, g, scale, attend)
         out.index_copy_(1, qh, o)
     return out
 
