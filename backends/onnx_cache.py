@@ -61,7 +61,8 @@ CACHE_ATTENTION_STEP = torch.ops.attnforge.cache_attention_step.default
 
 
 def _group_step(q, k, v, positions, kc, vc, sinks: int, window, scale: float):
-    """One cache group: (attention output, present k, present v)."""
+    """One cache group: (attention output, present k, present v); ``window``: a ring's rolling
+    slots (``CacheGroup.ring``), None for a full cache."""
     p0 = op.Slice(positions, ints(0), ints(1))
     if window is None:
         filled = p0
@@ -95,7 +96,7 @@ def _group_step(q, k, v, positions, kc, vc, sinks: int, window, scale: float):
 def cache_step_translation(q, k, v, positions, k_caches, v_caches, layout: str, scale: float):
     groups = parse_layout(layout)
     if len(groups) == 1:
-        out, pk, pv = _group_step(q, k, v, positions, k_caches[0], v_caches[0], groups[0].sinks, groups[0].window,
+        out, pk, pv = _group_step(q, k, v, positions, k_caches[0], v_caches[0], groups[0].sinks, groups[0].ring,
                                   scale)
         return [out, pk, pv]
     hq, hkv = q.shape[1], k.shape[1]
@@ -104,7 +105,7 @@ def cache_step_translation(q, k, v, positions, k_caches, v_caches, layout: str, 
     for g, kc, vc in zip(groups, k_caches, v_caches):
         qh = [h * rep + i for h in g.kv_heads for i in range(rep)]
         o, pk, pv = _group_step(op.Gather(q, ints(*qh), axis=1), op.Gather(k, ints(*g.kv_heads), axis=1),
-                                op.Gather(v, ints(*g.kv_heads), axis=1), positions, kc, vc, g.sinks, g.window,
+                                op.Gather(v, ints(*g.kv_heads), axis=1), positions, kc, vc, g.sinks, g.ring,
                                 scale)
         outs.append(o)
         pks.append(pk)

@@ -9,7 +9,8 @@ token prefills token by token. ``passes.cache_rewrite`` then gives every site th
 policy keeps:
 
 * ``fused``: the full cache, read only up to the filled length (exact);
-* ``sinks:S,window:W``: S sink slots + W rolling slots (StreamingLLM), constant memory;
+* ``sinks:S,window:W``: S sink slots + W + 1 rolling slots (StreamingLLM; ``window`` as in
+  ``compiler.compile``: the W previous keys and the current one), constant memory;
 * ``heads[..]=fused; heads[*]=sinks:S,window:W``: per-KV-head caches (DuoAttention);
 * ``dense``: the site as exported (the whole static cache under the exported mask).
 
@@ -46,9 +47,6 @@ _NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks
 
 def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     p = v.pattern
-    if p.left < 1:
-        raise PolicyError(f"{site.id} ({site.module}): {v.text}: a decode window holds at least the current "
-                          "token; give window >= 1")
     if p.right not in (None, 0):
         raise PolicyError(f"{site.id} ({site.module}): {v.text} looks at future keys; a decode cache holds only "
                           "past keys: drop right=")
@@ -286,7 +284,7 @@ class Generator:
         self.max_cache_len = max(cs.max_cache_len for cs in self.sites)
         # Prefill in chunks no longer than the widest window: a ring holds every key the next
         # chunk's queries see, and no chunk builds a prompt-by-prompt score matrix.
-        windows = [g.window for gs in self.layouts.values() for g in gs if g.bounded]
+        windows = [g.ring for gs in self.layouts.values() for g in gs if g.bounded]
         self._chunk = 1 if isinstance(ids_val.shape[1], int) else min([self.max_cache_len, *windows])
         self.module = ep.module()
         cache_dtype = self.module.get_buffer(self.sites[0].k_buffer).dtype

@@ -8,11 +8,11 @@ program) and attends over exactly the keys the site's cache layout keeps:
 * a **full** group holds every position up to ``max_cache_len``; the op reads only the filled
   part ``[0, end)``, with offset causality (query at position ``p`` sees keys ``j <= p``);
 * a **ring** group (StreamingLLM) holds ``sinks`` slots for the first positions plus
-  ``window`` rolling slots; position ``p >= sinks`` is written to slot
-  ``sinks + (p - sinks) % window``. Query ``p`` sees keys ``j < sinks`` and the ``window``
-  most recent ``p - window < j <= p`` (the current token included, StreamingLLM's cache-size
-  convention: ``sinks + window`` slots in all). Keys keep the rotary position they were
-  written with; nothing is re-rotated.
+  ``R = window + 1`` rolling slots; position ``p >= sinks`` is written to slot
+  ``sinks + (p - sinks) % R``. Query ``p`` sees keys ``j < sinks`` and ``p - window <= j <= p``:
+  ``window`` means what it means in ``compiler.compile`` (``window:left`` keeps keys
+  ``i - left .. i``), so a policy keeps the same keys in prefill and decode. Keys keep the rotary
+  position they were written with; nothing is re-rotated.
 
 A layout is one group per set of KV heads (DuoAttention: retrieval heads full, streaming
 heads a ring), written ``0-1:full|2-3:sinks=4,window=16``; the op receives one cache tensor
@@ -35,14 +35,19 @@ from torch import Tensor
 class CacheGroup:
     kv_heads: tuple  # KV head indices this group's cache holds
     sinks: int = 0
-    window: Optional[int] = None  # None: a full cache
+    window: Optional[int] = None  # keys before the current one (compile()'s window:left); None: a full cache
 
     @property
     def bounded(self) -> bool:
         return self.window is not None
 
+    @property
+    def ring(self) -> Optional[int]:
+        """Rolling slots: the ``window`` previous keys and the current one (None: a full cache)."""
+        return None if self.window is None else self.window + 1
+
     def slots(self, max_cache_len: int) -> int:
-        return max_cache_len if self.window is None else self.sinks + self.window
+        return max_cache_len if self.window is None else self.sinks + self.ring
 
     @property
     def text(self) -> str:
@@ -82,7 +87,8 @@ def parse_layout(text: str) -> tuple:
 
 
 def ring_slot_positions(p0: int, sinks: int, window: int) -> Tensor:
-    """The position each filled slot of a ring holds once positions ``[0, p0)`` were written."""
+    """The position each filled slot of a ring (``window`` rolling slots: ``CacheGroup.ring``)
+    holds once positions ``[0, p0)`` were written."""
     filled = min(p0, sinks + window)
     s = torch.arange(filled)
     r = s - sinks
@@ -95,7 +101,8 @@ def ring_slots(positions: Tensor, sinks: int, window: int) -> Tensor:
 
 
 def keep_mask(q_pos: Tensor, k_pos: Tensor, sinks: int, window: Optional[int]) -> Tensor:
-    """[Sq, Sk] True where query position ``q_pos[i]`` attends key position ``k_pos[j]``."""
+    """[Sq, Sk] True where query position ``q_pos[i]`` attends key position ``k_pos[j]``; ``window``
+    counts the current key (a ring's length)."""
     qp, kp = q_pos[:, None], k_pos[None, :]
     keep = kp <= qp
     if window is not None:
@@ -123,7 +130,7 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
         if p0 == 0:
             return attend(q, keys, values, scale, causal=True)
         return attend(q, keys, values, scale, keep_mask(positions, torch.arange(end, device=q.device), 0, None))
-    s, w = g.sinks, g.window
+    s, w = g.sinks, g.ring
     if n == 1:
         slot = ring_slots(positions, s, w)
         kc.index_copy_(2, slot, k)
