@@ -31,11 +31,10 @@ import operator
 
 import numpy as np
 import torch
-from onnxscript import ir
 from onnxscript import opset23 as op
 from torch import Tensor, fx
 
-from backends.onnx_build import arange, dim, ints, scalar_int
+from backends.onnx_build import arange, dim, ints
 from compiler.errors import BackendError
 from compiler.kv_cache import cache_attention_eager, parse_layout
 

@@ -45,6 +45,15 @@ def _qwen2_eager():
     return transformers.Qwen2ForCausalLM(cfg)
 
 
+def llama_case():
+    """The tiny Llama with a prompt, its own greedy generation of 32 tokens and its captured program
+    (the other backends' test modules build their fixtures from this)."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids = torch.randint(1, VOCAB, (1, 9))
+    return model, ids, _hf_generate(model, ids, 32), capture_for_generation(model, ids, MAX_LEN)
+
+
 FAMILIES = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "qwen2-eager": _qwen2_eager}
 
 

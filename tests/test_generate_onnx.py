@@ -7,16 +7,13 @@ the window, with the cache memory never reallocated."""
 import pytest
 import torch
 
-from compiler.generate import capture_for_generation, compile_generator
-from test_generate import MAX_LEN, VOCAB, _cache_buffers, _hf_generate, _llama
+from compiler.generate import compile_generator
+from test_generate import MAX_LEN, VOCAB, _cache_buffers, llama_case
 
 
 @pytest.fixture(scope="module")
 def llama(one_thread):
-    torch.manual_seed(0)
-    model = _llama().eval()
-    ids = torch.randint(1, VOCAB, (1, 9))
-    return model, ids, _hf_generate(model, ids, 32), capture_for_generation(model, ids, MAX_LEN)
+    return llama_case()
 
 
 def _buffers(gen):

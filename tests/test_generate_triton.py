@@ -10,22 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import compiler
-from compiler.generate import capture_for_generation, compile_generator
-from test_generate import MAX_LEN, VOCAB, _hf_generate, _llama
+from compiler.generate import compile_generator
+from test_generate import VOCAB, llama_case
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="needs CUDA or Triton's interpreter")
+# The generator runs on the CPU model here, so the kernels run in Triton's interpreter.
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="CPU tensors: runs in Triton's interpreter")
 
 
 @pytest.fixture(scope="module")
 def llama(one_thread):
-    torch.manual_seed(0)
-    model = _llama().eval()
-    ids = torch.randint(1, VOCAB, (1, 9))
-    return model, ids, _hf_generate(model, ids, 32), capture_for_generation(model, ids, MAX_LEN)
+    return llama_case()
 
 
+@needs_interpreter
 def test_fused_triton_equals_model_generate(llama, monkeypatch):
     from backends import triton_cache
 
@@ -40,6 +38,7 @@ def test_fused_triton_equals_model_generate(llama, monkeypatch):
     assert len(calls) == 2 * 32 and gen.report.backend == "triton"  # every site, every step, in the kernel
 
 
+@needs_interpreter
 def test_sinks_window_triton_equals_torch_backend(llama):
     _, _, _, ep = llama
     torch.manual_seed(5)
