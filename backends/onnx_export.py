@@ -20,6 +20,7 @@ import torch
 from torch.export import ExportedProgram
 
 from backends.onnx_attention import EXPORT_PROVIDER, FORCED_LOWERING, FUSED_CHOICES, attention_translation
+from backends.onnx_cache import CACHE_ATTENTION_STEP, cache_step_translation
 from backends.onnx_linear import linear_translation
 from backends.onnx_sparse import sparse_translation
 from compiler.errors import AttnforgeError, BackendError
@@ -34,6 +35,7 @@ TRANSLATIONS = {
     ATTENTION_OPS[0]: attention_translation,
     SPARSE_ATTENTION: sparse_translation,
     LINEAR_ATTENTION: linear_translation,
+    CACHE_ATTENTION_STEP: cache_step_translation,
 }
 
 
@@ -189,6 +191,8 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             lowerings[site] = "block-gather"
         elif target == LINEAR_ATTENTION:
             lowerings[site] = "feature-map"
+        elif target == CACHE_ATTENTION_STEP:
+            lowerings[site] = "cache-scatter-attention"
         else:
             lowerings[site] = next(fused, "attention")
     return OnnxExport(model, lowerings, time.perf_counter() - t0, OPSET)

@@ -9,7 +9,8 @@ token prefills token by token. ``passes.cache_rewrite`` then gives every site th
 policy keeps:
 
 * ``fused``: the full cache, read only up to the filled length (exact);
-* ``sinks:S,window:W``: S sink slots + W rolling slots (StreamingLLM), constant memory;
+* ``sinks:S,window:W``: S sink slots + W + 1 rolling slots (StreamingLLM; ``window`` as in
+  ``compiler.compile``: the W previous keys and the current one), constant memory;
 * ``heads[..]=fused; heads[*]=sinks:S,window:W``: per-KV-head caches (DuoAttention);
 * ``dense``: the site as exported (the whole static cache under the exported mask).
 
@@ -46,9 +47,6 @@ _NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks
 
 def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     p = v.pattern
-    if p.left < 1:
-        raise PolicyError(f"{site.id} ({site.module}): {v.text}: a decode window holds at least the current "
-                          "token; give window >= 1")
     if p.right not in (None, 0):
         raise PolicyError(f"{site.id} ({site.module}): {v.text} looks at future keys; a decode cache holds only "
                           "past keys: drop right=")
@@ -237,25 +235,27 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Opti
     return torch.multinomial(x.softmax(-1), 1, generator=gen)
 
 
-def _lower_torch(gm: torch.fx.GraphModule) -> None:
+def _lower_torch(gm: torch.fx.GraphModule, attention=None) -> None:
     """Run the rewritten module eagerly at the least cost per step: ``cache_attention`` nodes call
     the implementation (a decode step makes a few small calls, and the custom-op dispatcher's
     Python layers cost as much as the attention), and the export's dtype/device assertions on
-    intermediate values, fixed at capture, go (a fifth of a Llama step's calls)."""
+    intermediate values, fixed at capture, go (a fifth of a Llama step's calls). ``attention``
+    replaces the implementation (the Triton backend's)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target is torch.ops.attnforge.cache_attention.default:
-            node.target = kv_cache.cache_attention_eager
+            node.target = attention or kv_cache.cache_attention_eager
         elif node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "torch":
-        raise BackendError(f"generation runs on backend='torch' for now, not {backend!r}; "
-                           "compile the forward pass with compiler.compile for other backends")
+    """An unknown backend, or Triton without CUDA (and not interpreting): one line, as compile()."""
+    from backends import check
+
+    check(backend)
 
 
 class Generator:
@@ -284,13 +284,28 @@ class Generator:
         self.max_cache_len = max(cs.max_cache_len for cs in self.sites)
         # Prefill in chunks no longer than the widest window: a ring holds every key the next
         # chunk's queries see, and no chunk builds a prompt-by-prompt score matrix.
-        windows = [g.window for gs in self.layouts.values() for g in gs if g.bounded]
+        windows = [g.ring for gs in self.layouts.values() for g in gs if g.bounded]
         self._chunk = 1 if isinstance(ids_val.shape[1], int) else min([self.max_cache_len, *windows])
         self.module = ep.module()
         cache_dtype = self.module.get_buffer(self.sites[0].k_buffer).dtype
         self.buffers = rewrite_cache_sites(self.module, self.sites, self.layouts, cache_dtype)
         self.last_position_logits = keep_last_logits(self.module)
-        _lower_torch(self.module)
+        self._session = None
+        if backend == "onnxruntime":
+            dense = [cs.site.id for cs in self.sites if cs.site.id not in self.layouts]
+            if dense:
+                raise BackendError(f"sites {', '.join(dense)} are left dense (the exported static cache); "
+                                   "backend='onnxruntime' generates with policy caches (fused, sinks/window) only; "
+                                   "give those sites one, or use backend='torch'")
+            from backends.onnx_cache import OrtStepSession
+
+            self._session = OrtStepSession(self.module, self._ids_name, self._pos_name)
+        elif backend == "triton":
+            from backends.triton_cache import cache_attention_triton
+
+            _lower_torch(self.module, cache_attention_triton)
+        else:
+            _lower_torch(self.module)
         self.policy = pol.text
         self.report = GenerationReport(model_name, pol.text, backend, self.max_cache_len)
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]
@@ -323,6 +338,8 @@ class Generator:
                    for cs in self.sites)
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        if self._session is not None:
+            return self._session.run(ids, start)
         out = self.module(**{self._ids_name: ids, self._pos_name: torch.arange(start, start + ids.shape[1])})
         return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -19,6 +19,9 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--policy", default="fused",
                    help="fused, sinks:4,window:1024, or a head mix 'heads[0-3]=fused; heads[*]=sinks:4,window:256'")
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "triton"],
+                   help="run each step in PyTorch, in one onnxruntime session with the cache bound in place, or "
+                        "with the attention over the cache in the Triton kernel (CUDA GPU)")
     g.add_argument("--max-cache-len", type=int, default=None, help="full-cache length (default: min(4096, "
                                                                    "the model's max positions))")
     g.add_argument("--do-sample", action="store_true")
@@ -65,10 +68,11 @@ def cmd_generate(a) -> int:
         except Exception:  # noqa: BLE001 - a directory without tokenizer still takes --prompt-ids
             tokenizer = None
         ids = _prompt_ids(a, tokenizer)
-        gen = compiler.compile_generator(model, ids, policy=a.policy, max_cache_len=a.max_cache_len)
+        gen = compiler.compile_generator(model, ids, policy=a.policy, max_cache_len=a.max_cache_len,
+                                         backend=a.backend)
     elif path.suffix == ".pt2":
         ids = _prompt_ids(a, None)
-        gen = compiler.compile_generator(path, policy=a.policy)
+        gen = compiler.compile_generator(path, policy=a.policy, backend=a.backend)
     else:
         raise InputError(f"{path}: give a Hugging Face model directory or a .pt2 file")
     out = gen.generate(ids, a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,

@@ -8,11 +8,11 @@ program) and attends over exactly the keys the site's cache layout keeps:
 * a **full** group holds every position up to ``max_cache_len``; the op reads only the filled
   part ``[0, end)``, with offset causality (query at position ``p`` sees keys ``j <= p``);
 * a **ring** group (StreamingLLM) holds ``sinks`` slots for the first positions plus
-  ``window`` rolling slots; position ``p >= sinks`` is written to slot
-  ``sinks + (p - sinks) % window``. Query ``p`` sees keys ``j < sinks`` and the ``window``
-  most recent ``p - window < j <= p`` (the current token included, StreamingLLM's cache-size
-  convention: ``sinks + window`` slots in all). Keys keep the rotary position they were
-  written with; nothing is re-rotated.
+  ``R = window + 1`` rolling slots; position ``p >= sinks`` is written to slot
+  ``sinks + (p - sinks) % R``. Query ``p`` sees keys ``j < sinks`` and ``p - window <= j <= p``:
+  ``window`` means what it means in ``compiler.compile`` (``window:left`` keeps keys
+  ``i - left .. i``), so a policy keeps the same keys in prefill and decode. Keys keep the rotary
+  position they were written with; nothing is re-rotated.
 
 A layout is one group per set of KV heads (DuoAttention: retrieval heads full, streaming
 heads a ring), written ``0-1:full|2-3:sinks=4,window=16``; the op receives one cache tensor
@@ -35,14 +35,19 @@ from torch import Tensor
 class CacheGroup:
     kv_heads: tuple  # KV head indices this group's cache holds
     sinks: int = 0
-    window: Optional[int] = None  # None: a full cache
+    window: Optional[int] = None  # keys before the current one (compile()'s window:left); None: a full cache
 
     @property
     def bounded(self) -> bool:
         return self.window is not None
 
+    @property
+    def ring(self) -> Optional[int]:
+        """Rolling slots: the ``window`` previous keys and the current one (None: a full cache)."""
+        return None if self.window is None else self.window + 1
+
     def slots(self, max_cache_len: int) -> int:
-        return max_cache_len if self.window is None else self.sinks + self.window
+        return max_cache_len if self.window is None else self.sinks + self.ring
 
     @property
     def text(self) -> str:
@@ -82,7 +87,8 @@ def parse_layout(text: str) -> tuple:
 
 
 def ring_slot_positions(p0: int, sinks: int, window: int) -> Tensor:
-    """The position each filled slot of a ring holds once positions ``[0, p0)`` were written."""
+    """The position each filled slot of a ring (``window`` rolling slots: ``CacheGroup.ring``)
+    holds once positions ``[0, p0)`` were written."""
     filled = min(p0, sinks + window)
     s = torch.arange(filled)
     r = s - sinks
@@ -95,7 +101,8 @@ def ring_slots(positions: Tensor, sinks: int, window: int) -> Tensor:
 
 
 def keep_mask(q_pos: Tensor, k_pos: Tensor, sinks: int, window: Optional[int]) -> Tensor:
-    """[Sq, Sk] True where query position ``q_pos[i]`` attends key position ``k_pos[j]``."""
+    """[Sq, Sk] True where query position ``q_pos[i]`` attends key position ``k_pos[j]``; ``window``
+    counts the current key (a ring's length)."""
     qp, kp = q_pos[:, None], k_pos[None, :]
     keep = kp <= qp
     if window is not None:
@@ -110,7 +117,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor
 
 
 def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Tensor, vc: Tensor,
-                     g: CacheGroup, scale: float) -> Tensor:
+                     g: CacheGroup, scale: float, attend=_attend) -> Tensor:
     n = positions.numel()
     p0 = int(positions[0])
     end = p0 + n
@@ -119,28 +126,28 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
         vc.index_copy_(2, positions, v)
         keys, values = kc[:, :, :end], vc[:, :, :end]
         if n == 1:  # one query at the newest position sees every filled key
-            return _attend(q, keys, values, scale)
+            return attend(q, keys, values, scale)
         if p0 == 0:
-            return _attend(q, keys, values, scale, causal=True)
-        return _attend(q, keys, values, scale, keep_mask(positions, torch.arange(end, device=q.device), 0, None))
-    s, w = g.sinks, g.window
+            return attend(q, keys, values, scale, causal=True)
+        return attend(q, keys, values, scale, keep_mask(positions, torch.arange(end, device=q.device), 0, None))
+    s, w = g.sinks, g.ring
     if n == 1:
         slot = ring_slots(positions, s, w)
         kc.index_copy_(2, slot, k)
         vc.index_copy_(2, slot, v)
         filled = min(end, s + w)  # every filled slot is a kept key of the newest query
-        return _attend(q, kc[:, :, :filled], vc[:, :, :filled], scale)
+        return attend(q, kc[:, :, :filled], vc[:, :, :filled], scale)
     # A chunk of queries (prefill): the ring's history plus the new keys, each query its keep set.
     before = min(p0, s + w)
     if end <= s + w and p0 == 0:  # nothing has left the window yet: plain causal attention
-        out = _attend(q, k, v, scale, causal=True)
+        out = attend(q, k, v, scale, causal=True)
         kc[:, :, :n], vc[:, :, :n] = k, v
         return out
     hist_pos = ring_slot_positions(p0, s, w).to(positions.device)
     keys = torch.cat([kc[:, :, :before], k], dim=2)
     values = torch.cat([vc[:, :, :before], v], dim=2)
     k_pos = torch.cat([hist_pos, positions])
-    out = _attend(q, keys, values, scale, keep_mask(positions, k_pos, s, w))
+    out = attend(q, keys, values, scale, keep_mask(positions, k_pos, s, w))
     # Only the tokens the ring keeps are written, so no slot is written twice.
     kept = (positions < s) | (positions >= end - w)
     slot = ring_slots(positions[kept], s, w)
@@ -150,20 +157,22 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
 
 
 def cache_attention_eager(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_caches: list[Tensor],
-                          v_caches: list[Tensor], layout: str, scale: float) -> Tensor:
+                          v_caches: list[Tensor], layout: str, scale: float, attend=_attend) -> Tensor:
     """The op's implementation, which the torch backend calls directly: a decode step is a few
-    small calls, and the custom-op dispatcher's Python layers cost as much as the attention."""
+    small calls, and the custom-op dispatcher's Python layers cost as much as the attention.
+    ``attend(q, k, v, scale, mask=None, causal=False)`` is the attention over the kept keys
+    (SDPA here; the Triton backend passes its kernel)."""
     groups = parse_layout(layout)
     hq, hkv = q.shape[1], k.shape[1]
     if len(groups) == 1:
-        return _group_attention(q, k, v, positions, k_caches[0], v_caches[0], groups[0], scale)
+        return _group_attention(q, k, v, positions, k_caches[0], v_caches[0], groups[0], scale, attend)
     rep = hq // hkv
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     for g, kc, vc in zip(groups, k_caches, v_caches):
         kv = torch.tensor(g.kv_heads, device=q.device)
         qh = (kv[:, None] * rep + torch.arange(rep, device=q.device)).flatten()
         o = _group_attention(q.index_select(1, qh), k.index_select(1, kv), v.index_select(1, kv), positions,
-                             kc, vc, g, scale)
+                             kc, vc, g, scale, attend)
         out.index_copy_(1, qh, o)
     return out
 

@@ -92,6 +92,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per method")
+    ap.add_argument("--backends", default="torch", help="comma-separated generation backends (torch, onnxruntime, "
+                                                        "triton)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = [int(x) for x in (a.prompts or ("256,1024" if a.quick else "1024,4096")).split(",")]
@@ -102,7 +104,9 @@ def main():
         torch.manual_seed(n)
         ids = torch.randint(1, model.config.vocab_size, (1, n))
         ep = capture_for_generation(model, ids[:, :16], n + new)
-        gens = {f"attnforge {pol}": compile_generator(ep, policy=pol) for pol in POLICIES}
+        backends = a.backends.split(",")
+        gens = {f"attnforge {pol}" + ("" if b == "torch" else f" [{b}]"): compile_generator(ep, policy=pol, backend=b)
+                for b in backends for pol in POLICIES}
         with torch.no_grad():  # warm-up
             model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
         for g in gens.values():
