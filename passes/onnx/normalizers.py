@@ -35,6 +35,15 @@ class FusedOpNormalizers:
         self._finish(b, [(old, y), *extra_outputs], attn, source, q4, k4, causal, kind,
                      scale if scale is not None else float("nan"), softcap, [node])
 
+    def _emit_contrib(self, node: ir.Node, source: str, b: _Builder, q4, k4, v4, terms: list[_Term], bias):
+        """The tail MultiHeadAttention and Attention share: their bias, scale and ``unidirectional``."""
+        attrs = node.attributes
+        if bias is not None:
+            terms.append(_Term("add", bias))
+        scale = attrs.get_float("scale", 0.0) or None
+        self._emit_fused(node, source, b, q4, k4, v4, terms, bool(attrs.get_int("unidirectional", 0)), scale, 0.0,
+                         True)
+
     def onnx_attention(self, node: ir.Node):
         if any(_input(node, i) is not None for i in (4, 5)):
             raise _Reject("past_key/past_value (KV cache) are not normalized")
@@ -115,11 +124,7 @@ class FusedOpNormalizers:
         terms = []
         if kpm is not None:
             terms.append(self._padding_term(b, kpm, fill, q.dtype, _int_dim(q, 0), k4, q, "key_padding_mask"))
-        if ab is not None:
-            terms.append(_Term("add", ab))
-        scale = attrs.get_float("scale", 0.0) or None
-        self._emit_fused(node, f"{_MS}.MultiHeadAttention", b, q4, k4, v4, terms,
-                         bool(attrs.get_int("unidirectional", 0)), scale, 0.0, True)
+        self._emit_contrib(node, f"{_MS}.MultiHeadAttention", b, q4, k4, v4, terms, ab)
 
     def ms_attention(self, node: ir.Node):
         attrs = node.attributes
@@ -159,11 +164,7 @@ class FusedOpNormalizers:
                 raise _Reject("4-D (Megatron) mask_index is not normalized")
             terms.append(self._padding_term(b, mask, attrs.get_float("mask_filter_value", -10000.0),
                                             x.dtype, _int_dim(x, 0), k4, x, "mask_index"))
-        if ab is not None:
-            terms.append(_Term("add", ab))
-        scale = attrs.get_float("scale", 0.0) or None
-        self._emit_fused(node, f"{_MS}.Attention", b, q4, k4, v4, terms,
-                         bool(attrs.get_int("unidirectional", 0)), scale, 0.0, True)
+        self._emit_contrib(node, f"{_MS}.Attention", b, q4, k4, v4, terms, ab)
 
     def ms_gqa(self, node: ir.Node):
         attrs = node.attributes
