@@ -39,6 +39,14 @@ TRANSLATIONS = {
 }
 
 
+class ExportError(BackendError):
+    """The exporter failed; ``op`` names the op it failed on, when it says (the planner runs it on torch)."""
+
+    def __init__(self, message: str, op: Optional[str] = None):
+        super().__init__(message)
+        self.op = op
+
+
 @dataclass
 class OnnxExport:
     model: onnx.ModelProto
@@ -166,14 +174,11 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             inner = e
             while inner.__cause__ is not None:
                 inner = inner.__cause__
-            err = BackendError(f"lowering {failing} to ONNX failed ({type(inner).__name__}: "
-                               f"{str(inner).strip()[:300]}); please report it, and use backend='torch' meanwhile")
-            err.op = failing
-            raise err from e
+            raise ExportError(f"lowering {failing} to ONNX failed ({type(inner).__name__}: "
+                              f"{str(inner).strip()[:300]}); please report it, and use backend='torch' meanwhile",
+                              op=failing) from e
         what = f"op {failing} has no ONNX translation" if failing else (str(e).strip().splitlines() or ["?"])[0][:200]
-        err = BackendError(f"cannot export to ONNX: {what}; run it with backend='torch'")
-        err.op = failing or None
-        raise err from None
+        raise ExportError(f"cannot export to ONNX: {what}; run it with backend='torch'", op=failing or None) from None
     finally:
         EXPORT_PROVIDER.reset(tokens[0])
         FUSED_CHOICES.reset(tokens[1])

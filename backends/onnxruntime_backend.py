@@ -20,7 +20,9 @@ from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from backends.onnx_export import OnnxExport, export_onnx, save_onnx
+from backends.protocol import LoweringSummary
 from compiler.errors import BackendError, InputError
+from compiler.plan import Plan
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -97,8 +99,10 @@ def _numpy_dtype(t: torch.Tensor):
 class OrtProgram:
     """Calls an ExportedProgram's ONNX export the way ``ep.module()`` is called."""
 
-    def __init__(self, ep: ExportedProgram, options: OrtOptions, exported: Optional[OnnxExport] = None):
+    def __init__(self, ep: ExportedProgram, options: OrtOptions, exported: Optional[OnnxExport] = None,
+                 plan: Optional[Plan] = None):
         self.options = options
+        self.plan = plan  # the whole program on onnxruntime; None for a segment of a planned program
         self.exported = exported or export_onnx(ep, options.providers[0], options.fused_lowering)
         self.session = make_session(self.exported.model, options)
         self.in_spec, self.out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
@@ -169,3 +173,14 @@ class OrtProgram:
 
     def save(self, path) -> Path:
         return save_onnx(self.exported.model, path)
+
+    def lowering_summary(self) -> LoweringSummary:
+        return onnx_summary([self.exported], self.options)
+
+
+def onnx_summary(exports: list[OnnxExport], options: OrtOptions) -> LoweringSummary:
+    """What the ONNX exports of one program (whole, or its planned segments) lowered each site to."""
+    return LoweringSummary("onnx", {k: v for e in exports for k, v in e.lowerings.items()},
+                           {"opset": exports[0].opset, "providers": list(options.providers),
+                            "export_seconds": round(sum(e.seconds for e in exports), 4),
+                            "onnx_segments": len(exports)})

@@ -17,8 +17,9 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from backends.capabilities import prepare, size_hint
-from backends.onnx_export import carry_site_ids, export_onnx
-from backends.onnxruntime_backend import OrtOptions, OrtProgram
+from backends.onnx_export import ExportError, carry_site_ids, export_onnx
+from backends.onnxruntime_backend import OrtOptions, OrtProgram, onnx_summary
+from backends.protocol import LoweringSummary
 from backends.planner import fitting_plan, make_plan
 from backends.typed_lowering import GUARDS, is_tuple_read
 from compiler.errors import BackendError
@@ -140,6 +141,10 @@ class PlannedProgram:
             out.update(seg.exported.lowerings)
         return out
 
+    def lowering_summary(self) -> Optional[LoweringSummary]:
+        segs = self.segments
+        return onnx_summary([s.exported for s in segs], self.options) if segs else None
+
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
@@ -171,21 +176,36 @@ def load_onnxruntime(ep, options: Optional[dict] = None, plan: Optional[Plan] = 
     """The ``onnxruntime`` backend. A program ORT runs whole is exported in one piece (its dynamic
     sizes kept as the program has them); otherwise the planned segments run in turn. An op whose
     lowering fails at export is planned again on torch, and the plan says why."""
-    opts = OrtOptions.from_dict(options)
+    opts = options if isinstance(options, OrtOptions) else OrtOptions.from_dict(options)
     gm = prepare(ep, "onnxruntime").module()
     plan = fitting_plan(gm, "onnxruntime", plan)
     refused: dict = dict(plan.fallbacks)
     while True:
         try:
             if len(plan.segments) == 1 and plan.segments[0].backend == "onnxruntime":
-                program = OrtProgram(ep, opts)
-                program.plan = plan
-                return program
+                return OrtProgram(ep, opts, plan=plan)
             return PlannedProgram(gm, plan, opts)
-        except BackendError as e:
-            op = getattr(e, "op", None)
+        except ExportError as e:
+            op = e.op
             if not op or op in refused:
                 raise
             refused[op] = str(e)
             gm = prepare(ep, "onnxruntime").module()
             plan = make_plan(gm, "onnxruntime", refused)
+
+
+class OrtBackend:
+    name = "onnxruntime"
+    options_type = OrtOptions
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None  # onnxruntime is a dependency; a provider that is missing is an options error
+
+    def parse_options(self, options: Optional[dict]) -> OrtOptions:
+        return OrtOptions.from_dict(options)
+
+    def load(self, ep, options: OrtOptions, plan: Optional[Plan] = None):
+        return load_onnxruntime(ep, options, plan)
+
+
+BACKEND = OrtBackend()

@@ -3,11 +3,15 @@ in the plan's memory-aware order."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from torch.export import ExportedProgram
 
 from backends.plan_executor import PlannedProgram
 from backends.planner import fitting_plan
-from compiler.errors import InputError
+from compiler.errors import BackendError, InputError
+from compiler.plan import Plan
 
 
 class TorchProgram(PlannedProgram):
@@ -27,6 +31,30 @@ def load(ep: ExportedProgram, plan=None) -> TorchProgram:
     gm = ep.module()
     lower_sparse(gm)
     return TorchProgram(gm, fitting_plan(gm, "torch", plan))
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """The torch backend takes no options."""
+
+
+class TorchBackend:
+    name = "torch"
+    options_type = TorchOptions
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None
+
+    def parse_options(self, options: Optional[dict]) -> TorchOptions:
+        if options:
+            raise BackendError(f"backend 'torch' takes no options; got {', '.join(sorted(options))}")
+        return TorchOptions()
+
+    def load(self, ep: ExportedProgram, options: TorchOptions, plan: Optional[Plan] = None) -> TorchProgram:
+        return load(ep, plan)
+
+
+BACKEND = TorchBackend()
 
 
 def lower_sparse(gm) -> int:

@@ -8,7 +8,8 @@ kernels run on CPU tensors in Triton's interpreter: that is how the tests check 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch.export import ExportedProgram
@@ -16,6 +17,7 @@ from torch.fx import GraphModule
 
 from backends.capabilities import interpreting
 from backends.planner import fitting_plan
+from backends.protocol import LoweringSummary
 from backends.torch_backend import TorchProgram
 from compiler.errors import BackendError
 from compiler.plan import Plan
@@ -75,24 +77,52 @@ class TritonProgram(TorchProgram):
                 out[site] = " ".join(f"{k}={v}" if k != "kernel" else str(v) for k, v in rec.items())
         return out
 
-    def summary(self) -> dict:
+    def lowering_summary(self) -> LoweringSummary:
+        """What each site's last call ran as: call the program first (kernels record their choices as they run)."""
         from backends.triton_schedule import SCHEDULER
 
         dev = "interpreter (CPU)" if interpreting() else torch.cuda.get_device_name()
-        return {"format": "triton", "device": dev, "compile_rest": self.compile_rest or False,
-                "config_cache": str(SCHEDULER.cache.path), "max_abs_error_vs_torch": None}
+        return LoweringSummary("triton", self.lowerings, {"device": dev, "compile_rest": self.compile_rest or False,
+                                                          "config_cache": str(SCHEDULER.cache.path)})
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    compile_rest: Union[bool, str] = False  # torch.compile the rest of the program (True: inductor, or a backend name)
+
+    @classmethod
+    def from_dict(cls, options: Optional[dict]) -> "TritonOptions":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise BackendError(f"backend 'triton' does not take {', '.join(unknown)}; options: {', '.join(OPTIONS)}")
+        compile_rest = options.get("compile_rest", False)
+        if not isinstance(compile_rest, (bool, str)):
+            raise BackendError("compile_rest must be True, False or a torch.compile backend name")
+        return cls(compile_rest)
 
 
 def load(ep: ExportedProgram, options: Optional[dict] = None, plan: Optional[Plan] = None) -> TritonProgram:
     reason = unavailable_reason()
     if reason:
         raise BackendError(reason)
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise BackendError(f"backend 'triton' does not take {', '.join(unknown)}; options: {', '.join(OPTIONS)}")
-    compile_rest = options.get("compile_rest", False)
-    if not isinstance(compile_rest, (bool, str)):
-        raise BackendError("compile_rest must be True, False or a torch.compile backend name")
+    opts = options if isinstance(options, TritonOptions) else TritonOptions.from_dict(options)
     gm = ep.module()
-    return TritonProgram(gm, fitting_plan(gm, "triton", plan), compile_rest)
+    return TritonProgram(gm, fitting_plan(gm, "triton", plan), opts.compile_rest)
+
+
+class TritonBackend:
+    name = "triton"
+    options_type = TritonOptions
+
+    def unavailable_reason(self) -> Optional[str]:
+        return unavailable_reason()
+
+    def parse_options(self, options: Optional[dict]) -> TritonOptions:
+        return TritonOptions.from_dict(options)
+
+    def load(self, ep: ExportedProgram, options: TritonOptions, plan: Optional[Plan] = None) -> TritonProgram:
+        return load(ep, options, plan)
+
+
+BACKEND = TritonBackend()

@@ -433,20 +433,13 @@ def compile_program(
 
 def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verify_outputs: bool) -> None:
     """What the backend made of each site, and how far its outputs are from the torch backend's."""
-    run = cm._run
     ours = cm(*args, **kwargs) if verify_outputs else None  # Triton kernels record their choices as they run
-    if hasattr(run, "summary"):
-        lowerings, low = run.lowerings, run.summary()
-    else:
-        exports = [run.exported] if hasattr(run, "exported") else [s.exported for s in getattr(run, "segments", [])]
-        if not exports:
-            return
-        lowerings = {k: v for e in exports for k, v in e.lowerings.items()}
-        low = {"format": "onnx", "opset": exports[0].opset, "providers": list(run.options.providers),
-               "export_seconds": round(sum(e.seconds for e in exports), 4), "onnx_segments": len(exports),
-               "max_abs_error_vs_torch": None}
+    summary = cm._run.lowering_summary()
+    if summary is None:
+        return
+    low = summary.report()
     for rec in cm.report.sites:
-        rec.lowering = lowerings.get(rec.id)
+        rec.lowering = summary.lowerings.get(rec.id)
     if ours is not None:
         # The backend must agree with the program it lowered; a mismatch is a lowering bug.
         cmp = verify.compare(verify.run(cm.exported_program, args, kwargs), ours)

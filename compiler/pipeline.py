@@ -1,4 +1,12 @@
-"""The pass manager: ordered passes over an ExportedProgram, each timed and counted."""
+"""The pass manager: ordered passes over an ExportedProgram, each checked, timed and recorded.
+
+A pass is a name and a function ``(PassContext) -> PassResult`` (``passes.infra``). The manager,
+modelled on torch.fx's ``PassManager`` and onnx-ir's pass contracts, owns what every pass shares:
+the program lints before the first pass and after each one, the output specs follow the graph
+(a pass may replace the node an output reads), each pass is timed on its own, and an exception
+inside a pass is re-raised as a ``PassError`` naming it (a user's ``AttnforgeError`` passes
+through as it is). Policy decisions stay out of the passes: the context carries them in.
+"""
 
 from __future__ import annotations
 
@@ -7,67 +15,147 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from torch.export import ExportedProgram
+from torch.export.graph_signature import TensorArgument
 
+from compiler.errors import AttnforgeError
 from compiler.graph import count_nodes
 from compiler.policy import Policy
 from compiler.program import clone_program, sync_output_specs
 from compiler.report import PassRecord
+from compiler.variants import Variant
+from passes.attention_discovery import Discovery
+from passes.attention_fusion import FusionResult
+from passes.attention_variants import VariantResult
+from passes.infra import PassConditionError, PassError, PassResult
+
+LEFT_OUT = "with it the program failed end-to-end verification"
 
 
 @dataclass
 class PassContext:
     ep: ExportedProgram
     policy: Policy
-    exclude: set[str] = field(default_factory=set)
-    discovery: object = None  # passes.attention_discovery.Discovery
-    fusion: object = None  # passes.attention_fusion.FusionResult
+    exclude: set[str] = field(default_factory=set)  # site ids kept dense (rolled back by verification)
+    discovery: Optional[Discovery] = None
+    fusion: Optional[FusionResult] = None
     before_fusion: Optional[ExportedProgram] = None  # snapshot for per-site verification
-    subgraphs: dict = field(default_factory=dict)  # site id -> its matched subgraph (compiler.explain)
-    variants: dict = field(default_factory=dict)  # site id -> compiler.variants.Variant
-    variant_result: object = None  # passes.attention_variants.VariantResult
+    subgraphs: dict[str, dict] = field(default_factory=dict)  # site id -> its matched subgraph (compiler.explain)
+    variants: dict[str, Variant] = field(default_factory=dict)  # site id -> the variant chosen for it
+    variant_result: Optional[VariantResult] = None
     skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
     verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
+
+
+# ----------------------------------------------------------------------------- typed details
+
+
+@dataclass
+class DiscoveryDetails:
+    rejected_softmax: int  # softmaxes left alone (their reasons are in the report's ``rejected``)
+
+
+@dataclass
+class FusionDetails:
+    skipped: dict[str, str]  # site id -> why it was not rewritten
+
+
+@dataclass
+class VariantDetails:
+    variants: dict[str, str]  # site id -> the variant applied, as text
+
+
+@dataclass
+class LeftOut:
+    left_out: str
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def lint_graph(ep: ExportedProgram) -> None:
+    """fx's own well-formedness check: every use defined before it, one output, known targets."""
+    ep.graph.lint()
+
+
+def output_specs_in_sync(ep: ExportedProgram) -> None:
+    """The signature names exactly the values the graph returns."""
+    out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+    specs = ep.graph_signature.output_specs
+    if len(specs) != len(out.args[0]):
+        raise AssertionError(f"the graph returns {len(out.args[0])} values but the signature names {len(specs)}")
+    for spec, node in zip(specs, out.args[0]):
+        if isinstance(spec.arg, TensorArgument) and getattr(node, "name", None) != spec.arg.name:
+            raise AssertionError(f"output spec {spec.arg.name!r} does not name the returned value {node}")
+
+
+CONDITIONS: tuple[tuple[str, Callable[[ExportedProgram], None]], ...] = (
+    ("graph lint", lint_graph),
+    ("output specs in sync", output_specs_in_sync),
+)
 
 
 @dataclass
 class Pass:
     name: str
-    run: Callable[[PassContext], dict]
+    run: Callable[[PassContext], PassResult]
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass]):
+    def __init__(self, passes: list[Pass], conditions=CONDITIONS):
         self.passes = passes
+        self.conditions = conditions
+
+    def _check(self, ep: ExportedProgram, after: str) -> None:
+        for condition, check in self.conditions:
+            try:
+                check(ep)
+            except Exception as e:  # noqa: BLE001 - any failure of a condition is that condition broken
+                raise PassConditionError(after, condition, e) from e
 
     def run(self, ctx: PassContext) -> list[PassRecord]:
+        self._check(ctx.ep, "<input>")
         records = []
         for p in self.passes:
+            nodes = count_nodes(ctx.ep.graph_module)
             if p.name in ctx.skip_passes:
-                nodes = count_nodes(ctx.ep.graph_module)
                 records.append(PassRecord(name=p.name, seconds=0.0, nodes_before=nodes, nodes_after=nodes,
-                                          details={"left_out": "with it the program failed end-to-end verification"}))
+                                          details={"left_out": LEFT_OUT}))
                 continue
-            before = count_nodes(ctx.ep.graph_module)
             t0 = time.perf_counter()
-            details = p.run(ctx) or {}
-            sync_output_specs(ctx.ep)
+            try:
+                result = p.run(ctx)
+            except AttnforgeError:
+                raise  # the user's mistake, already one line that says what to do
+            except Exception as e:
+                raise PassError(p.name, e) from e
+            if not isinstance(result, PassResult):
+                raise PassError(p.name, TypeError(f"returned {type(result).__name__}, not a PassResult"))
             seconds = time.perf_counter() - t0
-            records.append(
-                PassRecord(
-                    name=p.name,
-                    seconds=round(seconds, 6),
-                    nodes_before=before,
-                    nodes_after=count_nodes(ctx.ep.graph_module),
-                    sites_found=details.pop("sites_found", 0),
-                    sites_rewritten=details.pop("sites_rewritten", 0),
-                    details=details,
-                )
-            )
+            if result.program is not None:
+                ctx.ep = result.program
+            # Outputs follow the graph: a pass may have replaced the node an output reads.
+            sync_output_specs(ctx.ep)
+            self._check(ctx.ep, p.name)
+            records.append(PassRecord(name=p.name, seconds=round(seconds, 6), nodes_before=nodes,
+                                      nodes_after=count_nodes(ctx.ep.graph_module),
+                                      sites_found=result.sites_found, sites_rewritten=result.sites_rewritten,
+                                      details=result.record_details()))
         return records
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def selected_sites(ctx: PassContext) -> set[str]:
+    """The sites the policy rewrites: every one found that it does not leave dense, less those excluded."""
+    ctx.policy.check_selectors([m.site for m in ctx.discovery.matches])
+    return {m.site.id for m in ctx.discovery.matches
+            if m.site.id not in ctx.exclude and ctx.policy.variant_for(m.site).kind != "dense"}
 
 
 def exact_pipeline() -> PassManager:
     """Clean up, canonicalize, find attention, fuse every site the policy rewrites into exact attention."""
+    # Looked up when the pipeline is built, so a test can replace a pass function in its module.
     from compiler.explain import subgraph
     from passes.attention_discovery import discover
     from passes.attention_fusion import fuse_attention
@@ -77,26 +165,22 @@ def exact_pipeline() -> PassManager:
     from passes.dce import dead_code_elimination
     from passes.layout import layout_cleanup
 
-    def discovery(ctx: PassContext) -> dict:
+    def canonical(ctx: PassContext) -> PassResult:
+        ep, stats = canonicalize(ctx.ep)
+        changed = ep is not ctx.ep or any(stats.values())
+        return PassResult(changed=changed, counts=stats, program=ep if ep is not ctx.ep else None)
+
+    def discovery(ctx: PassContext) -> PassResult:
         ctx.discovery = discover(ctx.ep)
         ctx.before_fusion = clone_program(ctx.ep)
         ctx.subgraphs = {m.site.id: subgraph([*m.internal, m.anchor, m.output]) for m in ctx.discovery.matches}
-        return {"sites_found": len(ctx.discovery.matches), "rejected_softmax": len(ctx.discovery.rejected)}
+        return PassResult(changed=False, sites_found=len(ctx.discovery.matches),
+                          details=DiscoveryDetails(rejected_softmax=len(ctx.discovery.rejected)))
 
-    def canonical(ctx: PassContext) -> dict:
-        ctx.ep, stats = canonicalize(ctx.ep)
-        return stats
-
-    def fusion(ctx: PassContext) -> dict:
-        ctx.policy.check_selectors([m.site for m in ctx.discovery.matches])
-        selected = {
-            m.site.id
-            for m in ctx.discovery.matches
-            if m.site.id not in ctx.exclude and ctx.policy.variant_for(m.site).kind != "dense"
-        }
-        ctx.fusion = fuse_attention(ctx.ep.graph_module, ctx.discovery.matches, selected)
-        return {"sites_found": len(ctx.discovery.matches), "sites_rewritten": len(ctx.fusion.rewritten),
-                "skipped": ctx.fusion.skipped}
+    def fusion(ctx: PassContext) -> PassResult:
+        ctx.fusion = fuse_attention(ctx.ep.graph_module, ctx.discovery.matches, selected_sites(ctx))
+        return PassResult(changed=bool(ctx.fusion.rewritten), sites_found=len(ctx.discovery.matches),
+                          sites_rewritten=len(ctx.fusion.rewritten), details=FusionDetails(skipped=ctx.fusion.skipped))
 
     return PassManager([
         Pass("dead_code_elimination", lambda c: dead_code_elimination(c.ep)),
@@ -115,11 +199,12 @@ def variant_pipeline() -> PassManager:
     from passes.attention_variants import apply_variants
     from passes.dce import dead_code_elimination
 
-    def variants(ctx: PassContext) -> dict:
+    def variants(ctx: PassContext) -> PassResult:
         sites = {m.site.id: m.site for m in ctx.discovery.matches}
         ctx.variant_result = apply_variants(ctx.ep.graph_module, sites, ctx.variants)
-        return {"sites_found": len(ctx.variants), "sites_rewritten": len(ctx.variant_result.applied),
-                "variants": dict(ctx.variant_result.applied)}
+        applied = dict(ctx.variant_result.applied)
+        return PassResult(changed=bool(applied), sites_found=len(ctx.variants), sites_rewritten=len(applied),
+                          details=VariantDetails(variants=applied))
 
     return PassManager([
         Pass("attention_variants", variants),

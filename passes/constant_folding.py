@@ -14,6 +14,7 @@ from torch.export import ExportedProgram
 
 from compiler.graph import ConeEvaluator, count_nodes
 from compiler.program import add_constant
+from passes.infra import PassResult, counted
 
 _IMPURE = {torch.ops.aten._assert_tensor_metadata.default}
 _NONDETERMINISTIC = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "bernoulli", "dropout", "native_dropout", "empty", "empty_like", "empty_strided", "new_empty"}
@@ -32,7 +33,7 @@ def _foldable(node: fx.Node, known: set) -> bool:
     return all(i in known for i in inputs)
 
 
-def constant_folding(ep: ExportedProgram, max_elements: int = 4096) -> dict:
+def constant_folding(ep: ExportedProgram, max_elements: int = 4096) -> PassResult:
     gm = ep.graph_module
     before = count_nodes(gm)
     evaluator = ConeEvaluator(ep)
@@ -56,4 +57,4 @@ def constant_folding(ep: ExportedProgram, max_elements: int = 4096) -> dict:
         folded += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return {"folded": folded, "removed_nodes": before - count_nodes(gm)}
+    return counted({"folded": folded, "removed_nodes": before - count_nodes(gm)})

@@ -16,6 +16,7 @@ from torch.export import ExportedProgram
 
 from compiler.graph import count_nodes, user_input_names
 from compiler.program import prune_unused_state
+from passes.infra import PassResult, counted
 
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
 # Arguments that, at these values, make a seeded op draw no random numbers.
@@ -57,7 +58,7 @@ def _impure(node) -> bool:
     return node.is_impure()
 
 
-def dead_code_elimination(ep: ExportedProgram) -> dict:
+def dead_code_elimination(ep: ExportedProgram) -> PassResult:
     before = count_nodes(ep.graph_module)
     graph = ep.graph
     user_inputs = user_input_names(ep)
@@ -70,4 +71,4 @@ def dead_code_elimination(ep: ExportedProgram) -> dict:
             break
     ep.graph_module.recompile()
     pruned = prune_unused_state(ep)
-    return {"removed_nodes": before - count_nodes(ep.graph_module), "pruned_state": pruned}
+    return counted({"removed_nodes": before - count_nodes(ep.graph_module), "pruned_state": pruned})

@@ -11,6 +11,7 @@ from torch import fx
 from torch.export import ExportedProgram
 
 from compiler.graph import aten, count_nodes, is_op, overloads, same_shape, sym_shape
+from passes.infra import PassResult, counted
 
 # aten.view.dtype reinterprets bits (qweight.view(torch.int8)): not a reshape, never dropped.
 RESHAPES = overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten) - {aten.view.dtype}
@@ -34,7 +35,7 @@ def _perm(node: fx.Node) -> list[int] | None:
     return None
 
 
-def layout_cleanup(ep: ExportedProgram) -> dict:
+def layout_cleanup(ep: ExportedProgram) -> PassResult:
     gm = ep.graph_module
     before = count_nodes(gm)
     stats = {"identity_views": 0, "reshape_chains": 0, "permute_pairs": 0}
@@ -68,4 +69,4 @@ def layout_cleanup(ep: ExportedProgram) -> dict:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     stats["removed_nodes"] = before - count_nodes(gm)
-    return stats
+    return counted(stats)

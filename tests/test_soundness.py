@@ -177,7 +177,9 @@ def _double_output(ep):
     doubled.meta["val"] = first.meta["val"]
     out.args = ((doubled, *out.args[0][1:]),)
     ep.graph_module.recompile()
-    return {}
+    from passes.infra import PassResult
+
+    return PassResult(changed=True)
 
 
 def test_a_pass_that_breaks_the_program_is_left_out(monkeypatch):
