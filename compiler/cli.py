@@ -480,7 +480,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("torch", "transformers"):
+    # onnxscript's version converter and onnx-ir's shape inference log recoverable fallbacks as
+    # warnings (with a traceback); the result is checked by us either way.
+    for name in ("torch", "transformers", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -77,6 +77,8 @@ def load_onnx(path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as e:
         first = (str(e).strip().splitlines() or ["?"])[0][:200]
         raise InputError(f"{path}: not a valid ONNX model ({first})") from None
+    except UnicodeDecodeError:  # a damaged string field (names, producer) the checker decodes
+        raise InputError(f"{path}: not a valid ONNX model (a text field is not UTF-8); is the file intact?") from None
     return model
 
 
