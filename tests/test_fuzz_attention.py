@@ -460,3 +460,13 @@ def check(sp: Spec, verify: bool = False) -> None:
 @given(specs())
 def test_generated_attention_programs(sp):
     check(sp)
+
+
+@pytest.mark.slow
+@settings(max_examples=3 * EXAMPLES, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(specs())
+def test_more_generated_attention_programs(sp):
+    """CI's slow step: three times as many programs, other ones (the seed follows the test's name)."""
+    check(sp)
