@@ -30,6 +30,7 @@ from compiler.variants import parse_variant
 
 FLEX_MIN_PAIRS = 1 << 22  # (query, key) pairs per head below which the reference is faster
 _compiled = None
+RECOMPILE_LIMIT = 64  # distinct (layout, shape) pairs compiled per process before the reference takes over
 _failed: Optional[str] = None
 
 
@@ -140,8 +141,15 @@ def flex_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
             _compiled = torch.compile(flex_attention, dynamic=False)
         fn = _compiled
     dtype = v.dtype
-    out = fn(q, k, v.to(q.dtype), score_mod=_score_mod(bias, softcap), block_mask=bm, scale=scale,
-             enable_gqa=k.shape[1] != hq)
+    # Every site layout (its mask_mod) and shape is a recompile of the one flex_attention frame.
+    # Past dynamo's limit it would silently run flex's unfused fallback, which materialises the
+    # whole score matrix (the memory blow-up this lowering exists to avoid): allow a model's worth
+    # of recompiles, and past that fail loudly, so the caller runs the bounded-memory reference.
+    # The op is inference-only; no_grad keeps grad mode from being one more recompile reason.
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                                     fail_on_recompile_limit_hit=True):
+        out = fn(q, k, v.to(q.dtype), score_mod=_score_mod(bias, softcap), block_mask=bm, scale=scale,
+                 enable_gqa=k.shape[1] != hq)
     return out.to(dtype)
 
 

@@ -117,3 +117,27 @@ def test_compiled_flex_equals_reference(text):
     text = parse_variant(text).text
     got = flex_sparse(q, k, v, None, 0.2, True, 0.0, text, compiled=True)
     assert float((got - sparse_attention_reference(q, k, v, None, 0.2, True, 0.0, text)).abs().max()) <= 1e-5
+
+
+def test_past_the_recompile_limit_the_bounded_reference_runs(monkeypatch):
+    """Each layout is a recompile of flex_attention; past dynamo's limit torch would silently run
+    flex's unfused fallback (the whole score matrix in memory). The op must instead say so once
+    and run the bounded-memory reference, with the same numbers."""
+    import backends.torch_flex as tf
+
+    monkeypatch.setattr(tf, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(tf, "_failed", None)
+    monkeypatch.setenv("ATTNFORGE_FLEX", "1")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    outs = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for text in ("window:8,block=16", "window:24,block=16", "window:40,sinks:4,block=16"):
+            spec = parse_variant(text).text
+            outs.append((FLEX_SPARSE(q, k, v, None, 0.25, True, 0.0, spec), spec))
+    assert any("FlexAttention lowering unavailable" in str(w.message) for w in seen)
+    assert tf._failed is not None and "recompile" in tf._failed.lower()
+    for got, spec in outs:
+        want = sparse_attention_reference(q, k, v, None, 0.25, True, 0.0, spec)
+        assert float((got - want).abs().max()) <= 1e-5
