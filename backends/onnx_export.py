@@ -23,7 +23,7 @@ from backends.onnx_attention import EXPORT_PROVIDER, FORCED_LOWERING, FUSED_CHOI
 from backends.onnx_cache import CACHE_ATTENTION_STEP, cache_step_translation
 from backends.onnx_linear import linear_translation
 from backends.onnx_sparse import sparse_translation
-from compiler.errors import AttnforgeError, BackendError
+from compiler.errors import AttnforgeError, BackendError, first_line
 from compiler.linear_ops import LINEAR_ATTENTION
 from compiler.ops import ATTENTION_OPS
 from compiler.site import SITE_META
@@ -177,7 +177,7 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             raise ExportError(f"lowering {failing} to ONNX failed ({type(inner).__name__}: "
                               f"{str(inner).strip()[:300]}); please report it, and use backend='torch' meanwhile",
                               op=failing) from e
-        what = f"op {failing} has no ONNX translation" if failing else (str(e).strip().splitlines() or ["?"])[0][:200]
+        what = f"op {failing} has no ONNX translation" if failing else first_line(e, 200, "?")
         raise ExportError(f"cannot export to ONNX: {what}; run it with backend='torch'", op=failing or None) from None
     finally:
         EXPORT_PROVIDER.reset(tokens[0])
@@ -188,7 +188,7 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
-        first = (str(e).strip().splitlines() or ["?"])[0][:200]
+        first = first_line(e, 200, "?")
         raise BackendError(f"the exported ONNX model does not pass onnx.checker ({first})") from None
     lowerings, fused = {}, iter(choices)
     for site, target in _site_nodes(ep):

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from backends.onnx_export import OnnxExport, export_onnx, save_onnx
 from backends.protocol import LoweringSummary
-from compiler.errors import BackendError, InputError
+from compiler.errors import BackendError, InputError, first_line
 from compiler.plan import Plan
 
 _LEVELS = {
@@ -85,7 +85,7 @@ def make_session(model: onnx.ModelProto, options: OrtOptions) -> ort.InferenceSe
         return ort.InferenceSession(model.SerializeToString(), options.session_options(),
                                     providers=list(options.providers))
     except Exception as e:
-        first = (str(e).strip().splitlines() or ["?"])[0][:300]
+        first = first_line(e, 300, "?")
         raise BackendError(f"onnxruntime cannot load the exported model ({first})") from None
 
 
@@ -165,7 +165,7 @@ class OrtProgram:
         except (InputError, BackendError):
             raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or ["?"])[0][:300]
+            first = first_line(e, 300, "?")
             raise InputError(f"onnxruntime could not run these inputs ({first}); check their shapes and dtypes "
                              "against the example inputs") from None
         values = [next(outs) if isinstance(s.arg, TensorArgument) else s.arg.value for s in self.output_specs]

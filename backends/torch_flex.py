@@ -27,6 +27,7 @@ from torch import Tensor
 from compiler.block_layout import BlockLayout
 from compiler.sparse_ops import head_groups, kv_head_map, layout_for, sparse_attention_reference
 from compiler.variants import parse_variant
+from compiler.errors import first_line
 
 FLEX_MIN_PAIRS = 1 << 22  # (query, key) pairs per head below which the reference is faster
 _compiled = None
@@ -45,7 +46,7 @@ def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: b
 
     bs = layout.block
     kvb = layout.kv_blocks.to(device)
-    nqb, nkb = kvb.shape[2], -(-sk // bs)
+    nkb = -(-sk // bs)
     listed = kvb >= 0
     # Which listed blocks keep every pair: FlexAttention runs those without the mask_mod.
     pairs = layout.gathered_keep(causal).to(device).expand(*kvb.shape[:3], bs, kvb.shape[-1] * bs)
@@ -172,7 +173,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
             if out is not None:
                 return out
         except Exception as e:  # noqa: BLE001 - no compiler, an unsupported shape: the reference is exact
-            _failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            _failed = f"{type(e).__name__}: {first_line(e)}"
             warnings.warn(f"attnforge: FlexAttention lowering unavailable ({_failed}); sparse attention runs "
                           "the PyTorch reference", stacklevel=2)
     return sparse_attention_reference(q, k, v, mask, scale, is_causal, softcap, spec)

@@ -15,7 +15,7 @@ from compiler import auto, verify
 from compiler.auto import calibration_batches
 from compiler.budget import Fidelity
 from compiler.capture import capture, hf_defaults
-from compiler.errors import InputError, PolicyError, VerificationError
+from compiler.errors import InputError, PolicyError, VerificationError, first_line
 from compiler.explain import attention_maps as explain_maps
 from compiler.explain import rewritten_subgraph
 from compiler.graph import shape
@@ -262,7 +262,7 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ref
                 if not cmp["passed"]:
                     failure = f"outputs differ by {cmp['max_abs_error']:.2e} (over tolerance {cmp['tolerance']:.1e})"
             except Exception as e:  # noqa: BLE001 - a program that does not run fails verification
-                failure = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                failure = first_line(e, 200, type(e).__name__)
                 sid = _failing_site(ctx, args, kwargs)
                 if sid is not None:
                     excluded[sid] = f"the rewritten program fails on the example inputs ({failure}); rolled back"
@@ -292,7 +292,7 @@ def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
             ep._graph_module_flat_inputs(args, kw)
             verify.run(ep, args, kw)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200, type(e).__name__)
             raise InputError(f"calibration batch {i} does not fit the captured program ({first}); give batches "
                              "shaped like the example inputs, or capture with dynamic shapes") from None
 
@@ -346,7 +346,7 @@ def compile_program(
     try:
         reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
     except Exception as e:  # noqa: BLE001 - the user's inputs do not fit their own program
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200, type(e).__name__)
         raise InputError(f"the example inputs do not run through the program ({first}); give inputs shaped "
                          "like the ones it was exported with") from None
     with status("finding, fusing and verifying attention", show_progress):

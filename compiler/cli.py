@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from compiler.errors import AttnforgeError, InputError
+from compiler.errors import AttnforgeError, InputError, first_line
 
 
 def _die(msg: str, code: int = 2) -> int:
@@ -127,7 +127,7 @@ def _calibration_arg(path):
     try:
         data = torch.load(path, weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200, type(e).__name__)
         raise InputError(f"{path}: not a calibration file written by torch.save ({first})") from None
     if not isinstance(data, (list, tuple)) or not data:
         raise InputError(f"{path}: expected a non-empty list of batches (tuples of tensors or dicts of tensors), "
@@ -502,7 +502,7 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return _die(f"{where}{e.strerror or e}")
     except Exception as e:  # a bug of ours: still one line, and say so
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = first_line(e, 300)
         return _die(f"internal error ({type(e).__name__}: {first}); please report it with the command you ran", 3)
 
 

@@ -28,3 +28,9 @@ class BackendError(AttnforgeError):
 
 class VerificationError(AttnforgeError):
     """The rewritten program differs from the model and nothing attnforge can roll back fixes it."""
+
+
+def first_line(err: BaseException, limit: int = 200, default: str = "") -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (``default`` when the
+    message is empty): how a cause is quoted inside our one-line errors."""
+    return (str(err).strip().splitlines() or [default])[0][:limit]

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from backends.onnx_sites import SiteShape, lowered_graph, splice
 from compiler import verify
 from compiler.budget import Fidelity
-from compiler.errors import BackendError, InputError, PolicyError
+from compiler.errors import BackendError, InputError, PolicyError, first_line
 from compiler.measure import SiteInputs, exact_probabilities, site_effect
 from compiler.policy import PolicySpec, parse_policy
 from compiler.report import FidelityRecord, PassRecord, Report, SiteRecord
@@ -75,7 +75,7 @@ def load_onnx(path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = (str(e).strip().splitlines() or ["?"])[0][:200]
+        first = first_line(e, 200, "?")
         raise InputError(f"{path}: not a valid ONNX model ({first})") from None
     except UnicodeDecodeError:  # a damaged string field (names, producer) the checker decodes
         raise InputError(f"{path}: not a valid ONNX model (a text field is not UTF-8); is the file intact?") from None
@@ -89,7 +89,7 @@ def _session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        first = (str(e).strip().splitlines() or ["?"])[0][:300]
+        first = first_line(e, 300, "?")
         raise InputError(f"onnxruntime cannot load this model ({first})") from None
 
 
@@ -134,7 +134,7 @@ def _run(sess: ort.InferenceSession, feeds: dict, names: Optional[list] = None) 
     try:
         return sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})
     except Exception as e:
-        first = (str(e).strip().splitlines() or ["?"])[0][:300]
+        first = first_line(e, 300, "?")
         raise InputError(f"onnxruntime could not run the model on the example inputs ({first}); give "
                          "--example-shape for its inputs") from None
 

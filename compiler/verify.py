@@ -10,6 +10,8 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
+from compiler.errors import first_line
+
 _TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-7, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
@@ -69,7 +71,7 @@ class RunFailure(Exception):
     """Running a program raised at ``node`` (a name in its graph)."""
 
     def __init__(self, node: str, error: Exception):
-        first = (str(error).strip().splitlines() or [""])[0][:200]
+        first = first_line(error)
         super().__init__(f"{type(error).__name__} at {node}: {first}")
         self.node = node
 

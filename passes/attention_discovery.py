@@ -51,6 +51,7 @@ from compiler.masks import (
 )
 from compiler.ops import default_scale
 from compiler.site import AttentionSite, Operand, SiteMatch, layer_of
+from compiler.errors import first_line
 
 SOFTMAX = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
 SDPA = overloads(aten.scaled_dot_product_attention)
@@ -702,7 +703,7 @@ def discover(ep: ExportedProgram) -> Discovery:
         except NotAttention as e:
             out.rejected.append({"node": node.name, "module": module_path(node), "reason": str(e)})
         except Exception as e:  # noqa: BLE001 - a form the matcher trips on stays dense, with why
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             out.rejected.append({"node": node.name, "module": module_path(node),
                                  "reason": f"matcher failed ({type(e).__name__}: {first}); left dense"})
     return out

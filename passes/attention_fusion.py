@@ -17,6 +17,7 @@ from compiler.builder import Builder
 from compiler.graph import aten, dtype, hint, is_op, overloads, same_shape, sym_shape, val
 from compiler.ops import softmax_dtype
 from compiler.site import SITE_META, Operand, SiteMatch
+from compiler.errors import first_line
 
 ATTENTION = torch.ops.attnforge.attention.default
 
@@ -247,7 +248,7 @@ def fuse_attention(gm: fx.GraphModule, matches: list[SiteMatch], selected: set[s
             res.skipped[m.site.id] = str(e)
             continue
         except Exception as e:  # noqa: BLE001 - one site that cannot be rebuilt stays dense, with why
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             res.skipped[m.site.id] = f"rewrite failed ({type(e).__name__}: {first}); kept dense"
             continue
         res.rewritten.append(m.site.id)

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from torch.export import ExportedProgram
 
+from compiler.errors import first_line
+
 
 @dataclass
 class PassResult:
@@ -52,7 +54,7 @@ class PassError(RuntimeError):
     def __init__(self, pass_name: str, cause: BaseException):
         self.pass_name = pass_name
         self.cause = cause
-        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        first = first_line(cause)
         super().__init__(f"pass {pass_name!r} failed: {type(cause).__name__}: {first}".rstrip(": "))
 
 
