@@ -175,10 +175,8 @@ class _Matcher(ChainWalker, MaskResolver):
             layer=layer_of(path),
             notes=notes,
         )
-        match = SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal)
-        if full_rows:
-            match.extra["full_rows"] = full_rows
-        return match
+        return SiteMatch(site, anchor, output, q_op, k_op, v_op, scale, tfs, terms, keeps, (b, hq), internal,
+                         full_rows=full_rows)
 
 
 def _batch_heads(batch: list[int]) -> tuple[int, int]:
