@@ -17,7 +17,6 @@ execution provider's preference order, measured by ``tools/bench_onnx.py``.
 
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass
 from typing import Optional
 
@@ -87,11 +86,14 @@ def features_of(q, k, mask, is_causal: bool, softcap: float) -> FusedFeatures:
     )
 
 
-# What the exporter is building for: set by ``backends.onnx_export`` around one export.
-EXPORT_PROVIDER = contextvars.ContextVar("attnforge_onnx_provider", default="CPUExecutionProvider")
-FUSED_CHOICES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("attnforge_fused_choices",
-                                                                               default=None)
-FORCED_LOWERING: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attnforge_forced", default=None)
+@dataclass(frozen=True)
+class FusedLoweringOptions:
+    """What one export builds exact attention for: the execution provider whose preference
+    order picks each site's lowering, or one lowering forced where the site supports it
+    (benchmarks and tests compare them)."""
+
+    provider: str = "CPUExecutionProvider"
+    forced: Optional[str] = None
 
 
 def _packed(x):
@@ -153,13 +155,16 @@ def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float
     raise KeyError(lowering)
 
 
-def attention_translation(q, k, v, mask=None, scale=1.0, is_causal=False, softcap=0.0):
-    """``attnforge::attention`` -> the provider's fastest lowering that supports the site."""
-    feats = features_of(q, k, mask, is_causal, softcap)
-    forced = FORCED_LOWERING.get()
-    lowering = forced if forced is not None and feats.supported_by(forced) else \
-        choose_fused(feats, EXPORT_PROVIDER.get())
-    choices = FUSED_CHOICES.get()
-    if choices is not None:
-        choices.append(lowering)
-    return lower_attention(q, k, v, mask, scale, is_causal, softcap, lowering)
+def attention_translation(options: FusedLoweringOptions, chosen: list):
+    """The translation of ``attnforge::attention`` for one export: each site gets the provider's
+    fastest lowering that supports it, appended to ``chosen`` in graph order."""
+
+    def attention_translation(q, k, v, mask=None, scale=1.0, is_causal=False, softcap=0.0):
+        feats = features_of(q, k, mask, is_causal, softcap)
+        forced = options.forced
+        lowering = forced if forced is not None and feats.supported_by(forced) else \
+            choose_fused(feats, options.provider)
+        chosen.append(lowering)
+        return lower_attention(q, k, v, mask, scale, is_causal, softcap, lowering)
+
+    return attention_translation

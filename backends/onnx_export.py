@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch.export import ExportedProgram
 
-from backends.onnx_attention import EXPORT_PROVIDER, FORCED_LOWERING, FUSED_CHOICES, attention_translation
+from backends.onnx_attention import FusedLoweringOptions, attention_translation
 from backends.onnx_cache import CACHE_ATTENTION_STEP, cache_step_translation
 from backends.onnx_linear import linear_translation
 from backends.onnx_sparse import sparse_translation
@@ -31,12 +31,17 @@ from compiler.sparse_ops import SPARSE_ATTENTION
 
 OPSET = 23  # the first opset with the standard Attention op; ORT 1.31 loads up to 26
 
-TRANSLATIONS = {
-    ATTENTION_OPS[0]: attention_translation,
-    SPARSE_ATTENTION: sparse_translation,
-    LINEAR_ATTENTION: linear_translation,
-    CACHE_ATTENTION_STEP: cache_step_translation,
-}
+OUR_OPS = (ATTENTION_OPS[0], SPARSE_ATTENTION, LINEAR_ATTENTION, CACHE_ATTENTION_STEP)
+
+
+def translations(options: FusedLoweringOptions, chosen: list) -> dict:
+    """The custom translation table of one export; ``chosen`` receives each exact site's lowering."""
+    return {
+        ATTENTION_OPS[0]: attention_translation(options, chosen),
+        SPARSE_ATTENTION: sparse_translation,
+        LINEAR_ATTENTION: linear_translation,
+        CACHE_ATTENTION_STEP: cache_step_translation,
+    }
 
 
 class ExportError(BackendError):
@@ -69,15 +74,15 @@ def save_onnx(model: onnx.ModelProto, path) -> Path:
 
 def _site_nodes(ep: ExportedProgram) -> list[tuple[str, object]]:
     return [(n.meta.get(SITE_META, n.name), n.target) for n in ep.graph.nodes
-            if n.op == "call_function" and n.target in TRANSLATIONS]
+            if n.op == "call_function" and n.target in OUR_OPS]
 
 
 def carry_site_ids(src: torch.fx.Graph, dst: torch.fx.Graph) -> None:
     """Re-tracing and decomposing drop node metadata; give our ops in ``dst`` the site ids of
     those in ``src`` (they come out in the same order), so the report can say how each site was
     lowered."""
-    ours = [n for n in src.nodes if n.op == "call_function" and n.target in TRANSLATIONS]
-    again = [n for n in dst.nodes if n.op == "call_function" and n.target in TRANSLATIONS]
+    ours = [n for n in src.nodes if n.op == "call_function" and n.target in OUR_OPS]
+    again = [n for n in dst.nodes if n.op == "call_function" and n.target in OUR_OPS]
     for old, new in zip(ours, again):
         if SITE_META in old.meta:
             new.meta[SITE_META] = old.meta[SITE_META]
@@ -155,21 +160,21 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
 
     t0 = time.perf_counter()
     choices: list = []
-    tokens = (EXPORT_PROVIDER.set(provider), FUSED_CHOICES.set(choices), FORCED_LOWERING.set(fused_lowering))
+    table = translations(FusedLoweringOptions(provider, fused_lowering), choices)
     sink = io.StringIO()
     try:
         # The exporter narrates each step on stdout and warns about optional packages.
         with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, custom_translation_table=TRANSLATIONS,
+            program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, custom_translation_table=table,
                                         optimize=True, verbose=False, output_names=output_names(ep))
     except Exception as e:  # the exporter wraps everything; name what failed, not where
         ours = _our_error(e)
         if ours is not None:
             raise BackendError(f"cannot export to ONNX: {ours}") from None
         failing = _failing_op(str(e))
-        if failing and any(str(t) in failing for t in TRANSLATIONS):
+        if failing and any(str(t) in failing for t in OUR_OPS):
             # Our own lowering failed: that is a bug to report, with the innermost cause.
             inner = e
             while inner.__cause__ is not None:
@@ -179,10 +184,6 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
                               op=failing) from e
         what = f"op {failing} has no ONNX translation" if failing else first_line(e, 200, "?")
         raise ExportError(f"cannot export to ONNX: {what}; run it with backend='torch'", op=failing or None) from None
-    finally:
-        EXPORT_PROVIDER.reset(tokens[0])
-        FUSED_CHOICES.reset(tokens[1])
-        FORCED_LOWERING.reset(tokens[2])
     model = program.model_proto
     _drop_unused_contrib_outputs(model.graph)
     try:

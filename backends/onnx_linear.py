@@ -20,6 +20,7 @@ from backends.onnx_build import at_rank4, ceil_div, mask_dims4, dim, ints, pad_a
 from compiler.errors import BackendError
 from backends.onnx_sparse import gather_layout
 from compiler.linear_ops import _EPS, _hybrid_window, orthogonal_features
+from compiler.patterns import feature
 from compiler.variants import Hybrid, parse_variant
 
 
@@ -102,7 +103,7 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
         fk = op.Mul(fk, _key_weights(mask))
     vf = to_float32(v)
     num, den = _terms(fq, fk, vf, is_causal, p.chunk)
-    if isinstance(p, Hybrid):
+    if feature(p, "exact_window") is not None:
         num, den = _hybrid(p, q, k, vf, mask, fq, oq, fk, ok, num, den, scale, is_causal)
     return op.CastLike(op.Div(num, op.Max(den, op.Constant(value_float=_EPS))), v)
 

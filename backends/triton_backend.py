@@ -41,8 +41,9 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def swap_ops(gm: GraphModule) -> dict:
-    """Point our reference ops at their Triton versions, each told its site id; site -> node name."""
+def swap_ops(gm: GraphModule, records) -> dict:
+    """Point our reference ops at their Triton versions, each told where to record what it ran
+    as (``records``, a ``KernelRecords``); site -> node name."""
     from backends.triton_ops import SWAP
 
     sites = {}
@@ -50,7 +51,7 @@ def swap_ops(gm: GraphModule) -> dict:
         if node.op == "call_function" and node.target in SWAP:
             site = node.meta.get(SITE_META, node.name)
             node.target = SWAP[node.target]
-            node.kwargs = {**node.kwargs, "site": site}
+            node.kwargs = {**node.kwargs, "site": records.site_arg(site)}
             sites[site] = node.name
     gm.recompile()
     return sites
@@ -58,8 +59,11 @@ def swap_ops(gm: GraphModule) -> dict:
 
 class TritonProgram(TorchProgram):
     def __init__(self, gm: GraphModule, plan: Plan, compile_rest=False):
+        from backends.triton_ops import KernelRecords
+
         super().__init__(gm, plan)
-        self.sites = swap_ops(self.module)
+        self.records = KernelRecords()  # this program's own: filled by its kernels as they run
+        self.sites = swap_ops(self.module, self.records)
         self.compile_rest = compile_rest
         if compile_rest:
             backend = compile_rest if isinstance(compile_rest, str) else "inductor"
@@ -68,11 +72,9 @@ class TritonProgram(TorchProgram):
     @property
     def lowerings(self) -> dict:
         """Site id -> what its last call ran as (kernel, configuration, split count)."""
-        from backends.triton_ops import RECORDS
-
         out = {}
         for site in self.sites:
-            rec = RECORDS.get(site)
+            rec = self.records.entries.get(site)
             if rec is not None:
                 out[site] = " ".join(f"{k}={v}" if k != "kernel" else str(v) for k, v in rec.items())
         return out

@@ -110,13 +110,25 @@ def _dense_layout(block: int, sq: int, sk: int, causal: bool, device) -> BlockLa
     return BlockLayout(block, sq, sk, block_lists(bm, nkb)[None, None])
 
 
+def _topk_tables(pattern: TopK, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> SparseTables:
+    """Top-k blocks chosen on the device, per kv head through ``kv_map``, not via the generic layout."""
+    sq, sk = q.shape[2], k.shape[2]
+    bm = topk_block_mask(pattern, q, k, scale, causal, kv_map)
+    layout = BlockLayout(pattern.block, sq, sk, block_lists(bm, topk_width(pattern, sk, causal)))
+    return tables_from_layout(layout, causal)
+
+
+# Patterns whose Triton tables this backend builds its own way (keyed by pattern class, as
+# ``backends.onnx_sparse.BLOCK_MASKS``); every other pattern runs its registered block layout.
+DEVICE_TABLES = {TopK: _topk_tables}
+
+
 def pattern_tables(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> SparseTables:
     """Tables of one pattern for the heads of ``q`` (``kv_map[h]``: their kv heads in ``k``)."""
     sq, sk = q.shape[2], k.shape[2]
-    if isinstance(pattern, TopK):
-        bm = topk_block_mask(pattern, q, k, scale, causal, kv_map)
-        layout = BlockLayout(pattern.block, sq, sk, block_lists(bm, topk_width(pattern, sk, causal)))
-        return tables_from_layout(layout, causal)
+    own = DEVICE_TABLES.get(type(pattern))
+    if own is not None:
+        return own(pattern, q, k, scale, causal, kv_map)
     if pattern is None:
         raise ValueError("an exact head group has no block size of its own")
     spec = spec_of(pattern)

@@ -4,12 +4,16 @@ arguments plus ``site``, the site id the report files the chosen kernel under).
 
 They are ``torch.library.custom_op``s, so ``torch.export`` keeps each as one node and
 ``torch.compile`` compiles the graph around them without tracing into Triton. What each site
-ran as (kernel, configuration, split count, where the configuration came from) is kept in
-``RECORDS`` for the report.
+ran as (kernel, configuration, split count, where the configuration came from) goes to the
+``KernelRecords`` of the program that ran it, named by the op's ``site`` argument
+(``KernelRecords.site_arg``): a custom op takes only plain values, so the argument carries the
+records' key, and results never pass through a shared table.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -22,13 +26,30 @@ from backends.triton_schedule import SCHEDULER, make_key, sparse_candidates
 from compiler.linear_ops import linear_attention_reference
 from compiler.sparse_ops import _slice_heads, kv_head_map, sparse_attention_reference
 
-RECORDS: dict[str, dict] = {}
 MAX_HEAD_DIM = 256
 
 
+class KernelRecords:
+    """What each site of one program ran as, on its last call: site id -> entry."""
+
+    _live: "weakref.WeakValueDictionary[str, KernelRecords]" = weakref.WeakValueDictionary()
+    _ids = itertools.count()
+
+    def __init__(self):
+        self.key = f"records{next(self._ids)}"
+        self.entries: dict[str, dict] = {}
+        KernelRecords._live[self.key] = self
+
+    def site_arg(self, site: str) -> str:
+        """The ``site`` argument that files a call of our ops under ``site`` in these records."""
+        return f"{self.key}/{site}"
+
+
 def _record(site: str, **entry) -> None:
-    if site:
-        RECORDS[site] = entry
+    key, _, site_id = site.partition("/")
+    records = KernelRecords._live.get(key)
+    if records is not None and site_id:
+        records.entries[site_id] = entry
 
 
 def _unsupported(q: Tensor, v: Tensor) -> Optional[str]:

@@ -33,7 +33,8 @@ from compiler.errors import BackendError, CaptureError, InputError, PolicyError
 from compiler.kv_cache import CacheGroup, layout_text
 from compiler.policy import PolicySpec, parse_policy
 from compiler.site import AttentionSite
-from compiler.variants import HeadMix, Variant, Window
+from compiler.patterns import feature
+from compiler.variants import HeadMix, Variant
 
 if TYPE_CHECKING:
     from passes.cache_rewrite import CacheSite
@@ -54,7 +55,7 @@ def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
 
 
 def _has_cache_form(v: Variant) -> bool:
-    if v.kind in ("fused", "dense") or isinstance(v.pattern, Window):
+    if v.kind in ("fused", "dense") or feature(v.pattern, "decode_ring"):
         return True
     return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var) for _, var in v.pattern.groups)
 
@@ -72,7 +73,7 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
         return None
     if v.kind == "fused":
         return [CacheGroup(tuple(range(site.num_kv_heads)))]
-    if isinstance(v.pattern, Window):
+    if feature(v.pattern, "decode_ring"):
         g = _ring(v, site)
         return [CacheGroup(tuple(range(site.num_kv_heads)), g.sinks, g.window)]
     if not _has_cache_form(v):
@@ -86,7 +87,7 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
     by_kv: dict[int, tuple] = {}
     for heads, var in v.pattern.groups:
         qs = heads if heads is not None else tuple(h for h in range(site.num_heads) if h not in named)
-        if isinstance(var.pattern, Window):
+        if feature(var.pattern, "decode_ring"):
             g = _ring(var, site)
             key = (g.sinks, g.window)
         else:

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from compiler.block_layout import static_layout
 from compiler.ops import causal_pairs
-from compiler.variants import Hybrid, Linear, Window, parse_variant
+from compiler.patterns import extend, feature
+from compiler.variants import Hybrid, Window, parse_variant
 
 _EPS = 1e-12
 
@@ -127,6 +128,9 @@ def _hybrid_window(p: Hybrid, causal: bool) -> Window:
     return Window(left=p.window, right=None, sinks=0, block=min(64, max(16, p.window)))
 
 
+extend(Hybrid, exact_window=_hybrid_window)
+
+
 def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
                                is_causal: bool = False, spec: str = "", terms=None) -> Tensor:
     """``terms(fq, fk, v, causal, chunk) -> (num, den)`` computes the linear sums; the Triton
@@ -144,7 +148,7 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
     vf = v.float()
     fkw = fk if w is None else fk * w
     num, den = terms(fq, fkw, vf, is_causal, p.chunk)
-    if isinstance(p, Linear):
+    if feature(p, "exact_window") is None:
         return (num / den.clamp_min(_EPS)).to(v.dtype)
     return _hybrid(p, q, k, vf, fq, oq, fkw, ok, num, den, mask, scale, is_causal).to(v.dtype)
 
@@ -217,7 +221,7 @@ def linear_flops(spec: str, b: int, hq: int, sq: int, sk: int, d: int, dv: int, 
     else:
         core = 2 * sk * f * (dv + 1) + 2 * sq * f * (dv + 1)
     total = fmap + core
-    if isinstance(p, Hybrid):
+    if feature(p, "exact_window") is not None:
         pairs = static_layout(_hybrid_window(p, causal), sq, sk, causal).computed_pairs()
         total += pairs * (2 * d + 2 * dv + 5 + 2 * f + 2 * dv)
     return int(b * hq * total)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -29,15 +29,70 @@ from compiler import verify
 from compiler.budget import Fidelity
 from compiler.errors import BackendError, InputError, PolicyError, first_line
 from compiler.measure import SiteInputs, exact_probabilities, site_effect
+from compiler.pipeline import Pass, PassManager, ProgramKind
 from compiler.policy import PolicySpec, parse_policy
-from compiler.report import FidelityRecord, PassRecord, Report, SiteRecord
+from compiler.report import FidelityRecord, Report, SiteRecord
 from compiler.site_record import site_record
 from compiler.site import AttentionSite, layer_of
+from compiler.variants import Variant
 from passes.attention_variants import check_variant
-from passes.onnx_attention_fusion import fuse_onnx_attention
+from passes.infra import PassResult
+from passes.onnx_attention_fusion import OnnxFusionResult, fuse_onnx_attention
 
 MAX_OPSET = 26  # the newest ai.onnx opset onnxruntime 1.31 loads
 _SITE_KEY = "attnforge.site"
+
+
+# ONNX models under the same PassManager as fx programs: sized in nodes, checked by onnx's checker.
+ONNX = ProgramKind(lambda m: len(m.graph.node), lambda m: None, (("onnx checker", onnx.checker.check_model),))
+
+
+@dataclass
+class OnnxPassContext:
+    """What the ONNX passes share (``PassContext``'s counterpart): the model, then what each pass found."""
+
+    program: onnx.ModelProto
+    fusion: Optional[OnnxFusionResult] = None
+    sites: list[AttentionSite] = field(default_factory=list)  # described by the driver between the pipelines
+    nodes: list = field(default_factory=list)  # each site's Attention node in the fused model
+    variants: dict[str, Variant] = field(default_factory=dict)
+    inputs: dict[str, SiteInputs] = field(default_factory=dict)
+    lowerings: dict[str, str] = field(default_factory=dict)  # site id -> how the variants pass lowered it
+    skip_passes: set[str] = field(default_factory=set)
+
+
+@dataclass
+class OnnxFusionDetails:
+    sources: list[str]  # the forms the sites were found in (softmax subgraph, fused ops)
+
+
+def _fusion_pass(ctx: OnnxPassContext) -> PassResult:
+    fused, ctx.fusion = fuse_onnx_attention(ctx.program)
+    n = len(ctx.fusion.sites)
+    return PassResult(changed=bool(n), program=fused, sites_found=n, sites_rewritten=n,
+                      details=OnnxFusionDetails(sources=sorted({s.source for s in ctx.fusion.sites})))
+
+
+def _variants_pass(ctx: OnnxPassContext) -> PassResult:
+    """Each approximate site's Attention node replaced by the graph its variant lowers to."""
+    fused = ctx.program
+    out = onnx.ModelProto()
+    out.CopyFrom(fused)
+    for site, n in zip(ctx.sites, ctx.nodes):
+        var, x = ctx.variants[site.id], ctx.inputs[site.id]
+        if var.exact:
+            ctx.lowerings[site.id] = "attention"
+            continue
+        shape = SiteShape(site.num_heads, site.num_kv_heads, site.head_dim, site.value_dim,
+                          None if x.mask is None else tuple(x.mask.shape), x.mask is not None and
+                          x.mask.dtype == torch.bool, _static_lengths(fused, n))
+        lowered, ctx.lowerings[site.id] = lowered_graph(var, _mask_dims(shape, fused, n), x.scale, x.causal,
+                                                        x.softcap)
+        target = next(m for m in out.graph.node if _site_of(m) == site.id)
+        splice(out, target, lowered, site.id)
+    onnx.checker.check_model(out, full_check=True)
+    rewritten = sum(not v.exact for v in ctx.variants.values())
+    return PassResult(changed=bool(rewritten), program=out, sites_found=len(ctx.sites), sites_rewritten=rewritten)
 
 
 @dataclass
@@ -185,10 +240,9 @@ def rewrite_onnx(model: onnx.ModelProto, policy: PolicySpec = "fused", feeds: Op
         reference = _run(original, feeds)
     reference = [torch.from_numpy(np.asarray(x)) for x in reference]
 
-    fused, fusion = fuse_onnx_attention(model)
-    passes = [PassRecord("onnx_attention_fusion", fusion.seconds, len(model.graph.node), len(fused.graph.node),
-                         sites_found=len(fusion.sites), sites_rewritten=len(fusion.sites),
-                         details={"sources": sorted({s.source for s in fusion.sites})})]
+    ctx = OnnxPassContext(model)
+    passes = PassManager([Pass("onnx_attention_fusion", _fusion_pass)], kind=ONNX).run(ctx)
+    fused, fusion = ctx.program, ctx.fusion
     if not fusion.sites:
         raise InputError("no attention found in this ONNX model; nothing to rewrite")
     by_id = {_site_of(n): n for n in fused.graph.node if _site_of(n)}
@@ -217,24 +271,9 @@ def rewrite_onnx(model: onnx.ModelProto, policy: PolicySpec = "fused", feeds: Op
         check_variant(site, variants[site.id], None if mask is None else tuple(mask.shape))
 
     t1 = time.perf_counter()
-    out = onnx.ModelProto()
-    out.CopyFrom(fused)
-    lowerings = {}
-    for site, n in zip(sites, nodes):
-        var, x = variants[site.id], inputs[site.id]
-        if var.exact:
-            lowerings[site.id] = "attention"
-            continue
-        shape = SiteShape(site.num_heads, site.num_kv_heads, site.head_dim, site.value_dim,
-                          None if x.mask is None else tuple(x.mask.shape), x.mask is not None and
-                          x.mask.dtype == torch.bool, _static_lengths(fused, n))
-        lowered, lowerings[site.id] = lowered_graph(var, _mask_dims(shape, fused, n), x.scale, x.causal, x.softcap)
-        target = next(m for m in out.graph.node if _site_of(m) == site.id)
-        splice(out, target, lowered, site.id)
-    onnx.checker.check_model(out, full_check=True)
-    passes.append(PassRecord("onnx_attention_variants", time.perf_counter() - t1, len(fused.graph.node),
-                             len(out.graph.node), sites_found=len(sites),
-                             sites_rewritten=sum(not v.exact for v in variants.values())))
+    ctx.sites, ctx.nodes, ctx.variants, ctx.inputs = sites, nodes, variants, inputs
+    passes += PassManager([Pass("onnx_attention_variants", _variants_pass)], kind=ONNX).run(ctx)
+    out, lowerings = ctx.program, ctx.lowerings
 
     got = [torch.from_numpy(np.asarray(x)) for x in _run(_session(out), feeds)]
     cmp = verify.compare(reference, got)

@@ -33,6 +33,11 @@ class PatternSpec:
     layout: Optional[Callable] = None
     legal_on: Optional[Callable] = None  # (pattern, site) -> None, or why the site cannot take it
     candidates: Optional[Callable] = None  # (site, block) -> variant texts ``compiler.auto`` measures
+    # Decoding keeps a ring of the last ``left`` keys plus ``sinks`` first ones (``compiler.generate``).
+    decode_ring: bool = False
+    # Linear patterns with an exact local window (hybrid): (pattern, causal) -> the window's pattern,
+    # whose block layout the exact part runs; None for purely linear ones.
+    exact_window: Optional[Callable] = None
 
     @property
     def static(self) -> bool:
@@ -57,6 +62,12 @@ def extend(cls: type, **fields) -> PatternSpec:
     """Fill in parts of a registered pattern that live in a higher layer (the built-in patterns'
     block layouts are in ``compiler.block_layout``)."""
     return register(replace(PATTERNS[cls], **fields))
+
+
+def feature(pattern, name: str):
+    """A registered pattern's field ``name``; None for no pattern (fused, dense) or a head mix."""
+    spec = PATTERNS.get(type(pattern))
+    return None if spec is None else getattr(spec, name)
 
 
 def spec_of(pattern) -> PatternSpec:

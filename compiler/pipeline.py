@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch.export import ExportedProgram
 from torch.export.graph_signature import TensorArgument
@@ -44,6 +44,14 @@ class PassContext:
     variant_result: Optional[VariantResult] = None
     skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
     verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
+
+    @property
+    def program(self) -> ExportedProgram:  # the name PassManager uses for fx and ONNX contexts alike
+        return self.ep
+
+    @program.setter
+    def program(self, ep: ExportedProgram) -> None:
+        self.ep = ep
 
 
 # ----------------------------------------------------------------------------- typed details
@@ -94,29 +102,46 @@ CONDITIONS: tuple[tuple[str, Callable[[ExportedProgram], None]], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class ProgramKind:
+    """What the manager needs of a program type: its size in nodes, what follows every pass,
+    and the conditions it keeps. ``FX`` here; ``compiler.onnx_program.ONNX`` for ONNX models."""
+
+    size: Callable[[Any], int]
+    after_pass: Callable[[Any], None]
+    conditions: tuple[tuple[str, Callable[[Any], None]], ...]
+
+
+# Outputs follow the graph: a pass may have replaced the node an output reads.
+FX = ProgramKind(lambda ep: count_nodes(ep.graph_module), sync_output_specs, CONDITIONS)
+
+
 @dataclass
 class Pass:
     name: str
-    run: Callable[[PassContext], PassResult]
+    run: Callable[[Any], PassResult]  # (PassContext or another context with a ``program``) -> PassResult
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass], conditions=CONDITIONS):
-        self.passes = passes
-        self.conditions = conditions
+    """Runs passes over ``ctx.program`` (an ExportedProgram, or an ONNX model with ``kind=ONNX``)."""
 
-    def _check(self, ep: ExportedProgram, after: str) -> None:
+    def __init__(self, passes: list[Pass], conditions=None, kind: ProgramKind = FX):
+        self.passes = passes
+        self.kind = kind
+        self.conditions = kind.conditions if conditions is None else conditions
+
+    def _check(self, ep, after: str) -> None:
         for condition, check in self.conditions:
             try:
                 check(ep)
             except Exception as e:  # noqa: BLE001 - any failure of a condition is that condition broken
                 raise PassConditionError(after, condition, e) from e
 
-    def run(self, ctx: PassContext) -> list[PassRecord]:
-        self._check(ctx.ep, "<input>")
+    def run(self, ctx) -> list[PassRecord]:
+        self._check(ctx.program, "<input>")
         records = []
         for p in self.passes:
-            nodes = count_nodes(ctx.ep.graph_module)
+            nodes = self.kind.size(ctx.program)
             if p.name in ctx.skip_passes:
                 records.append(PassRecord(name=p.name, seconds=0.0, nodes_before=nodes, nodes_after=nodes,
                                           details={"left_out": LEFT_OUT}))
@@ -132,12 +157,11 @@ class PassManager:
                 raise PassError(p.name, TypeError(f"returned {type(result).__name__}, not a PassResult"))
             seconds = time.perf_counter() - t0
             if result.program is not None:
-                ctx.ep = result.program
-            # Outputs follow the graph: a pass may have replaced the node an output reads.
-            sync_output_specs(ctx.ep)
-            self._check(ctx.ep, p.name)
+                ctx.program = result.program
+            self.kind.after_pass(ctx.program)
+            self._check(ctx.program, p.name)
             records.append(PassRecord(name=p.name, seconds=round(seconds, 6), nodes_before=nodes,
-                                      nodes_after=count_nodes(ctx.ep.graph_module),
+                                      nodes_after=self.kind.size(ctx.program),
                                       sites_found=result.sites_found, sites_rewritten=result.sites_rewritten,
                                       details=result.record_details()))
         return records

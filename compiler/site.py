@@ -7,8 +7,8 @@ a rewrite needs; it lives only while a pass pipeline runs.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import fx
 
@@ -43,9 +43,6 @@ class AttentionSite:
     layer: Optional[int] = None  # first integer in the module path, for policies
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Operand:
@@ -70,4 +67,7 @@ class SiteMatch:
     keep_masks: list  # bool nodes: True = attend
     batch_heads: tuple  # (B, Hq) the fused op runs with
     internal: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The other conjuncts of a finite-fill mask whose causal part became ``is_causal``: rows they
+    # mask whole stay uniform over all keys, as in the model (``MaskResolver.resolve_masks``).
+    full_rows: list = field(default_factory=list)
+    replaced_by: Optional[fx.Node] = None  # set by the fusion pass: what now stands for ``output``

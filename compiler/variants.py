@@ -127,7 +127,7 @@ def _odd_size(p: "Neighborhood", text: str) -> None:
 
 
 # The built-in patterns' text forms; their block layouts join them in compiler.block_layout.
-for _spec in (PatternSpec("window", Window, "left"), PatternSpec("blocksparse", BlockSparse, "block"),
+for _spec in (PatternSpec("window", Window, "left", decode_ring=True), PatternSpec("blocksparse", BlockSparse, "block"),
               PatternSpec("topk", TopK, "blocks"), PatternSpec("vslash", VerticalSlash, None),
               PatternSpec("neighborhood", Neighborhood, "size", validate=_odd_size),
               PatternSpec("linear", Linear, "map", kind="linear"),

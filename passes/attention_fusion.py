@@ -224,11 +224,11 @@ def rewrite_site(gm: fx.GraphModule, m: SiteMatch) -> tuple[fx.Node, fx.Node]:
     fused = build(ATTENTION, q, k, v, mask, float(m.scale), bool(m.site.causal), float(m.site.softcap))
     fused.meta[SITE_META] = m.site.id
     value = fused
-    if m.extra.get("full_rows"):
-        value = _uniform_rows(build, fused, v, m.extra["full_rows"], m.batch_heads)
+    if m.full_rows:
+        value = _uniform_rows(build, fused, v, m.full_rows, m.batch_heads)
     out = _match_strides(build, _match_output(build, value, m.output), m.output)
     m.output.replace_all_uses_with(out)
-    m.extra["replaced_by"] = out
+    m.replaced_by = out
     return fused, value
 
 
@@ -255,7 +255,7 @@ def fuse_attention(gm: fx.GraphModule, matches: list[SiteMatch], selected: set[s
         res.fused_nodes[m.site.id] = fused.name
         res.output_nodes[m.site.id] = m.output.name
         res.site_outputs[m.site.id] = value.name
-        replaced[m.output] = m.extra["replaced_by"]
+        replaced[m.output] = m.replaced_by
     gm.graph.lint()
     gm.recompile()
     return res

@@ -181,7 +181,7 @@ SOFTMAXES = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
 
 def _hand_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     """``exp(x - max(x)) / sum(...)`` written out is ``softmax(x, -1)``."""
-    from passes.attention_discovery import softmax_input
+    from passes.softmax_forms import softmax_input
 
     x = softmax_input(node)
     if x is None:
@@ -372,7 +372,7 @@ _LOCAL_RULES = {
 
 def canonicalize(ep: ExportedProgram) -> tuple[ExportedProgram, dict]:
     """Canonical form of ``ep`` (a new program when functionalization was needed); stats per rule."""
-    from passes.attention_discovery import softmax_input
+    from passes.softmax_forms import softmax_input
 
     before = count_nodes(ep.graph_module)
     ep, inplace = functionalize(ep)

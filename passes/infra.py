@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Optional
 
-from torch.export import ExportedProgram
-
 from compiler.errors import first_line
 
 
@@ -31,7 +29,7 @@ class PassResult:
     details: Any = None
     sites_found: int = 0
     sites_rewritten: int = 0
-    program: Optional[ExportedProgram] = None
+    program: Optional[Any] = None  # an ExportedProgram, or an onnx.ModelProto on the ONNX front end
 
     def record_details(self) -> dict:
         """The JSON-ready ``details`` of the pass's report record: counts, then typed details."""

@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 import compiler
 from compiler.errors import PolicyError
 from compiler.variants import parse_variant
-from test_sparse import SETTINGS, TOL, make_problem, oracle
+from oracles import oracle
+from test_sparse import SETTINGS, TOL, make_problem
 
 SPARSE = torch.ops.attnforge.sparse_attention.default
 

@@ -7,7 +7,8 @@ import torch
 import compiler
 from compiler import cli
 from compiler.report import Report
-from compiler.report_html import _wrap, render_html
+from compiler.html_parts import wrap
+from compiler.report_html import render_html
 from compiler.report_view import lowering_verdict, render_text
 
 
@@ -54,7 +55,7 @@ def test_html_title_plan_and_unbroken_code(tmp_path, capsys, one_thread):
     assert "<title>attnforge report: TinyAttention (m-1.pt2)</title>" in page
     assert 'id="plan"' in page and "peak live bytes" in page
     # Code breaks after dots and commas only, never at a hyphen.
-    assert _wrap("layers.0-3,x") == "<span class=nb>layers.</span><wbr><span class=nb>0-3,</span><wbr><span class=nb>x</span>"
+    assert wrap("layers.0-3,x") == "<span class=nb>layers.</span><wbr><span class=nb>0-3,</span><wbr><span class=nb>x</span>"
     assert ".nb{white-space:nowrap}" in page
 
 

@@ -23,6 +23,7 @@ from compiler.capture import hf_defaults
 from compiler.ops import attention_reference, causal_pairs
 from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
 from compiler.variants import parse_variant
+from oracles import oracle
 from zoo import hf_model
 
 SPARSE = torch.ops.attnforge.sparse_attention.default
@@ -69,26 +70,12 @@ def make_mask(g, kind, b, hq, sq, sk):
     return torch.zeros(b, 1, 1, sk).masked_fill(~keep, fill)
 
 
-def combine(keep: torch.Tensor, user):
-    """The pattern's keep mask [B, H, Sq, Sk] and the user's mask as one mask for the oracle."""
-    if user is None:
-        return keep
-    if user.dtype == torch.bool:
-        return keep & user
-    return user.expand(keep.shape).masked_fill(~keep, float("-inf"))
-
-
-def oracle(q, k, v, keep, user, scale, softcap=0.0):
-    """Exact attention over the kept pairs only (fully masked rows give zeros)."""
-    return attention_reference(q, k, v, combine(keep, user), scale, False, softcap)
-
-
 def check_op(q, k, v, user, scale, causal, text, keep, softcap=0.0):
     s = spec(text)
     b, hq, sq, _ = q.shape
     keep = keep.expand(b, hq, sq, k.shape[2])
     got = SPARSE(q, k, v, user, scale, causal, softcap, s)
-    ref = oracle(q, k, v, keep, user, scale, softcap)
+    ref = oracle(q, k, v, keep, user, scale, softcap=softcap)
     assert got.shape == ref.shape and got.dtype == v.dtype
     assert torch.isfinite(got).all(), "sparse attention produced NaN/inf"
     err = float((got - ref).abs().max()) if got.numel() else 0.0

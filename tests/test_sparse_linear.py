@@ -12,6 +12,7 @@ from compiler.linear_ops import linear_attention_reference
 from compiler.ops import attention_reference
 from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
 from compiler.variants import parse_variant
+from oracles import oracle
 
 sparse = torch.ops.attnforge.sparse_attention.default
 linear = torch.ops.attnforge.linear_attention.default
@@ -46,21 +47,6 @@ def neighborhood_keep(rows, cols, prefix, kh, kw):
     return keep
 
 
-def oracle(q, k, v, keep, mask, scale, causal):
-    """Dense masked attention: the test oracle."""
-    sq, sk = q.shape[2], k.shape[2]
-    keep = keep.expand(q.shape[0], q.shape[1], sq, sk) if keep.dim() == 4 else keep
-    if causal:
-        keep = keep & torch.ones(sq, sk, dtype=torch.bool).tril()
-    if mask is None:
-        m = keep
-    elif mask.dtype == torch.bool:
-        m = keep & mask
-    else:
-        m = mask + torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
-    return attention_reference(q, k, v, m, scale, False, 0.0)
-
-
 def inputs(seed, b=2, hq=4, hkv=2, sq=13, sk=13, d=8, mask=None):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, s, d, generator=g) for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
@@ -84,7 +70,7 @@ def test_window_and_sinks(seed, hkv, causal, mask):
     q, k, v, m = inputs(seed, hkv=hkv, sq=13, sk=15, mask=mask)
     for left, right, sinks in [(3, 1, 0), (4, 0, 2), (2, 5, 3)]:
         got = sparse(q, k, v, m, 0.4, causal, 0.0, spec(f"window:left={left},right={right},sinks={sinks},block=4"))
-        want = oracle(q, k, v, window_keep(13, 15, left, right, sinks), m, 0.4, causal)
+        want = oracle(q, k, v, window_keep(13, 15, left, right, sinks), m, 0.4, causal=causal)
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() <= 1e-5
 
@@ -94,7 +80,7 @@ def test_static_block_sparse(seed, hkv, causal, mask):
     q, k, v, m = inputs(seed, hkv=hkv, sq=17, sk=17, mask=mask)
     for local, glob, stride in [(0, 1, 0), (1, 0, 3), (1, 1, 2)]:
         got = sparse(q, k, v, m, 0.4, causal, 0.0, spec(f"blocksparse:block=3,local={local},global={glob},stride={stride}"))
-        want = oracle(q, k, v, blocksparse_keep(17, 17, 3, local, glob, stride), m, 0.4, causal)
+        want = oracle(q, k, v, blocksparse_keep(17, 17, 3, local, glob, stride), m, 0.4, causal=causal)
         assert (got - want).abs().max() <= 1e-5
 
 
@@ -102,7 +88,7 @@ def test_static_block_sparse(seed, hkv, causal, mask):
 def test_neighborhood_on_a_grid_with_a_cls_token(mask):
     q, k, v, m = inputs(3, sq=21, sk=21, mask=mask)  # 1 + 4x5 grid
     got = sparse(q, k, v, m, 0.4, False, 0.0, spec("neighborhood:3x3,grid=4x5,prefix=1,block=4"))
-    want = oracle(q, k, v, neighborhood_keep(4, 5, 1, 3, 3), m, 0.4, False)
+    want = oracle(q, k, v, neighborhood_keep(4, 5, 1, 3, 3), m, 0.4, causal=False)
     assert (got - want).abs().max() <= 1e-5
 
 
@@ -113,7 +99,7 @@ def test_content_selected_patterns_match_dense_over_their_selection(text, seed, 
     q, k, v, m = inputs(seed, hkv=hkv, sq=14, sk=14, mask=mask)
     s = spec(text)
     keep = sparse_keep_mask(q, k, s, 0.4, causal)
-    assert (sparse(q, k, v, m, 0.4, causal, 0.0, s) - oracle(q, k, v, keep, m, 0.4, causal)).abs().max() <= 1e-5
+    assert (sparse(q, k, v, m, 0.4, causal, 0.0, s) - oracle(q, k, v, keep, m, 0.4, causal=causal)).abs().max() <= 1e-5
 
 
 def test_topk_selects_the_planted_block():
@@ -136,7 +122,7 @@ def test_head_mix_keeps_exact_heads_exact():
     q, k, v, m = inputs(6, hq=4, hkv=2)
     got = sparse(q, k, v, m, 0.4, True, 0.0, spec("heads[0,3]=fused; heads[*]=window:2,block=4"))
     exact = attention_reference(q, k, v, m, 0.4, True)
-    windowed = oracle(q, k, v, window_keep(13, 13, 2, 0, 0), m, 0.4, True)
+    windowed = oracle(q, k, v, window_keep(13, 13, 2, 0, 0), m, 0.4, causal=True)
     assert (got[:, [0, 3]] - exact[:, [0, 3]]).abs().max() <= 1e-5
     assert (got[:, [1, 2]] - windowed[:, [1, 2]]).abs().max() <= 1e-5
 

@@ -7,7 +7,7 @@ Outputs are compared with the ORIGINAL module's eager output, not with the repor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytest
@@ -355,7 +355,6 @@ class Case:
     scale: Optional[float] = DEFAULT_SCALE  # None: do not check
     kv_heads: int = H
     mask: Optional[str] = "none"  # "none": mask arg must be None; "present": not None; None: unchecked
-    xfail: dict = field(default_factory=dict)  # ir -> reason
 
 
 def _bias_input():
@@ -410,8 +409,7 @@ def _params():
     out = []
     for c in CASES:
         for ir in ("training", "core"):
-            marks = [pytest.mark.xfail(strict=True, reason=c.xfail[ir])] if ir in c.xfail else []
-            out.append(pytest.param(c, ir, id=f"{c.name}-{ir}", marks=marks))
+            out.append(pytest.param(c, ir, id=f"{c.name}-{ir}"))
     return out
 
 

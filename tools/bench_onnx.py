@@ -26,34 +26,27 @@ for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
-import io
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper
 
 import compiler
 from benchlib import (Contender, NotRun, command_line, first_line, machine, markdown_table, mem_available_bytes,
                       print_table, time_in_memory_groups, today, versions, write_csv)
+from onnx_attention_peers import (B, D, H, SDPA, WINDOW, build_gqa, build_mha, build_onnx_attention, build_unfused,
+                                  gqa_local_window, window_mask)
+from onnx_exports import INPUT_NAMES, PEER_KINDS, Exports, LastHidden
+from ort_session import ORT_OPTIONS, THREADS, attention_ops, ort_call, quiet, session
 
-THREADS = 2
-ORT_OPTIONS = {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}
-B, H, D = 1, 8, 64
-WINDOW = 256
 DENSE_PEERS = ("unfused", "onnx-attention", "mha", "gqa")
 # What each contender holds at its peak (ORT's arena keeps it until the session is freed), in units
 # of one fp32 score tensor B*H*S*S*4, (causal, bidirectional): peak RSS over the inputs, one
@@ -63,159 +56,6 @@ SCORE_FACTORS = {"unfused": (4.1, 2.2), "onnx-attention": (2.2, 1.1), "mha": (2.
                  "gqa-window256": (1.16, 1.16), "ours-fused": (1.16, 1.16), "ours-window256": (0.3, 0.45),
                  "torch-sdpa": (0.02, 0.02)}
 MEMORY_HEADROOM = 0.6  # use at most this share of MemAvailable (at 0.9, S=16384 was OOM-killed on 24 GiB)
-ATTN_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
-            "SparseAttention", "Softmax")
-
-# --- ONNX Runtime ----------------------------------------------------------------------------
-
-
-def session_options() -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 4  # failures come back as exceptions, reported in the table
-    return so
-
-
-def session(model) -> ort.InferenceSession:
-    """``model``: a ModelProto or a path to an .onnx file."""
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
-
-
-def ort_call(sess: ort.InferenceSession, arrays: list, names: Optional[list] = None):
-    """A zero-argument call running ``sess`` on ``arrays``: by ``names`` where given (an optimizer may
-    drop an input it found unused), else in the order of the session's inputs."""
-    wanted = [i.name for i in sess.get_inputs()]
-    if names:
-        given = dict(zip(names, arrays))
-        missing = [n for n in wanted if n not in given]
-        if missing:
-            raise ValueError(f"the model wants inputs {missing} that the benchmark does not have")
-        feeds = {n: given[n] for n in wanted}
-    else:
-        feeds = dict(zip(wanted, arrays))
-    return lambda: sess.run(None, feeds)[0]
-
-
-def op_counts(model: onnx.ModelProto) -> collections.Counter:
-    c = collections.Counter(n.op_type for n in model.graph.node)
-    for f in model.functions:
-        c.update(n.op_type for n in f.node)
-    return c
-
-
-def attention_ops(model: onnx.ModelProto) -> str:
-    c = op_counts(model)
-    found = [f"{op}x{c[op]}" for op in ATTN_OPS if c[op]]
-    return " ".join(found) if found else "no attention op"
-
-
-@contextlib.contextmanager
-def quiet():
-    """Exporters and optimizers print progress and warnings; keep the benchmark's output readable."""
-    buf = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        warnings.simplefilter("ignore")
-        yield buf
-
-
-# --- attention alone: the peers, built with onnx.helper --------------------------------------
-
-
-def _model(nodes, inits, s: int) -> onnx.ModelProto:
-    shape = [B, H, s, D]
-    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
-    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
-    graph = helper.make_graph(nodes, "attention", ins, out, initializer=inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
-    return m
-
-
-def _i64(name, values):
-    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
-
-
-def build_unfused(s: int, causal: bool) -> onnx.ModelProto:
-    """What a plain export runs: MatMul(q, k^T) * scale (+ causal -inf bias from Trilu), Softmax, MatMul(v)."""
-    nodes = [
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["q", "kt"], ["qk"]),
-        helper.make_node("Mul", ["qk", "scale"], ["scores"]),
-    ]
-    inits = [helper.make_tensor("scale", TensorProto.FLOAT, [], [D ** -0.5])]
-    logits = "scores"
-    if causal:
-        nodes += [
-            helper.make_node("Shape", ["q"], ["n"], start=2, end=3),
-            helper.make_node("Concat", ["n", "n"], ["nn"], axis=0),
-            helper.make_node("ConstantOfShape", ["nn"], ["neg"],
-                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [float("-inf")])),
-            helper.make_node("Trilu", ["neg", "one"], ["bias"], upper=1),  # -inf strictly above the diagonal
-            helper.make_node("Add", ["scores", "bias"], ["masked"]),
-        ]
-        inits.append(helper.make_tensor("one", TensorProto.INT64, [], [1]))
-        logits = "masked"
-    nodes += [helper.make_node("Softmax", [logits], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
-    return _model(nodes, inits, s)
-
-
-def build_onnx_attention(s: int, causal: bool) -> onnx.ModelProto:
-    return _model([helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=int(causal))], [], s)
-
-
-def _packed_io(core: list, s: int, extra_inits=()) -> onnx.ModelProto:
-    """[B, H, S, D] -> [B, S, H*D] for q, k, v; ``core`` maps q3, k3, v3 to o3; back to [B, H, S, D]."""
-    nodes = []
-    for x in ("q", "k", "v"):
-        nodes += [helper.make_node("Transpose", [x], [x + "_t"], perm=[0, 2, 1, 3]),
-                  helper.make_node("Reshape", [x + "_t", "shape3"], [x + "3"])]
-    nodes += core
-    nodes += [helper.make_node("Reshape", ["o3", "shape4"], ["o4"]),
-              helper.make_node("Transpose", ["o4"], ["y"], perm=[0, 2, 1, 3])]
-    inits = [_i64("shape3", [0, 0, H * D]), _i64("shape4", [0, 0, H, D]), *extra_inits]
-    return _model(nodes, inits, s)
-
-
-def build_mha(s: int, causal: bool) -> onnx.ModelProto:
-    node = helper.make_node("MultiHeadAttention", ["q3", "k3", "v3"], ["o3"], domain="com.microsoft",
-                            num_heads=H, unidirectional=int(causal))
-    return _packed_io([node], s)
-
-
-def gqa_local_window(window: int) -> int:
-    """ORT keeps ``local_window_size`` keys including the query's own (j > i - size); attnforge's
-    window:W keeps i-W <= j <= i, W+1 keys. Same keys: size = W + 1."""
-    return window + 1
-
-
-def build_gqa(s: int, causal: bool, window: Optional[int] = None) -> onnx.ModelProto:
-    node = helper.make_node(
-        "GroupQueryAttention", ["q3", "k3", "v3", "", "", "seqlens_k", "total_len"], ["o3"], domain="com.microsoft",
-        num_heads=H, kv_num_heads=H, causal=int(causal),
-        local_window_size=gqa_local_window(window) if window else -1)
-    inits = [helper.make_tensor("seqlens_k", TensorProto.INT32, [B], [s - 1] * B),  # prefill: S-1 per batch
-             helper.make_tensor("total_len", TensorProto.INT32, [], [s])]
-    return _packed_io([node], s, inits)
-
-
-class SDPA(torch.nn.Module):
-    def __init__(self, causal: bool):
-        super().__init__()
-        self.causal = causal
-
-    def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-
-
-def window_mask(s: int, causal: bool, window: int = WINDOW) -> torch.Tensor:
-    """attnforge's window:W: keys i-W <= j <= i (causal) or |i-j| <= W."""
-    i = torch.arange(s)
-    d = i[:, None] - i[None, :]
-    return (d <= window) & (d >= (0 if causal else -window))
 
 
 def compile_ours(module, inputs, policy: str, tmp: Path, tag: str, *, kwargs=None):
@@ -344,105 +184,6 @@ ATTN_COLUMNS = ["seq", "causal", "contender", "status", "ms", "repeats", "max_ab
 # --- end to end -----------------------------------------------------------------------------
 
 
-INPUT_NAMES = ["input_ids", "attention_mask"]
-
-
-class LastHidden(torch.nn.Module):
-    """(input_ids, attention_mask) -> last_hidden_state: one tensor in, one out, for every exporter."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
-def export_dynamo(model, args, path: Path, dynamic: bool = False) -> Path:
-    shapes = None
-    if dynamic:
-        seq = torch.export.Dim("seq", min=2, max=1 << 16)
-        shapes = ({1: seq}, {1: seq})
-    with quiet():
-        prog = torch.onnx.export(model, args, dynamo=True, verbose=False, input_names=INPUT_NAMES,
-                                 output_names=["last_hidden_state"], dynamic_shapes=shapes)
-        prog.save(str(path))
-    model.eval()
-    return path
-
-
-def export_legacy(model, args, path: Path, dynamic: bool = False) -> Path:
-    axes = {n: {1: "seq"} for n in (*INPUT_NAMES, "last_hidden_state")} if dynamic else None
-    with quiet():
-        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=INPUT_NAMES,
-                          output_names=["last_hidden_state"], dynamic_axes=axes)
-    model.eval()  # the legacy exporter puts back the top module's mode with train(), on every submodule
-    return path
-
-
-def ort_fusions(src: Path, dst: Path) -> tuple[Path, str]:
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    with quiet():
-        model, counts = optimize_for_ort(ir.load(str(src)))
-        ir.save(model, str(dst))
-    found = " ".join(f"{k}={v}" for k, v in counts.items() if v) or "no fusions"
-    return dst, f"ort_fusions: {found}"
-
-
-def transformers_optimizer(src: Path, dst: Path, model_type: str, num_heads: int, hidden: int) -> tuple[Path, str]:
-    from onnxruntime.transformers import optimizer
-
-    with quiet():
-        opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden)
-        opt.save_model_to_file(str(dst))
-    stats = opt.get_fused_operator_statistics()
-    attn = sum(v for k, v in stats.items() if "Attention" in k)
-    others = " ".join(f"{k}={v}" for k, v in stats.items() if v and "Attention" not in k)
-    return dst, f"fused attention nodes={attn}; {others}"
-
-
-class Exports:
-    """One model's ONNX files for the ORT peers, each built on first use and kept (failures too).
-
-    ``dynamic``: exported once with a dynamic sequence axis (from ``args``) and reused at every length."""
-
-    def __init__(self, model, args: tuple, tmp: Path, tag: str, model_type: str, heads: int, hidden: int,
-                 dynamic: bool = False):
-        self.model, self.args, self.tmp, self.tag, self.dynamic = model, args, tmp, tag, dynamic
-        self.model_type, self.heads, self.hidden = model_type, heads, hidden
-        self.done: dict = {}
-
-    def _path(self, kind: str) -> Path:
-        return self.tmp / f"{self.tag}-{kind}.onnx"
-
-    def _build(self, kind: str) -> tuple[Path, str]:
-        if kind == "dynamo":
-            return export_dynamo(self.model, self.args, self._path(kind), self.dynamic), ""
-        if kind == "legacy":
-            return export_legacy(self.model, self.args, self._path(kind), self.dynamic), ""
-        if kind == "dynamo+ort_fusions":
-            return ort_fusions(self.get("dynamo")[0], self._path("fusions"))
-        if kind in ("legacy+transformers_opt", "dynamo+transformers_opt"):
-            src = self.get(kind.split("+")[0])[0]
-            return transformers_optimizer(src, self._path(kind.replace("+", "-")), self.model_type, self.heads,
-                                          self.hidden)
-        raise KeyError(kind)
-
-    def get(self, kind: str) -> tuple[Path, str]:
-        if kind not in self.done:
-            try:
-                self.done[kind] = (self._build(kind), None)
-            except Exception as e:  # noqa: BLE001 - kept, so a failed export fails every cell the same way
-                self.done[kind] = (None, e)
-        value, err = self.done[kind]
-        if err is not None:
-            raise err
-        return value
-
-
-PEER_KINDS = ("dynamo", "dynamo+ort_fusions", "legacy+transformers_opt", "dynamo+transformers_opt")
 
 
 def e2e_cell(title: str, seq: int, batch: int, model, args: tuple, exports: Exports, policies: list, a,

@@ -51,7 +51,6 @@ class OnnxFusionResult:
 
     sites: list[OnnxSite] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def _module_path(node: ir.Node) -> str:
