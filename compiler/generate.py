@@ -28,6 +28,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from compiler import kv_cache  # noqa: F401  (registers attnforge::cache_attention)
+from compiler.budget import Fidelity
 from compiler.capture import _one_line
 from compiler.errors import BackendError, CaptureError, InputError, PolicyError
 from compiler.kv_cache import CacheGroup, layout_text
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
     from passes.cache_rewrite import CacheSite
 
 GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
-_NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks:S,window:W or a head mix"
+_NO_AUTO = ("policy='auto' chooses streaming heads on calibration prompts: call compile_generator(..., "
+            "policy='auto', budget=compiler.Fidelity(max_kl=...))")
 
 
 # ---------------------------------------------------------------------------- policy -> cache layout
@@ -183,6 +185,7 @@ class GenerationReport:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0
+    auto: Optional[dict] = None  # policy="auto": the search's record (compiler.generate_auto)
 
     @property
     def full_cache_bytes(self) -> int:
@@ -207,6 +210,12 @@ class GenerationReport:
         for s in self.sites:
             lines.append(f"  {s.id:8s} {s.module:40s} {s.layout:36s} cache {s.cache_bytes / 2**10:10.1f} KiB "
                          f"(full {s.full_cache_bytes / 2**10:.1f} KiB)")
+        if self.auto:
+            a = self.auto
+            lines.append(f"  auto: {a['streaming_kv_heads']} of {a['kv_heads']} KV heads streaming "
+                         f"({a['streaming']}) within budget {a['budget']}; calibration KL "
+                         f"{a['calibration_fidelity']['kl_divergence']:.3g}, total variation "
+                         f"{a['calibration_fidelity']['total_variation']:.3g}")
         ratio = self.full_cache_bytes / max(1, self.cache_bytes)
         lines.append(f"  KV cache {self.cache_bytes / 2**20:.3f} MiB vs full {self.full_cache_bytes / 2**20:.3f} MiB "
                      f"({ratio:.2f}x smaller)")
@@ -358,6 +367,21 @@ class Generator:
                              "or use a bounded policy such as sinks:4,window:1024")
         return input_ids
 
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        for start in range(0, ids.shape[1], self._chunk):  # a fixed-length program prefills token by token
+            logits = self._forward(ids[:, start:start + self._chunk], start)
+        return logits
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Teacher-forced decode: prefill ``ids[:, :prompt_len]``, then feed the rest of ``ids`` one
+        token per step; the next-token logits of every step, ``[n - prompt_len, V]`` (fp32)."""
+        self._check(ids[:, :prompt_len], ids.shape[1] - prompt_len)
+        steps = [self._prefill(ids[:, :prompt_len])[:, -1]]
+        for i in range(prompt_len, ids.shape[1] - 1):
+            steps.append(self._forward(ids[:, i:i + 1], i)[:, -1])
+        return torch.cat(steps).float()
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -370,8 +394,7 @@ class Generator:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         n = ids.shape[1]
         t0 = time.perf_counter()
-        for start in range(0, n, self._chunk):  # a fixed-length program prefills token by token
-            logits = self._forward(ids[:, start:start + self._chunk], start)
+        logits = self._prefill(ids)
         t1 = time.perf_counter()
         steps = [logits[:, -1]]
         tokens = [_pick(steps[-1], do_sample, temperature, top_k, top_p, gen)]
@@ -387,16 +410,32 @@ class Generator:
 
 def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
                       example_input_ids: Optional[torch.Tensor] = None, policy: PolicySpec = "fused",
-                      max_cache_len: Optional[int] = None, backend: str = "torch") -> Generator:
+                      max_cache_len: Optional[int] = None, backend: str = "torch", calibration=None,
+                      budget: Optional[Fidelity] = None, streaming: str = "sinks:4,window:1024",
+                      calibration_tokens: int = 32) -> Generator:
     """A ``Generator`` for a Hugging Face causal LM, an ``ExportedProgram`` or a ``.pt2`` exported
     with transformers' static-cache recipe. ``max_cache_len`` sizes the full cache (and the
-    export); bounded policies generate past it."""
+    export); bounded policies generate past it.
+
+    ``policy="auto"`` chooses which KV heads keep only the ``streaming`` cache (DuoAttention's
+    split, by search: ``compiler.generate_auto``) so that the next-token distributions over
+    ``calibration_tokens`` decode steps after each ``calibration`` prompt (``[1, n]`` ids; default
+    the example) stay within ``budget`` (``compiler.Fidelity``, e.g. ``max_kl``);
+    ``report.auto`` records each head's measured effect and the choice."""
     t0 = time.perf_counter()
     _check_backend(backend)
     pol = parse_policy(policy)  # a bad policy fails before the (slow) capture
     if pol.auto:
-        raise PolicyError(_NO_AUTO)
-    check_generation_policy(pol)
+        from compiler.generate_auto import calibration_prompts, streaming_variant
+
+        if budget is None:
+            raise PolicyError("policy='auto' needs a budget, e.g. budget=compiler.Fidelity(max_kl=0.01)")
+        if not isinstance(budget, Fidelity):
+            raise PolicyError(f"budget must be a compiler.Fidelity, not {type(budget).__name__}")
+        streaming_variant(streaming)
+        prompts = calibration_prompts(calibration, example_input_ids)
+    else:
+        check_generation_policy(pol)
     if isinstance(model, (str, Path)):
         ep, name = _load(Path(model)), Path(model).stem
     elif isinstance(model, ExportedProgram):
@@ -409,6 +448,15 @@ def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
     else:
         raise CaptureError(f"cannot generate with a {type(model).__name__}: give a Hugging Face causal LM, an "
                            "ExportedProgram or a .pt2 exported with transformers.integrations.executorch")
+    record = None
+    if pol.auto:
+        from compiler.generate_auto import choose_streaming_heads
+
+        policy, record = choose_streaming_heads(ep, prompts, budget, streaming, calibration_tokens)
     g = Generator(ep, policy, backend, name)
+    if record is not None:
+        record["cache_bytes"], record["full_cache_bytes"] = g.cache_bytes, g.report.full_cache_bytes
+        record["bytes_saved"] = g.report.full_cache_bytes - g.cache_bytes
+        g.report.auto = record
     g.report.compile_seconds = time.perf_counter() - t0
     return g
