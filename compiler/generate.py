@@ -12,6 +12,10 @@ policy keeps:
 * ``sinks:S,window:W``: S sink slots + W + 1 rolling slots (StreamingLLM; ``window`` as in
   ``compiler.compile``: the W previous keys and the current one), constant memory;
 * ``heads[..]=fused; heads[*]=sinks:S,window:W``: per-KV-head caches (DuoAttention);
+* ``topk:...`` / ``vslash:...`` (MInference, FlexPrefill): a sparse prefill of the prompt, then
+  the full cache in decode (the prompt must be prefilled in one call, from position 0: a
+  one-token ``.pt2`` prefills token by token, exactly). Sites that should also stream in decode
+  are not expressible in one variant; give those sites ``sinks:S,window:W`` instead;
 * ``dense``: the site as exported (the whole static cache under the exported mask).
 
 Positions follow the model: a key keeps the rotary position it was written with.
@@ -34,12 +38,14 @@ from compiler.errors import BackendError, CaptureError, InputError, PolicyError
 from compiler.kv_cache import CacheGroup, layout_text
 from compiler.policy import PolicySpec, parse_policy
 from compiler.site import AttentionSite
-from compiler.variants import HeadMix, Variant, Window
+from compiler.variants import HeadMix, TopK, Variant, VerticalSlash, Window
 
 if TYPE_CHECKING:
     from passes.cache_rewrite import CacheSite
 
-GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
+GENERATION_VARIANTS = ("fused, dense, sinks:S,window:W (or window:W), a head mix of them, or a sparse prefill "
+                       "(topk:..., vslash:...) over a full cache")
+PREFILL_SPARSE = (TopK, VerticalSlash)  # prefill-only patterns: decode reads the full cache
 _NO_AUTO = ("policy='auto' chooses streaming heads on calibration prompts: call compile_generator(..., "
             "policy='auto', budget=compiler.Fidelity(max_kl=...))")
 
@@ -55,10 +61,13 @@ def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     return CacheGroup((), p.sinks, p.left)
 
 
-def _has_cache_form(v: Variant) -> bool:
+def _has_cache_form(v: Variant, in_mix: bool = False) -> bool:
+    """A sparse prefill applies to a whole site (its cache is one full group), not inside a head mix."""
     if v.kind in ("fused", "dense") or isinstance(v.pattern, Window):
         return True
-    return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var) for _, var in v.pattern.groups)
+    if isinstance(v.pattern, PREFILL_SPARSE):
+        return not in_mix
+    return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var, True) for _, var in v.pattern.groups)
 
 
 def check_generation_policy(pol) -> None:
@@ -74,6 +83,8 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
         return None
     if v.kind == "fused":
         return [CacheGroup(tuple(range(site.num_kv_heads)))]
+    if isinstance(v.pattern, PREFILL_SPARSE):
+        return [CacheGroup(tuple(range(site.num_kv_heads)), prefill=v.text)]
     if isinstance(v.pattern, Window):
         g = _ring(v, site)
         return [CacheGroup(tuple(range(site.num_kv_heads)), g.sinks, g.window)]
@@ -306,6 +317,10 @@ class Generator:
                 raise BackendError(f"sites {', '.join(dense)} are left dense (the exported static cache); "
                                    "backend='onnxruntime' generates with policy caches (fused, sinks/window) only; "
                                    "give those sites one, or use backend='torch'")
+            sparse = [sid for sid, gs in self.layouts.items() if any(g.prefill for g in gs)]
+            if sparse:
+                raise BackendError(f"sites {', '.join(sparse)} have a sparse prefill; backend='onnxruntime' "
+                                   "prefills exactly; use backend='torch' for a sparse prefill")
             from backends.onnx_cache import OrtStepSession
 
             self._session = OrtStepSession(self.module, self._ids_name, self._pos_name)
