@@ -126,7 +126,8 @@ def _default_max_len(model) -> int:
 
 def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[torch.Tensor],
                            max_cache_len: int) -> ExportedProgram:
-    """transformers' static-cache export of ``model``, prompt length dynamic in ``[1, max_cache_len]``."""
+    """transformers' static-cache export of ``model``, prompt length dynamic in ``[1, max_cache_len]``,
+    batch fixed at the example's."""
     gc = getattr(model, "generation_config", None)
     if gc is None or not hasattr(model, "config"):
         raise CaptureError(f"{type(model).__name__} cannot be captured with a KV cache: give a Hugging Face causal "
@@ -134,6 +135,8 @@ def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[t
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     ids = example_input_ids if example_input_ids is not None else torch.zeros(1, 4, dtype=torch.long)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1:
+        raise InputError("example_input_ids must be a [batch, n] tensor of token ids")
     ids = ids[:, : max_cache_len - 1]
     if ids.shape[1] < 2:  # a length of 1 would be specialized; 2+ keeps the prompt length dynamic
         ids = ids.repeat(1, 2)[:, :2]
@@ -142,7 +145,8 @@ def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[t
     model.eval()
     gc.use_cache, gc.cache_implementation = True, "static"
     try:
-        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len)
+        # The batch is the example's: the static cache is allocated for it (equal-length prompts).
+        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
         seq = Dim("prompt_len", min=1, max=max_cache_len)
         with torch.no_grad():
             return wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1]),
@@ -302,6 +306,7 @@ class Generator:
         self._ids_name, self._pos_name = step_inputs(ep)
         ids_val = next(n for n in ep.graph.nodes if n.name == self._ids_name).meta["val"]
         self.max_cache_len = max(cs.max_cache_len for cs in self.sites)
+        self.batch = int(ids_val.shape[0])  # the static cache's batch: prompts of equal length, this many
         # Prefill in chunks no longer than the widest window: a ring holds every key the next
         # chunk's queries see, and no chunk builds a prompt-by-prompt score matrix.
         windows = [g.ring for gs in self.layouts.values() for g in gs if g.bounded]
@@ -368,11 +373,13 @@ class Generator:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _check(self, input_ids, max_new_tokens: int) -> torch.Tensor:
+        b = self.batch
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise InputError("input_ids must be a [1, n] tensor of token ids (torch.long)")
-        if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-            raise InputError(f"input_ids has shape {list(input_ids.shape)}; generation takes one prompt of "
-                             "at least one token, shape [1, n]")
+            raise InputError(f"input_ids must be a [{b}, n] tensor of token ids (torch.long)")
+        if input_ids.shape[0] != b or input_ids.shape[1] < 1:
+            raise InputError(f"input_ids has shape {list(input_ids.shape)}; this generator was captured for "
+                             f"{b} prompt{'s' if b > 1 else ''} of equal length (at least one token), shape [{b}, n]; "
+                             "capture with an example of the batch you generate")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         total = input_ids.shape[1] + max_new_tokens
@@ -401,8 +408,10 @@ class Generator:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  seed: Optional[int] = None) -> torch.Tensor:
-        """Prompt plus ``max_new_tokens`` tokens, ``[1, n + max_new_tokens]``. Greedy unless
-        ``do_sample``; the logits of every step are kept in ``last_logits`` ``[max_new_tokens, V]``."""
+        """Prompts plus ``max_new_tokens`` tokens, ``[B, n + max_new_tokens]`` (``B`` prompts of equal
+        length, the batch captured). Greedy unless ``do_sample``; the logits of every step are kept in
+        ``last_logits``, ``[max_new_tokens * B, V]`` (step-major, as transformers' ``output_logits``
+        concatenated)."""
         ids = self._check(input_ids, max_new_tokens)
         if do_sample and not temperature > 0:
             raise InputError(f"temperature must be > 0 when sampling, not {temperature!r}")
