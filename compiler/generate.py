@@ -149,7 +149,9 @@ def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[t
         wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
         seq = Dim("prompt_len", min=1, max=max_cache_len)
         with torch.no_grad():
-            return wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1]),
+            device = next(model.parameters()).device  # the example follows the model (the cache is made there)
+            ids = ids.to(device)
+            return wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=device),
                                   dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}})
     except Exception as e:  # noqa: BLE001 - every capture failure gets the same one-line answer
         raise CaptureError(_one_line(e, model) + "; generation needs a decoder-only LM that transformers can "
@@ -335,6 +337,8 @@ class Generator:
             _lower_torch(self.module, cache_attention_triton)
         else:
             _lower_torch(self.module)
+        # Positions, prompts and the sampler follow the module's device (a model captured on CUDA).
+        self.device = next(iter(self.module.buffers()), torch.empty(0)).device
         self.policy = pol.text
         self.report = GenerationReport(model_name, pol.text, backend, self.max_cache_len)
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]
@@ -369,7 +373,8 @@ class Generator:
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         if self._session is not None:
             return self._session.run(ids, start)
-        out = self.module(**{self._ids_name: ids, self._pos_name: torch.arange(start, start + ids.shape[1])})
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)
+        out = self.module(**{self._ids_name: ids, self._pos_name: positions})
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _check(self, input_ids, max_new_tokens: int) -> torch.Tensor:
@@ -399,6 +404,7 @@ class Generator:
         """Teacher-forced decode: prefill ``ids[:, :prompt_len]``, then feed the rest of ``ids`` one
         token per step; the next-token logits of every step, ``[n - prompt_len, V]`` (fp32)."""
         self._check(ids[:, :prompt_len], ids.shape[1] - prompt_len)
+        ids = ids.to(self.device)
         steps = [self._prefill(ids[:, :prompt_len])[:, -1]]
         for i in range(prompt_len, ids.shape[1] - 1):
             steps.append(self._forward(ids[:, i:i + 1], i)[:, -1])
@@ -412,10 +418,10 @@ class Generator:
         length, the batch captured). Greedy unless ``do_sample``; the logits of every step are kept in
         ``last_logits``, ``[max_new_tokens * B, V]`` (step-major, as transformers' ``output_logits``
         concatenated)."""
-        ids = self._check(input_ids, max_new_tokens)
+        ids = self._check(input_ids, max_new_tokens).to(self.device)
         if do_sample and not temperature > 0:
             raise InputError(f"temperature must be > 0 when sampling, not {temperature!r}")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         n = ids.shape[1]
         t0 = time.perf_counter()
         logits = self._prefill(ids)

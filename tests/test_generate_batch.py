@@ -36,3 +36,29 @@ def test_bounded_cache_batch_rows_equal_single_prompts(batch):
     one = compile_generator(model, ids[:1], policy=policy, max_cache_len=MAX_LEN)
     for r in range(3):
         assert torch.equal(rows[r:r + 1], one.generate(ids[r:r + 1], max_new_tokens=40))
+
+
+class _Spy(torch.nn.Module):
+    """Stands in for the step program: records the devices of what it is called with and returns
+    logits on the device it was given (meta: shapes only)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.calls = vocab, []
+
+    def forward(self, input_ids, cache_position):
+        self.calls.append((input_ids.device, cache_position.device))
+        return torch.zeros(*input_ids.shape, self.vocab, device=input_ids.device)
+
+
+def test_generator_follows_the_module_device(batch):
+    """Positions, prompts and the sampler are made on the device of the module's cache buffers (CUDA
+    when the model is there): checked on the meta device, which runs shapes only."""
+    model, ids, _ = batch
+    gen = compile_generator(model, ids, policy="fused", max_cache_len=MAX_LEN)
+    assert gen.device == gen.module.get_buffer(next(n for n, _ in gen.module.named_buffers()
+                                                     if n.startswith("attnforge_kv_"))).device
+    gen.module, gen.device = _Spy(VOCAB), torch.device("meta")
+    out = gen.generate(ids, max_new_tokens=3)
+    assert out.device.type == "meta" and out.shape == (3, 12)
+    assert gen.module.calls and all(d.type == "meta" and p.type == "meta" for d, p in gen.module.calls)
