@@ -30,6 +30,13 @@ def _auto(ep, calibration, **budget):
                              streaming=STREAMING, calibration_tokens=NEW)
 
 
+@pytest.fixture(scope="module")
+def searched(llama):
+    """The search at a zero and a loose budget, shared by the tests that read them."""
+    _, ep, calibration, _ = llama
+    return {kl: _auto(ep, calibration, max_kl=kl) for kl in (0.0, 0.05)}
+
+
 def _teacher_forced(model, seq, prompt_len):
     """Next-token logits of a full-history forward at the decode steps after ``prompt_len``."""
     with torch.no_grad():
@@ -55,9 +62,9 @@ def _streaming_heads(gen):
     return out
 
 
-def test_zero_budget_keeps_every_head_full(llama):
+def test_zero_budget_keeps_every_head_full(llama, searched):
     model, ep, calibration, held_out = llama
-    gen = _auto(ep, calibration, max_kl=0.0)
+    gen = searched[0.0]
     assert gen.report.auto["chosen"] == {"*": "fused"} and gen.report.auto["streaming_kv_heads"] == 0
     assert all(s.layout == "0-1:full" for s in gen.report.sites)
     ref_tokens, ref_logits = _hf_generate(model, held_out[0], 32)
@@ -67,10 +74,10 @@ def test_zero_budget_keeps_every_head_full(llama):
     assert len(gen.report.auto["heads"]) == 4 and all(h["kl_divergence"] > 0 for h in gen.report.auto["heads"])
 
 
-def test_loose_budget_streams_heads_and_holds_on_held_out_prompts(llama):
+def test_loose_budget_streams_heads_and_holds_on_held_out_prompts(llama, searched):
     model, ep, calibration, held_out = llama
     budget = 0.05
-    gen = _auto(ep, calibration, max_kl=budget)
+    gen = searched[budget]
     rec = gen.report.auto
     streaming = _streaming_heads(gen)
     assert rec["streaming_kv_heads"] >= 2 and len(streaming) == 2 * rec["streaming_kv_heads"]
@@ -89,11 +96,11 @@ def test_loose_budget_streams_heads_and_holds_on_held_out_prompts(llama):
         assert _kl(_teacher_forced(model, seq, p.shape[1]), ours) <= budget
 
 
-def test_reported_head_effect_is_the_measured_one(llama):
+def test_reported_head_effect_is_the_measured_one(llama, searched):
     """Each head's reported KL is the reference model's with that head alone streaming, teacher-forced
     on the calibration continuations (worst prompt, mean over steps)."""
     model, ep, calibration, _ = llama
-    rec = _auto(ep, calibration, max_kl=0.0).report.auto
+    rec = searched[0.0].report.auto
     seqs = [(_hf_generate(model, p, NEW)[0], p.shape[1]) for p in calibration]
     for h in rec["heads"][:2]:
         qs = set(h["query_heads"])
@@ -103,9 +110,9 @@ def test_reported_head_effect_is_the_measured_one(llama):
         assert kl == pytest.approx(h["kl_divergence"], rel=1e-3, abs=1e-7)
 
 
-def test_choice_is_deterministic_and_follows_the_budget(llama):
+def test_choice_is_deterministic_and_follows_the_budget(llama, searched):
     _, ep, calibration, _ = llama
-    a = _auto(ep, calibration, max_kl=0.05).report.auto
+    a = searched[0.05].report.auto
     b = _auto(ep, calibration, max_kl=0.05).report.auto
     assert a["chosen"] == b["chosen"] and a["heads"] == b["heads"]
     # A budget between the least harmful head's effect and what two heads cost keeps some heads
