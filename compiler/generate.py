@@ -32,6 +32,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from compiler import kv_cache  # noqa: F401  (registers attnforge::cache_attention)
+from compiler import sparse_ops  # noqa: F401  (registers attnforge::sparse_attention: a sparse prefill)
 from compiler.budget import Fidelity
 from compiler.capture import _one_line
 from compiler.errors import BackendError, CaptureError, InputError, PolicyError

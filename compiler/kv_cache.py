@@ -18,7 +18,7 @@ A layout is one group per set of KV heads (DuoAttention: retrieval heads full, s
 heads a ring), written ``0-1:full|2-3:sinks=4,window=16``; the op receives one cache tensor
 per group. A full cache may carry a sparse **prefill** pattern (``0-1:full#topk:blocks=8,block=64``,
 MInference / FlexPrefill): a prompt prefilled from position 0 in one call attends only the
-pairs the pattern keeps (``attnforge::sparse_attention``'s reference); decode steps, and
+pairs the pattern keeps (``attnforge::sparse_attention``); decode steps, and
 chunks that start past 0, read the full cache exactly. Query head ``h`` reads KV head ``h // (Hq // Hkv)``, grouped-query attention is
 native (``enable_gqa``), nothing is repeated.
 """
@@ -132,9 +132,9 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
         vc.index_copy_(2, positions, v)
         keys, values = kc[:, :, :end], vc[:, :, :end]
         if g.prefill and p0 == 0 and n > 1:  # a prompt's sparse prefill; its keys are the new ones
-            from compiler.sparse_ops import sparse_attention_reference
-
-            return sparse_attention_reference(q, k, v, None, scale, True, 0.0, g.prefill)
+            # By the op (registered by compiler.sparse_ops, which the generator loads): kv_cache and
+            # sparse_ops are independent modules of one layer.
+            return torch.ops.attnforge.sparse_attention(q, k, v, None, scale, True, 0.0, g.prefill)
         if n == 1:  # one query at the newest position sees every filled key
             return attend(q, keys, values, scale)
         if p0 == 0:
