@@ -18,9 +18,11 @@ A layout is one group per set of KV heads (DuoAttention: retrieval heads full, s
 heads a ring), written ``0-1:full|2-3:sinks=4,window=16``; the op receives one cache tensor
 per group. A full cache may carry a sparse **prefill** pattern (``0-1:full#topk:blocks=8,block=64``,
 MInference / FlexPrefill): a prompt prefilled from position 0 in one call attends only the
-pairs the pattern keeps (``attnforge::sparse_attention``); decode steps, and
-chunks that start past 0, read the full cache exactly. Query head ``h`` reads KV head ``h // (Hq // Hkv)``, grouped-query attention is
-native (``enable_gqa``), nothing is repeated.
+pairs the pattern keeps (``attnforge::sparse_attention``); decode steps, and chunks that start
+past 0, read the full cache exactly.
+
+Query head ``h`` reads KV head ``h // (Hq // Hkv)``, grouped-query attention is native
+(``enable_gqa``), nothing is repeated.
 """
 
 from __future__ import annotations
