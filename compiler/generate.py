@@ -12,6 +12,10 @@ policy keeps:
 * ``sinks:S,window:W``: S sink slots + W + 1 rolling slots (StreamingLLM; ``window`` as in
   ``compiler.compile``: the W previous keys and the current one), constant memory;
 * ``heads[..]=fused; heads[*]=sinks:S,window:W``: per-KV-head caches (DuoAttention);
+* ``topk:...`` / ``vslash:...`` (MInference, FlexPrefill): a sparse prefill of the prompt, then
+  the full cache in decode (the prompt must be prefilled in one call, from position 0: a
+  one-token ``.pt2`` prefills token by token, exactly). Sites that should also stream in decode
+  are not expressible in one variant; give those sites ``sinks:S,window:W`` instead;
 * ``dense``: the site as exported (the whole static cache under the exported mask).
 
 Positions follow the model: a key keeps the rotary position it was written with.
@@ -28,6 +32,8 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from compiler import kv_cache  # noqa: F401  (registers attnforge::cache_attention)
+from compiler import sparse_ops  # noqa: F401  (registers attnforge::sparse_attention: a sparse prefill)
+from compiler.budget import Fidelity
 from compiler.capture import _one_line
 from compiler.errors import BackendError, CaptureError, InputError, PolicyError
 from compiler.kv_cache import CacheGroup, layout_text
@@ -39,8 +45,18 @@ from compiler.variants import HeadMix, Variant
 if TYPE_CHECKING:
     from passes.cache_rewrite import CacheSite
 
-GENERATION_VARIANTS = "fused, dense, sinks:S,window:W (or window:W), or a head mix of them"
-_NO_AUTO = "policy='auto' is not available for generation yet; give fused, sinks:S,window:W or a head mix"
+GENERATION_VARIANTS = ("fused, dense, sinks:S,window:W (or window:W), a head mix of them, or a sparse prefill "
+                       "(topk:..., vslash:...) over a full cache")
+
+
+def _prefill_sparse(v: Variant) -> bool:
+    """Content-selected patterns (top-k, vertical-slash) pick keys from the whole prompt's scores:
+    they make the prefill sparse, and decode reads the full cache."""
+    return feature(v.pattern, "layout") is not None
+
+
+_NO_AUTO = ("policy='auto' chooses streaming heads on calibration prompts: call compile_generator(..., "
+            "policy='auto', budget=compiler.Fidelity(max_kl=...))")
 
 
 # ---------------------------------------------------------------------------- policy -> cache layout
@@ -54,10 +70,13 @@ def _ring(v: Variant, site: AttentionSite) -> CacheGroup:
     return CacheGroup((), p.sinks, p.left)
 
 
-def _has_cache_form(v: Variant) -> bool:
+def _has_cache_form(v: Variant, in_mix: bool = False) -> bool:
+    """A sparse prefill applies to a whole site (its cache is one full group), not inside a head mix."""
     if v.kind in ("fused", "dense") or feature(v.pattern, "decode_ring"):
         return True
-    return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var) for _, var in v.pattern.groups)
+    if _prefill_sparse(v):
+        return not in_mix
+    return isinstance(v.pattern, HeadMix) and all(_has_cache_form(var, True) for _, var in v.pattern.groups)
 
 
 def check_generation_policy(pol) -> None:
@@ -73,6 +92,8 @@ def cache_layout(site: AttentionSite, v: Variant) -> Optional[list[CacheGroup]]:
         return None
     if v.kind == "fused":
         return [CacheGroup(tuple(range(site.num_kv_heads)))]
+    if _prefill_sparse(v):
+        return [CacheGroup(tuple(range(site.num_kv_heads)), prefill=v.text)]
     if feature(v.pattern, "decode_ring"):
         g = _ring(v, site)
         return [CacheGroup(tuple(range(site.num_kv_heads)), g.sinks, g.window)]
@@ -114,7 +135,8 @@ def _default_max_len(model) -> int:
 
 def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[torch.Tensor],
                            max_cache_len: int) -> ExportedProgram:
-    """transformers' static-cache export of ``model``, prompt length dynamic in ``[1, max_cache_len]``."""
+    """transformers' static-cache export of ``model``, prompt length dynamic in ``[1, max_cache_len]``,
+    batch fixed at the example's."""
     gc = getattr(model, "generation_config", None)
     if gc is None or not hasattr(model, "config"):
         raise CaptureError(f"{type(model).__name__} cannot be captured with a KV cache: give a Hugging Face causal "
@@ -122,6 +144,8 @@ def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[t
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     ids = example_input_ids if example_input_ids is not None else torch.zeros(1, 4, dtype=torch.long)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1:
+        raise InputError("example_input_ids must be a [batch, n] tensor of token ids")
     ids = ids[:, : max_cache_len - 1]
     if ids.shape[1] < 2:  # a length of 1 would be specialized; 2+ keeps the prompt length dynamic
         ids = ids.repeat(1, 2)[:, :2]
@@ -130,10 +154,13 @@ def capture_for_generation(model: torch.nn.Module, example_input_ids: Optional[t
     model.eval()
     gc.use_cache, gc.cache_implementation = True, "static"
     try:
-        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len)
+        # The batch is the example's: the static cache is allocated for it (equal-length prompts).
+        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
         seq = Dim("prompt_len", min=1, max=max_cache_len)
         with torch.no_grad():
-            return wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1]),
+            device = next(model.parameters()).device  # the example follows the model (the cache is made there)
+            ids = ids.to(device)
+            return wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=device),
                                   dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}})
     except Exception as e:  # noqa: BLE001 - every capture failure gets the same one-line answer
         raise CaptureError(_one_line(e, model) + "; generation needs a decoder-only LM that transformers can "
@@ -184,6 +211,7 @@ class GenerationReport:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0
+    auto: Optional[dict] = None  # policy="auto": the search's record (compiler.generate_auto)
 
     @property
     def full_cache_bytes(self) -> int:
@@ -208,6 +236,12 @@ class GenerationReport:
         for s in self.sites:
             lines.append(f"  {s.id:8s} {s.module:40s} {s.layout:36s} cache {s.cache_bytes / 2**10:10.1f} KiB "
                          f"(full {s.full_cache_bytes / 2**10:.1f} KiB)")
+        if self.auto:
+            a = self.auto
+            lines.append(f"  auto: {a['streaming_kv_heads']} of {a['kv_heads']} KV heads streaming "
+                         f"({a['streaming']}) within budget {a['budget']}; calibration KL "
+                         f"{a['calibration_fidelity']['kl_divergence']:.3g}, total variation "
+                         f"{a['calibration_fidelity']['total_variation']:.3g}")
         ratio = self.full_cache_bytes / max(1, self.cache_bytes)
         lines.append(f"  KV cache {self.cache_bytes / 2**20:.3f} MiB vs full {self.full_cache_bytes / 2**20:.3f} MiB "
                      f"({ratio:.2f}x smaller)")
@@ -283,6 +317,7 @@ class Generator:
         self._ids_name, self._pos_name = step_inputs(ep)
         ids_val = next(n for n in ep.graph.nodes if n.name == self._ids_name).meta["val"]
         self.max_cache_len = max(cs.max_cache_len for cs in self.sites)
+        self.batch = int(ids_val.shape[0])  # the static cache's batch: prompts of equal length, this many
         # Prefill in chunks no longer than the widest window: a ring holds every key the next
         # chunk's queries see, and no chunk builds a prompt-by-prompt score matrix.
         windows = [g.ring for gs in self.layouts.values() for g in gs if g.bounded]
@@ -298,6 +333,10 @@ class Generator:
                 raise BackendError(f"sites {', '.join(dense)} are left dense (the exported static cache); "
                                    "backend='onnxruntime' generates with policy caches (fused, sinks/window) only; "
                                    "give those sites one, or use backend='torch'")
+            sparse = [sid for sid, gs in self.layouts.items() if any(g.prefill for g in gs)]
+            if sparse:
+                raise BackendError(f"sites {', '.join(sparse)} have a sparse prefill; backend='onnxruntime' "
+                                   "prefills exactly; use backend='torch' for a sparse prefill")
             from backends.onnx_cache import OrtStepSession
 
             self._session = OrtStepSession(self.module, self._ids_name, self._pos_name)
@@ -307,6 +346,8 @@ class Generator:
             _lower_torch(self.module, cache_attention_triton)
         else:
             _lower_torch(self.module)
+        # Positions, prompts and the sampler follow the module's device (a model captured on CUDA).
+        self.device = next(iter(self.module.buffers()), torch.empty(0)).device
         self.policy = pol.text
         self.report = GenerationReport(model_name, pol.text, backend, self.max_cache_len)
         self.report.sites = [self._record(cs, pol.variant_for(cs.site)) for cs in self.sites]
@@ -341,15 +382,18 @@ class Generator:
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         if self._session is not None:
             return self._session.run(ids, start)
-        out = self.module(**{self._ids_name: ids, self._pos_name: torch.arange(start, start + ids.shape[1])})
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)
+        out = self.module(**{self._ids_name: ids, self._pos_name: positions})
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _check(self, input_ids, max_new_tokens: int) -> torch.Tensor:
+        b = self.batch
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise InputError("input_ids must be a [1, n] tensor of token ids (torch.long)")
-        if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-            raise InputError(f"input_ids has shape {list(input_ids.shape)}; generation takes one prompt of "
-                             "at least one token, shape [1, n]")
+            raise InputError(f"input_ids must be a [{b}, n] tensor of token ids (torch.long)")
+        if input_ids.shape[0] != b or input_ids.shape[1] < 1:
+            raise InputError(f"input_ids has shape {list(input_ids.shape)}; this generator was captured for "
+                             f"{b} prompt{'s' if b > 1 else ''} of equal length (at least one token), shape [{b}, n]; "
+                             "capture with an example of the batch you generate")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         total = input_ids.shape[1] + max_new_tokens
@@ -359,20 +403,37 @@ class Generator:
                              "or use a bounded policy such as sinks:4,window:1024")
         return input_ids
 
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        for start in range(0, ids.shape[1], self._chunk):  # a fixed-length program prefills token by token
+            logits = self._forward(ids[:, start:start + self._chunk], start)
+        return logits
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Teacher-forced decode: prefill ``ids[:, :prompt_len]``, then feed the rest of ``ids`` one
+        token per step; the next-token logits of every step, ``[n - prompt_len, V]`` (fp32)."""
+        self._check(ids[:, :prompt_len], ids.shape[1] - prompt_len)
+        ids = ids.to(self.device)
+        steps = [self._prefill(ids[:, :prompt_len])[:, -1]]
+        for i in range(prompt_len, ids.shape[1] - 1):
+            steps.append(self._forward(ids[:, i:i + 1], i)[:, -1])
+        return torch.cat(steps).float()
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  seed: Optional[int] = None) -> torch.Tensor:
-        """Prompt plus ``max_new_tokens`` tokens, ``[1, n + max_new_tokens]``. Greedy unless
-        ``do_sample``; the logits of every step are kept in ``last_logits`` ``[max_new_tokens, V]``."""
-        ids = self._check(input_ids, max_new_tokens)
+        """Prompts plus ``max_new_tokens`` tokens, ``[B, n + max_new_tokens]`` (``B`` prompts of equal
+        length, the batch captured). Greedy unless ``do_sample``; the logits of every step are kept in
+        ``last_logits``, ``[max_new_tokens * B, V]`` (step-major, as transformers' ``output_logits``
+        concatenated)."""
+        ids = self._check(input_ids, max_new_tokens).to(self.device)
         if do_sample and not temperature > 0:
             raise InputError(f"temperature must be > 0 when sampling, not {temperature!r}")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         n = ids.shape[1]
         t0 = time.perf_counter()
-        for start in range(0, n, self._chunk):  # a fixed-length program prefills token by token
-            logits = self._forward(ids[:, start:start + self._chunk], start)
+        logits = self._prefill(ids)
         t1 = time.perf_counter()
         steps = [logits[:, -1]]
         tokens = [_pick(steps[-1], do_sample, temperature, top_k, top_p, gen)]
@@ -388,16 +449,32 @@ class Generator:
 
 def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
                       example_input_ids: Optional[torch.Tensor] = None, policy: PolicySpec = "fused",
-                      max_cache_len: Optional[int] = None, backend: str = "torch") -> Generator:
+                      max_cache_len: Optional[int] = None, backend: str = "torch", calibration=None,
+                      budget: Optional[Fidelity] = None, streaming: str = "sinks:4,window:1024",
+                      calibration_tokens: int = 32) -> Generator:
     """A ``Generator`` for a Hugging Face causal LM, an ``ExportedProgram`` or a ``.pt2`` exported
     with transformers' static-cache recipe. ``max_cache_len`` sizes the full cache (and the
-    export); bounded policies generate past it."""
+    export); bounded policies generate past it.
+
+    ``policy="auto"`` chooses which KV heads keep only the ``streaming`` cache (DuoAttention's
+    split, by search: ``compiler.generate_auto``) so that the next-token distributions over
+    ``calibration_tokens`` decode steps after each ``calibration`` prompt (``[1, n]`` ids; default
+    the example) stay within ``budget`` (``compiler.Fidelity``, e.g. ``max_kl``);
+    ``report.auto`` records each head's measured effect and the choice."""
     t0 = time.perf_counter()
     _check_backend(backend)
     pol = parse_policy(policy)  # a bad policy fails before the (slow) capture
     if pol.auto:
-        raise PolicyError(_NO_AUTO)
-    check_generation_policy(pol)
+        from compiler.generate_auto import calibration_prompts, streaming_variant
+
+        if budget is None:
+            raise PolicyError("policy='auto' needs a budget, e.g. budget=compiler.Fidelity(max_kl=0.01)")
+        if not isinstance(budget, Fidelity):
+            raise PolicyError(f"budget must be a compiler.Fidelity, not {type(budget).__name__}")
+        streaming_variant(streaming)
+        prompts = calibration_prompts(calibration, example_input_ids)
+    else:
+        check_generation_policy(pol)
     if isinstance(model, (str, Path)):
         ep, name = _load(Path(model)), Path(model).stem
     elif isinstance(model, ExportedProgram):
@@ -410,6 +487,15 @@ def compile_generator(model: Union[torch.nn.Module, ExportedProgram, str, Path],
     else:
         raise CaptureError(f"cannot generate with a {type(model).__name__}: give a Hugging Face causal LM, an "
                            "ExportedProgram or a .pt2 exported with transformers.integrations.executorch")
+    record = None
+    if pol.auto:
+        from compiler.generate_auto import choose_streaming_heads
+
+        policy, record = choose_streaming_heads(ep, prompts, budget, streaming, calibration_tokens)
     g = Generator(ep, policy, backend, name)
+    if record is not None:
+        record["cache_bytes"], record["full_cache_bytes"] = g.cache_bytes, g.report.full_cache_bytes
+        record["bytes_saved"] = g.report.full_cache_bytes - g.cache_bytes
+        g.report.auto = record
     g.report.compile_seconds = time.perf_counter() - t0
     return g

@@ -19,6 +19,11 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--policy", default="fused",
                    help="fused, sinks:4,window:1024, or a head mix 'heads[0-3]=fused; heads[*]=sinks:4,window:256'")
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-kl", type=float, default=None,
+                   help="with --policy auto: the budget, KL divergence of the next-token distributions on the "
+                        "prompt's continuation (the prompt is the calibration)")
+    g.add_argument("--streaming", default="sinks:4,window:1024",
+                   help="with --policy auto: the cache of the heads it makes streaming")
     g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "triton"],
                    help="run each step in PyTorch, in one onnxruntime session with the cache bound in place, or "
                         "with the attention over the cache in the Triton kernel (CUDA GPU)")
@@ -54,6 +59,12 @@ def cmd_generate(a) -> int:
 
     import compiler
 
+    auto = {}
+    if a.policy.strip().lower() == "auto":
+        if a.max_kl is None:
+            raise InputError("--policy auto needs a budget: give --max-kl, e.g. --max-kl 0.01")
+        auto = dict(budget=compiler.Fidelity(max_kl=a.max_kl), streaming=a.streaming)
+
     path = Path(a.model)
     tokenizer = None
     if path.is_dir():
@@ -69,10 +80,10 @@ def cmd_generate(a) -> int:
             tokenizer = None
         ids = _prompt_ids(a, tokenizer)
         gen = compiler.compile_generator(model, ids, policy=a.policy, max_cache_len=a.max_cache_len,
-                                         backend=a.backend)
+                                         backend=a.backend, **auto)
     elif path.suffix == ".pt2":
         ids = _prompt_ids(a, None)
-        gen = compiler.compile_generator(path, policy=a.policy, backend=a.backend)
+        gen = compiler.compile_generator(path, ids, policy=a.policy, backend=a.backend, **auto)
     else:
         raise InputError(f"{path}: give a Hugging Face model directory or a .pt2 file")
     out = gen.generate(ids, a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,

@@ -16,8 +16,13 @@ program) and attends over exactly the keys the site's cache layout keeps:
 
 A layout is one group per set of KV heads (DuoAttention: retrieval heads full, streaming
 heads a ring), written ``0-1:full|2-3:sinks=4,window=16``; the op receives one cache tensor
-per group. Query head ``h`` reads KV head ``h // (Hq // Hkv)``, grouped-query attention is
-native (``enable_gqa``), nothing is repeated.
+per group. A full cache may carry a sparse **prefill** pattern (``0-1:full#topk:blocks=8,block=64``,
+MInference / FlexPrefill): a prompt prefilled from position 0 in one call attends only the
+pairs the pattern keeps (``attnforge::sparse_attention``); decode steps, and chunks that start
+past 0, read the full cache exactly.
+
+Query head ``h`` reads KV head ``h // (Hq // Hkv)``, grouped-query attention is native
+(``enable_gqa``), nothing is repeated.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class CacheGroup:
     kv_heads: tuple  # KV head indices this group's cache holds
     sinks: int = 0
     window: Optional[int] = None  # keys before the current one (compile()'s window:left); None: a full cache
+    prefill: str = ""  # a sparse pattern's text for a prompt's prefill (full caches only)
 
     @property
     def bounded(self) -> bool:
@@ -65,11 +71,13 @@ def _contiguous(heads: tuple) -> bool:
 
 
 def layout_text(groups: list[CacheGroup]) -> str:
-    return "|".join(g.text for g in groups)
+    prefill = next((g.prefill for g in groups if g.prefill), "")
+    return "|".join(g.text for g in groups) + (f"#{prefill}" if prefill else "")
 
 
 @lru_cache(maxsize=256)
 def parse_layout(text: str) -> tuple:
+    text, _, prefill = text.partition("#")
     groups = []
     for part in text.split("|"):
         heads, kind = part.split(":", 1)
@@ -79,7 +87,7 @@ def parse_layout(text: str) -> tuple:
         else:
             hs = tuple(int(h) for h in heads.split(","))
         if kind == "full":
-            groups.append(CacheGroup(hs))
+            groups.append(CacheGroup(hs, prefill=prefill))
         else:
             kv = dict(item.split("=") for item in kind.split(","))
             groups.append(CacheGroup(hs, int(kv["sinks"]), int(kv["window"])))
@@ -125,6 +133,10 @@ def _group_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kc: Ten
         kc.index_copy_(2, positions, k)
         vc.index_copy_(2, positions, v)
         keys, values = kc[:, :, :end], vc[:, :, :end]
+        if g.prefill and p0 == 0 and n > 1:  # a prompt's sparse prefill; its keys are the new ones
+            # By the op (registered by compiler.sparse_ops, which the generator loads): kv_cache and
+            # sparse_ops are independent modules of one layer.
+            return torch.ops.attnforge.sparse_attention(q, k, v, None, scale, True, 0.0, g.prefill)
         if n == 1:  # one query at the newest position sees every filled key
             return attend(q, keys, values, scale)
         if p0 == 0:

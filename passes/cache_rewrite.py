@@ -127,10 +127,12 @@ def _offset_causal(ep: ExportedProgram, mask: fx.Node, negate: bool, max_len: in
     """Whether ``mask`` keeps exactly slots ``j <= p`` for queries at positions ``p``, evaluated at a
     prefill from 0 and a chunk from 5 (one-token programs: positions 0 and 7)."""
     ids_name, pos_name = step_inputs(ep)
-    static_len = next(n for n in ep.graph.nodes if n.name == ids_name).meta["val"].shape[1]
+    batch, static_len = next(n for n in ep.graph.nodes if n.name == ids_name).meta["val"].shape[:2]
     probes = [(0, 1), (7, 1)] if isinstance(static_len, int) and static_len == 1 else [(0, 3), (5, 2)]
     for p0, n in probes:
-        inputs = {ids_name: torch.zeros(1, n, dtype=torch.long), pos_name: torch.arange(p0, p0 + n)}
+        dev = next(iter(state.values())).device if state else None  # the program's (a model on CUDA)
+        inputs = {ids_name: torch.zeros(int(batch), n, dtype=torch.long, device=dev),
+                  pos_name: torch.arange(p0, p0 + n, device=dev)}
         try:
             m = _eval_cone(mask, inputs, state)
         except Exception:  # noqa: BLE001 - a mask we cannot evaluate is not one we can trust
@@ -140,7 +142,7 @@ def _offset_causal(ep: ExportedProgram, mask: fx.Node, negate: bool, max_len: in
         if negate:
             m = ~m
         want = torch.arange(max_len)[None, :] <= torch.arange(p0, p0 + n)[:, None]
-        if tuple(m.shape[-2:]) != (n, max_len) or not bool((m == want).all()):
+        if tuple(m.shape[-2:]) != (n, max_len) or not bool((m == want.to(m.device)).all()):
             return False
     return True
 

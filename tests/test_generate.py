@@ -276,8 +276,8 @@ def test_prompt_longer_than_full_cache(families):
 
 
 @pytest.mark.parametrize("policy, message", [
-    ("topk:blocks=2", r"topk.* has no KV-cache form for generation; use fused"),
-    ("auto", r"'auto' is not available for generation"),
+    ("blocksparse:block=16,local=1,global=1", r"blocksparse.* has no KV-cache form for generation; use fused"),
+    ("auto", r"policy='auto' needs a budget"),
     ("heads[0]=fused; heads[*]=sinks:4,window:16", r"query heads \[0, 1\] share KV head 0.*same heads"),
     ("window:16,right:4", r"looks at future keys"),
 ])

@@ -1,10 +1,14 @@
 """Generation with a KV cache: compile_generator against the model's own generate().
 
     python tools/bench_generate.py [--quick] [--prompts 1024,4096] [--new-tokens 128] [--threads 2] [--repeats 2]
+                                   ['--policies=fused|sinks:4,window:1024'] [--no-static]
 
 A Llama-shaped model with random weights (4 layers, hidden 512, 8 heads, 2 KV heads, fp32) on
 CPU. For each prompt length, in one run: the model's own ``generate()`` (dynamic cache, eager,
-SDPA attention), and ``compiler.compile_generator`` with ``fused`` (exact, full static cache
+SDPA attention), the model's own ``generate()`` with its static cache and the decode step under
+``torch.compile`` (transformers' auto-compile, ``CompileConfig(mode="default")``, enabled on CPU;
+the prefill runs eagerly, as transformers does; the compile happens in a warm-up on a short
+prompt with the same cache object), and ``compiler.compile_generator`` with ``fused`` (exact, full static cache
 read up to the filled length), ``sinks:4,window:1024`` (StreamingLLM ring) and half the KV heads
 streaming (``heads[0-3]=fused; heads[*]=sinks:4,window:1024``, DuoAttention). Greedy, same
 prompt. Columns: prefill time (prompt -> first token; the peer's from a streamer's
@@ -18,6 +22,7 @@ tokens equal the peer's. ``--quick``: prompts 256 and 1024, 64 new tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +37,7 @@ from backends import memory_probe  # noqa: E402
 from compiler.generate import capture_for_generation, compile_generator  # noqa: E402
 from tools.benchlib import command_line, machine, markdown_table, print_table, today, versions  # noqa: E402
 
+STATIC = "model.generate (static cache, torch.compile)"
 POLICIES = ("fused", "sinks:4,window:1024", "heads[0-3]=fused; heads[*]=sinks:4,window:1024")
 
 
@@ -69,6 +75,28 @@ def peer_run(model, ids, new_tokens):
     return out.sequences, clock.stamps[1] - t0, clock.stamps[-1] - clock.stamps[1], peak, kv
 
 
+def static_peer(model, n, new_tokens):
+    """model.generate() with a StaticCache of ``n + new_tokens`` slots and its decode step under
+    torch.compile; the same cache object is reset and reused so the warm-up's compile serves."""
+    cache = transformers.StaticCache(config=model.config, max_cache_len=n + new_tokens)
+    cc = transformers.CompileConfig(mode="default")
+    cc._compile_all_devices = True  # transformers' switch to auto-compile on CPU
+
+    def run(ids, new):
+        cache.reset()
+        clock = _Clock()
+        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, streamer=clock,
+                  cache=cache, compile_config=cc)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            peak, out = memory_probe.peak_bytes(
+                lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw))
+        kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        return out.sequences, clock.stamps[1] - t0, clock.stamps[-1] - clock.stamps[1], peak, kv
+
+    return run
+
+
 def ours_run(gen, ids, new_tokens):
     peak, out = memory_probe.peak_bytes(lambda: gen.generate(ids, max_new_tokens=new_tokens))
     return out, gen.report.prefill_seconds, gen.report.decode_seconds, peak, gen.cache_bytes
@@ -92,6 +120,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per method")
+    ap.add_argument("--policies", default="|".join(POLICIES), help="policies separated by '|', e.g. "
+                                                                   "'fused|sinks:4,window:1024'")
+    ap.add_argument("--no-static", action="store_true", help="leave out the static-cache torch.compile peer")
     ap.add_argument("--backends", default="torch", help="comma-separated generation backends (torch, onnxruntime, "
                                                         "triton)")
     a = ap.parse_args()
@@ -106,31 +137,46 @@ def main():
         ep = capture_for_generation(model, ids[:, :16], n + new)
         backends = a.backends.split(",")
         gens = {f"attnforge {pol}" + ("" if b == "torch" else f" [{b}]"): compile_generator(ep, policy=pol, backend=b)
-                for b in backends for pol in POLICIES}
+                for b in backends for pol in [p.strip() for p in a.policies.split("|")]}
         with torch.no_grad():  # warm-up
             model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
         for g in gens.values():
             g.generate(ids[:, :8], max_new_tokens=2)
-        contenders = {"model.generate (dynamic cache)": lambda: peer_run(model, ids, new),
+        contenders = {"model.generate (dynamic cache)": lambda: peer_run(model, ids, new)}
+        if not a.no_static:
+            static = static_peer(model, n, new)
+            t0 = time.perf_counter()
+            static(ids[:, :8], 4)  # compiles the decode step for this cache's shapes
+            print(f"static-cache peer: warm-up with torch.compile {time.perf_counter() - t0:.1f} s", flush=True)
+            contenders[STATIC] = lambda: static(ids, new)
+        contenders = {**contenders,
                       **{name: (lambda g=g: ours_run(g, ids, new)) for name, g in gens.items()}}
         best = measure(contenders, a.repeats)
         ref = best["model.generate (dynamic cache)"][0]
-        peer_decode, peer_kv = best["model.generate (dynamic cache)"][2], best["model.generate (dynamic cache)"][4]
+        # The best peer's decode: the faster of the dynamic cache and the compiled static cache.
+        peers = [b for name, b in best.items() if not name.startswith("attnforge")]
+        peer_decode, peer_kv = min(b[2] for b in peers), best["model.generate (dynamic cache)"][4]
         for name, (out, prefill, decode, peak, kv) in best.items():
             row = dict(prompt=n, method=name, prefill_s=prefill, decode_tok_s=(new - 1) / decode,
                        peak_mib=peak / 2**20, kv_mib=kv / 2**20)
+            if name != "model.generate (dynamic cache)":
+                row.update(same_tokens=str(bool(torch.equal(out, ref))))
             if name.startswith("attnforge"):
-                row.update(decode_vs_peer=peer_decode / decode, kv_smaller=peer_kv / kv,
-                           same_tokens=str(bool(torch.equal(out, ref))))
+                row.update(decode_vs_peer=peer_decode / decode, kv_smaller=peer_kv / kv)
+                if "attnforge fused" in best:  # a bounded cache against our own full one
+                    row.update(decode_vs_fused=best["attnforge fused"][2] / decode,
+                               kv_vs_fused=best["attnforge fused"][4] / kv)
             rows.append(row)
         del ep, gens, contenders
-    cols = ["prompt", "method", "prefill_s", "decode_tok_s", "decode_vs_peer", "peak_mib", "kv_mib", "kv_smaller",
-            "same_tokens"]
+    cols = ["prompt", "method", "prefill_s", "decode_tok_s", "decode_vs_peer", "decode_vs_fused", "peak_mib", "kv_mib",
+            "kv_smaller", "kv_vs_fused", "same_tokens"]
     print_table(rows, cols, "generation, Llama-shaped 4x512, 8 heads / 2 KV heads, fp32")
     print(f"\n{command_line()}\n{today()}, {machine()}, {a.threads} threads; "
           f"{versions('torch', 'transformers')}; {new} new tokens, greedy\n")
-    print(markdown_table(rows, cols, ["prompt", "method", "prefill s", "decode tok/s", "decode vs peer",
-                                      "peak MiB", "KV MiB", "KV smaller", "same tokens"]))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(markdown_table(rows, cols, ["prompt", "method", "prefill s", "decode tok/s", "decode vs best peer",
+                                      "decode vs fused", "peak MiB", "KV MiB", "KV smaller (vs dynamic)",
+                                      "KV vs fused", "same tokens"]))
 
 
 if __name__ == "__main__":
