@@ -40,8 +40,14 @@ def _mode() -> str:
 
 
 def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: bool, mask: Optional[Tensor],
-               device) -> tuple:
-    """(BlockMask, score_mod or None) computing ``layout`` with causality and a boolean mask."""
+               device, standalone: bool = True) -> tuple:
+    """(BlockMask, score_mod or None) computing ``layout`` with causality and a boolean mask.
+
+    ``standalone``: the mask_mod alone gives the layout's pairs, as eager FlexAttention (which
+    evaluates it on every pair) needs. The compiled kernel evaluates it only inside the listed
+    partial blocks, where block membership is already known: there (``standalone=False``) it is
+    the closed-form pair predicate, with no per-pair block-table lookup (a gather the kernel
+    cannot vectorize; it cost 20-25% of a window's run time at 8k)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bs = layout.block
@@ -65,11 +71,11 @@ def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: b
         ids = torch.nn.functional.pad(ids.sort(-1).values, (0, max(0, nkb - ids.shape[-1])), value=nkb)
         return sel.sum(-1).to(torch.int32), ids[..., :nkb].clamp(max=nkb - 1).to(torch.int32)
 
-    # The mask_mod must give the layout's pairs on its own too (eager FlexAttention and the
-    # partial blocks read it), so it looks up block membership as well as the pair predicate.
-    table = torch.zeros(*kvb.shape[:3], nkb + 1, dtype=torch.bool, device=device)
-    table.scatter_(-1, torch.where(listed, kvb, nkb), True)
-    table = table[..., :nkb].contiguous()
+    table = None
+    if standalone:
+        table = torch.zeros(*kvb.shape[:3], nkb + 1, dtype=torch.bool, device=device)
+        table.scatter_(-1, torch.where(listed, kvb, nkb), True)
+        table = table[..., :nkb].contiguous()
     pair_keep = layout.pair_keep
     keep_mask = bias = None
     if mask is not None:
@@ -84,7 +90,9 @@ def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: b
                  j if m.shape[3] > 1 else 0]
 
     def mask_mod(bi, h, i, j):
-        keep = (j < sk) & at(table, bi, h, i // bs, j // bs)
+        keep = j < sk
+        if table is not None:
+            keep = keep & at(table, bi, h, i // bs, j // bs)
         if causal:
             keep = keep & (j <= i)
         if pair_keep is not None:
@@ -128,11 +136,11 @@ def flex_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_head_map(hq, k.shape[1], q.device))
-    key = ("flex", is_causal, str(q.device))
+    key = ("flex", is_causal, compiled, str(q.device))
     if mask is None and key in layout._keep_cache:  # a static layout is reused across calls
         bm, bias = layout._keep_cache[key], None
     else:
-        bm, bias = block_mask(layout, b, hq, sq, sk, is_causal, mask, q.device)
+        bm, bias = block_mask(layout, b, hq, sq, sk, is_causal, mask, q.device, standalone=not compiled)
         if mask is None:
             layout._keep_cache[key] = bm
     fn = flex_attention
