@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -54,9 +55,14 @@ def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: b
     kvb = layout.kv_blocks.to(device)
     nkb = -(-sk // bs)
     listed = kvb >= 0
-    # Which listed blocks keep every pair: FlexAttention runs those without the mask_mod.
-    pairs = layout.gathered_keep(causal).to(device).expand(*kvb.shape[:3], bs, kvb.shape[-1] * bs)
-    full = listed & pairs.reshape(*kvb.shape[:3], bs, -1, bs).all(-1).all(-2)
+    # Which listed blocks keep every pair: FlexAttention runs those without the mask_mod. A
+    # whole-block layout (top-k, block-sparse) needs no pairs for that: per call it costs
+    # O(blocks), not O(kept pairs).
+    if layout.pair_keep is None:
+        full = layout.whole_blocks_full(causal).to(device)
+    else:
+        pairs = layout.gathered_keep(causal).to(device).expand(*kvb.shape[:3], bs, kvb.shape[-1] * bs)
+        full = listed & pairs.reshape(*kvb.shape[:3], bs, -1, bs).all(-1).all(-2)
     if mask is not None:
         full = torch.zeros_like(full)
     if sq % bs:
@@ -125,6 +131,22 @@ def _score_mod(bias: Optional[Tensor], softcap: float):
     return score_mod
 
 
+@contextmanager
+def _serial(device):
+    """One CPU thread for the per-call selection (pooled scores, top-k, block lists): its ops
+    are small, and waking the intra-op pool for each costs more than the op. On a 2-core machine
+    shared with other work it was 0.6 s per call with 2 threads and 16 ms with one."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def flex_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                 softcap: float, spec: str, compiled: bool = True) -> Optional[Tensor]:
     """The sparse op through FlexAttention, or None when this site is not one it takes."""
@@ -135,14 +157,15 @@ def flex_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
         return None  # head mixes: the reference
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
-    layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_head_map(hq, k.shape[1], q.device))
-    key = ("flex", is_causal, compiled, str(q.device))
-    if mask is None and key in layout._keep_cache:  # a static layout is reused across calls
-        bm, bias = layout._keep_cache[key], None
-    else:
-        bm, bias = block_mask(layout, b, hq, sq, sk, is_causal, mask, q.device, standalone=not compiled)
-        if mask is None:
-            layout._keep_cache[key] = bm
+    with _serial(q.device):
+        layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_head_map(hq, k.shape[1], q.device))
+        key = ("flex", is_causal, compiled, str(q.device))
+        if mask is None and key in layout._keep_cache:  # a static layout is reused across calls
+            bm, bias = layout._keep_cache[key], None
+        else:
+            bm, bias = block_mask(layout, b, hq, sq, sk, is_causal, mask, q.device, standalone=not compiled)
+            if mask is None:
+                layout._keep_cache[key] = bm
     fn = flex_attention
     if compiled:
         global _compiled
