@@ -64,7 +64,14 @@ def _flex(seq: int, window: int, sinks: int):
 
     bm = create_block_mask(mask_mod, None, None, seq, seq, device="cpu")
     fn = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: fn(q, k, v, block_mask=bm, scale=0.125)
+
+    def run(q, k, v):
+        # Every mask and length recompiles flex_attention's one frame; past dynamo's limit (8)
+        # torch would run flex's unfused fallback (the whole score matrix: killed at 16k).
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+            return fn(q, k, v, block_mask=bm, scale=0.125)
+
+    return run
 
 
 def _window_of(policy: str):
