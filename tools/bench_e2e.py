@@ -207,17 +207,17 @@ def main() -> None:
     ap.add_argument("--out", default="docs/e2e.csv")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    attn_pols, model_pols = tuple(a.policies), MODEL_POLICIES
+    attn_pols, model_pols, model_backends = tuple(a.policies), MODEL_POLICIES, a.backends
     if a.quick:  # every code path once, on tiny sizes
         a.seqs, a.model_seqs, budget, reps = [256], [64], 1.0, 1
-        attn_pols, model_pols, a.backends = ("window:64,sinks:4,block=32",), ("fused", "window:16,sinks:4,block=16"), ["torch"]
+        attn_pols, model_pols, model_backends = ("window:64,sinks:4,block=32",), ("fused", "window:16,sinks:4,block=16"), ["torch"]
     else:
         budget, reps = 20.0, 5
     rows = []
     if "attention" not in a.skip:
         rows += attention_alone(a.seqs, a.threads, budget, reps, attn_pols, a.backends)
     if "model" not in a.skip:
-        rows += model_end_to_end(a.model_seqs, a.threads, budget, reps, a.backends, model_pols, a.quick)
+        rows += model_end_to_end(a.model_seqs, a.threads, budget, reps, model_backends, model_pols, a.quick)
     if not a.quick:
         write_csv(rows, a.out)
     print(f"\n{command_line()}; {machine()}; {today()}; {versions('torch', 'onnxruntime', 'transformers')}; "
