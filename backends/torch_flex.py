@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -40,17 +41,28 @@ def _mode() -> str:
 
 
 def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: bool, mask: Optional[Tensor],
-               device) -> tuple:
-    """(BlockMask, score_mod or None) computing ``layout`` with causality and a boolean mask."""
+               device, standalone: bool = True) -> tuple:
+    """(BlockMask, score_mod or None) computing ``layout`` with causality and a boolean mask.
+
+    ``standalone``: the mask_mod alone gives the layout's pairs, as eager FlexAttention (which
+    evaluates it on every pair) needs. The compiled kernel evaluates it only inside the listed
+    partial blocks, where block membership is already known: there (``standalone=False``) it is
+    the closed-form pair predicate, with no per-pair block-table lookup (a gather the kernel
+    cannot vectorize; it cost 20-25% of a window's run time at 8k)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bs = layout.block
     kvb = layout.kv_blocks.to(device)
     nkb = -(-sk // bs)
     listed = kvb >= 0
-    # Which listed blocks keep every pair: FlexAttention runs those without the mask_mod.
-    pairs = layout.gathered_keep(causal).to(device).expand(*kvb.shape[:3], bs, kvb.shape[-1] * bs)
-    full = listed & pairs.reshape(*kvb.shape[:3], bs, -1, bs).all(-1).all(-2)
+    # Which listed blocks keep every pair: FlexAttention runs those without the mask_mod. A
+    # whole-block layout (top-k, block-sparse) needs no pairs for that: per call it costs
+    # O(blocks), not O(kept pairs).
+    if layout.pair_keep is None:
+        full = layout.whole_blocks_full(causal).to(device)
+    else:
+        pairs = layout.gathered_keep(causal).to(device).expand(*kvb.shape[:3], bs, kvb.shape[-1] * bs)
+        full = listed & pairs.reshape(*kvb.shape[:3], bs, -1, bs).all(-1).all(-2)
     if mask is not None:
         full = torch.zeros_like(full)
     if sq % bs:
@@ -65,11 +77,11 @@ def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: b
         ids = torch.nn.functional.pad(ids.sort(-1).values, (0, max(0, nkb - ids.shape[-1])), value=nkb)
         return sel.sum(-1).to(torch.int32), ids[..., :nkb].clamp(max=nkb - 1).to(torch.int32)
 
-    # The mask_mod must give the layout's pairs on its own too (eager FlexAttention and the
-    # partial blocks read it), so it looks up block membership as well as the pair predicate.
-    table = torch.zeros(*kvb.shape[:3], nkb + 1, dtype=torch.bool, device=device)
-    table.scatter_(-1, torch.where(listed, kvb, nkb), True)
-    table = table[..., :nkb].contiguous()
+    table = None
+    if standalone:
+        table = torch.zeros(*kvb.shape[:3], nkb + 1, dtype=torch.bool, device=device)
+        table.scatter_(-1, torch.where(listed, kvb, nkb), True)
+        table = table[..., :nkb].contiguous()
     pair_keep = layout.pair_keep
     keep_mask = bias = None
     if mask is not None:
@@ -84,7 +96,9 @@ def block_mask(layout: BlockLayout, b: int, hq: int, sq: int, sk: int, causal: b
                  j if m.shape[3] > 1 else 0]
 
     def mask_mod(bi, h, i, j):
-        keep = (j < sk) & at(table, bi, h, i // bs, j // bs)
+        keep = j < sk
+        if table is not None:
+            keep = keep & at(table, bi, h, i // bs, j // bs)
         if causal:
             keep = keep & (j <= i)
         if pair_keep is not None:
@@ -117,6 +131,22 @@ def _score_mod(bias: Optional[Tensor], softcap: float):
     return score_mod
 
 
+@contextmanager
+def _serial(device):
+    """One CPU thread for the per-call selection (pooled scores, top-k, block lists): its ops
+    are small, and waking the intra-op pool for each costs more than the op. On a 2-core machine
+    shared with other work it was 0.6 s per call with 2 threads and 16 ms with one."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def flex_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                 softcap: float, spec: str, compiled: bool = True) -> Optional[Tensor]:
     """The sparse op through FlexAttention, or None when this site is not one it takes."""
@@ -127,14 +157,15 @@ def flex_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
         return None  # head mixes: the reference
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
-    layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_head_map(hq, k.shape[1], q.device))
-    key = ("flex", is_causal, str(q.device))
-    if mask is None and key in layout._keep_cache:  # a static layout is reused across calls
-        bm, bias = layout._keep_cache[key], None
-    else:
-        bm, bias = block_mask(layout, b, hq, sq, sk, is_causal, mask, q.device)
-        if mask is None:
-            layout._keep_cache[key] = bm
+    with _serial(q.device):
+        layout = layout_for(groups[0][1], q, k, scale, is_causal, kv_head_map(hq, k.shape[1], q.device))
+        key = ("flex", is_causal, compiled, str(q.device))
+        if mask is None and key in layout._keep_cache:  # a static layout is reused across calls
+            bm, bias = layout._keep_cache[key], None
+        else:
+            bm, bias = block_mask(layout, b, hq, sq, sk, is_causal, mask, q.device, standalone=not compiled)
+            if mask is None:
+                layout._keep_cache[key] = bm
     fn = flex_attention
     if compiled:
         global _compiled

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from backends.triton_attention import FULL_SLOT as FULL, PARTIAL_SLOT as PARTIAL, SparseTables
-from compiler.block_layout import (BlockLayout, _causal_blocks, block_lists, static_layout, topk_block_mask,
-                                   topk_width)
+from compiler.block_layout import BlockLayout, _causal_blocks, block_lists, static_layout, topk_layout
 from compiler.patterns import spec_of
 from compiler.sparse_ops import head_groups, kv_head_map
 from compiler.variants import TopK, parse_variant
@@ -48,13 +47,7 @@ def tables_from_layout(layout: BlockLayout, causal: bool) -> SparseTables:
 def _whole_block_kinds(layout: BlockLayout, causal: bool) -> Tensor:
     """Kinds of a layout that keeps whole blocks: only the key bound and causality cut into one,
     so a block is full when its last key is real and (causal) not after its first query."""
-    bs, kv = layout.block, layout.kv_blocks
-    last_key = (kv + 1) * bs - 1
-    first_query = (torch.arange(kv.shape[2], device=kv.device) * bs).view(1, 1, -1, 1)
-    full = last_key < layout.sk
-    if causal:
-        full = full & (last_key <= first_query)
-    return torch.where(full, FULL, PARTIAL)
+    return torch.where(layout.whole_blocks_full(causal), FULL, PARTIAL)
 
 
 def _pair_kinds(layout: BlockLayout, causal: bool) -> tuple[Tensor, Tensor]:
@@ -112,10 +105,7 @@ def _dense_layout(block: int, sq: int, sk: int, causal: bool, device) -> BlockLa
 
 def _topk_tables(pattern: TopK, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> SparseTables:
     """Top-k blocks chosen on the device, per kv head through ``kv_map``, not via the generic layout."""
-    sq, sk = q.shape[2], k.shape[2]
-    bm = topk_block_mask(pattern, q, k, scale, causal, kv_map)
-    layout = BlockLayout(pattern.block, sq, sk, block_lists(bm, topk_width(pattern, sk, causal)))
-    return tables_from_layout(layout, causal)
+    return tables_from_layout(topk_layout(pattern, q, k, scale, causal, kv_map), causal)
 
 
 # Patterns whose Triton tables this backend builds its own way (keyed by pattern class, as

@@ -70,6 +70,16 @@ class BlockLayout:
             keep = keep & self.pair_keep(i, j)
         return keep
 
+    def whole_blocks_full(self, causal: bool) -> Tensor:
+        """For a layout that keeps whole blocks (no ``pair_keep``): which listed blocks keep every
+        pair, [Bl, Hl, nqb, K]. Only the key bound and causality cut into one, so a block is full
+        when its last key is real and (causal) not after its first query: O(blocks), no pairs."""
+        bs, kv = self.block, self.kv_blocks
+        last_key = (kv + 1) * bs - 1
+        first_query = (torch.arange(kv.shape[2], device=kv.device) * bs).view(1, 1, -1, 1)
+        full = (kv >= 0) & (last_key < self.sk)
+        return full & (last_key <= first_query) if causal else full
+
     def gathered_drop(self, causal: bool) -> Tensor:
         """Which gathered pairs are *not* attended, [Bl, Hl, nqb, bs, K*bs]. A static layout is
         reused across calls, so this is computed once per layout."""
@@ -250,10 +260,15 @@ def _pool_blocks(x: Tensor, block: int) -> Tensor:
     return xp.reshape(b, h, nb, block, d).sum(3, dtype=torch.float32) / counts.view(1, 1, -1, 1)
 
 
-def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool) -> BlockLayout:
+def topk_layout(p: TopK, q: Tensor, k: Tensor, scale: float, causal: bool,
+                kv_map: Optional[Tensor] = None) -> BlockLayout:
     """Per (b, h, query block): local and sink blocks, plus the top ``blocks`` key blocks by
-    pooled score (or, with ``mass``, the fewest blocks holding that share of pooled softmax)."""
-    return BlockLayout(p.block, q.shape[2], k.shape[2], block_lists(topk_block_mask(p, q, k, scale, causal)))
+    pooled score (or, with ``mass``, the fewest blocks holding that share of pooled softmax).
+    ``kv_map``: as in ``topk_block_mask``. A fixed top-k has a known list width, so building
+    it never reads a count back from the device."""
+    width = topk_width(p, k.shape[2], causal) if p.mass <= 0 else None
+    return BlockLayout(p.block, q.shape[2], k.shape[2], block_lists(topk_block_mask(p, q, k, scale, causal, kv_map),
+                                                                    width))
 
 
 def topk_width(p: TopK, sk: int, causal: bool) -> int:

@@ -66,10 +66,10 @@ def features(x: Tensor, p, scale: float, stabilize: str) -> tuple[Tensor, Tensor
     Only ``favor`` has an offset: its exponentials are shifted by a per-row max for queries
     (``stabilize="row"``) or one max over all keys (``"all"``), which cancels in the ratio.
     """
-    x = x.float() * math.sqrt(scale)
+    x = x.float() * math.sqrt(scale)  # always a new tensor: the maps below may work in place
     zero = x.new_zeros(())
     if p.map == "elu":
-        return F.elu(x) + 1.0, zero
+        return F.elu(x, inplace=True).add_(1.0), zero
     if p.map == "relu":
         return F.relu(x), zero
     if p.map == "taylor":
@@ -105,19 +105,30 @@ def _linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) -
     chunk = min(chunk, s)
     n = -(-s // chunk)
     pad = n * chunk
+    dv = v.shape[-1]
 
     def blocks(x, length):
-        return F.pad(x, (0, 0, 0, pad - length)).view(*x.shape[:2], n, chunk, x.shape[-1])
+        x = x if pad == length else F.pad(x, (0, 0, 0, pad - length))
+        return x.reshape(-1, chunk, x.shape[-1])  # [B*H*n, C, F]: chunks of every (b, h) in a row
 
-    cq, ck, cv = blocks(fq, sq), blocks(fk, sk), blocks(v, sk)  # padded keys have zero features
-    kv = ck.transpose(-1, -2) @ cv  # [B, H, n, F, Dv]
-    state = kv.cumsum(2) - kv  # what earlier chunks contribute
-    z = ck.sum(-2)
-    zstate = (z.cumsum(2) - z).unsqueeze(-2)  # [B, H, n, 1, F]
-    intra = (cq @ ck.transpose(-1, -2)).tril()  # [B, H, n, C, C], causal within the chunk
-    num = intra @ cv + cq @ state
-    den = intra.sum(-1, keepdim=True) + (cq * zstate).sum(-1, keepdim=True)
-    return num.flatten(2, 3)[:, :, :sq], den.flatten(2, 3)[:, :, :sq]
+    # A ones column on v carries the normalizer through the same products (its sums are the
+    # denominator), so num and den share every matmul and no per-chunk key sums are kept.
+    v1 = v.new_zeros(*v.shape[:2], pad, dv + 1)  # padded keys: zero values, zero features
+    v1[:, :, :sk, :dv] = v
+    v1[:, :, :sk, dv] = 1.0
+    cq, ck, cv = blocks(fq, sq), blocks(fk, sk), v1.view(-1, chunk, dv + 1)
+    intra = torch.bmm(cq, ck.transpose(-1, -2)).tril_()  # causal within the chunk
+    out = torch.bmm(intra, cv)  # [B*H*n, C, Dv + 1]
+    if n > 1:
+        # Chunk c reads the keys of chunks < c: the inclusive prefix of the chunk summaries, one
+        # chunk behind. Shifting by one in the flat [B*H*n] order pairs every chunk with its
+        # predecessor's prefix without a copy; each head's last prefix is read only by the next
+        # head's first chunk, so it is zeroed.
+        state = torch.bmm(ck.transpose(-1, -2), cv).view(-1, n, ck.shape[-1], dv + 1).cumsum_(1)
+        state[:, -1] = 0.0
+        out[1:].baddbmm_(cq[1:], state.view(-1, ck.shape[-1], dv + 1)[:-1])
+    out = out.view(*fq.shape[:2], pad, dv + 1)[:, :, :sq]
+    return out[..., :dv], out[..., dv:]
 
 
 def _expand_kv(x: Tensor, hq: int) -> Tensor:

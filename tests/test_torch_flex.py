@@ -45,6 +45,13 @@ def _kernel_pairs(bm, b, hq, sq, sk):
     return full | (partial & mod)
 
 
+def _standalone_pairs(layout, b, hq, sq, sk, causal, m):
+    bm, _ = block_mask(layout, b, hq, sq, sk, causal, m, torch.device("cpu"), standalone=True)
+    bi, h = torch.arange(b).view(-1, 1, 1, 1), torch.arange(hq).view(1, -1, 1, 1)
+    i, j = torch.arange(sq).view(1, 1, -1, 1), torch.arange(sk).view(1, 1, 1, -1)
+    return bm.mask_mod(bi, h, i, j).expand(b, hq, sq, sk)
+
+
 def _reference_pairs(q, k, mask, scale, causal, text):
     keep = sparse_keep_mask(q, k, text, scale, causal)
     if mask is not None:
@@ -60,8 +67,12 @@ def _check(p, text, softcap=0.0):
     sk = k.shape[2]
     pattern = head_groups(parse_variant(text).pattern, hq)[0][1]
     layout = layout_for(pattern, q, k, scale, causal, kv_head_map(hq, k.shape[1]))
-    bm, _ = block_mask(layout, b, hq, sq, sk, causal, m, q.device)
-    assert torch.equal(_kernel_pairs(bm, b, hq, sq, sk), _reference_pairs(q, k, m, scale, causal, text)), text
+    want = _reference_pairs(q, k, m, scale, causal, text)
+    for standalone in (True, False):  # eager's mask_mod, and the compiled kernel's (no block lookup)
+        bm, _ = block_mask(layout, b, hq, sq, sk, causal, m, q.device, standalone=standalone)
+        assert torch.equal(_kernel_pairs(bm, b, hq, sq, sk), want), (text, standalone)
+    # Eager FlexAttention evaluates the mask_mod on every pair: standalone, it is the layout.
+    assert torch.equal(_standalone_pairs(layout, b, hq, sq, sk, causal, m), want), text
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention warns that it is not compiled
         got = flex_sparse(q, k, v, m, scale, causal, softcap, text, compiled=False)

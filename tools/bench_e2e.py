@@ -64,17 +64,26 @@ def _flex(seq: int, window: int, sinks: int):
 
     bm = create_block_mask(mask_mod, None, None, seq, seq, device="cpu")
     fn = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: fn(q, k, v, block_mask=bm, scale=0.125)
+
+    def run(q, k, v):
+        # Every mask and length recompiles flex_attention's one frame; past dynamo's limit (8)
+        # torch would run flex's unfused fallback (the whole score matrix: killed at 16k).
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+            return fn(q, k, v, block_mask=bm, scale=0.125)
+
+    return run
 
 
-def _window_of(policy: str) -> tuple[int, int]:
-    from compiler.variants import parse_variant
+def _window_of(policy: str):
+    """(left, sinks) of a window policy, None for the others (no same-mask Flex peer)."""
+    from compiler.variants import Window, parse_variant
 
     p = parse_variant(policy).pattern
-    return p.left, p.sinks
+    return (p.left, p.sinks) if isinstance(p, Window) else None
 
 
-def attention_alone(seqs, threads, budget_s, max_repeats, policies=ATTN_POLICIES) -> list[dict]:
+def attention_alone(seqs, threads, budget_s, max_repeats, policies=ATTN_POLICIES,
+                    backends=("torch", "onnxruntime")) -> list[dict]:
     rows = []
     ort = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     for s in seqs:
@@ -82,16 +91,18 @@ def attention_alone(seqs, threads, budget_s, max_repeats, policies=ATTN_POLICIES
         q, k, v = (torch.randn(1, 8, s, 64, generator=g) for _ in range(3))
         args = (q, k, v)
         for pol in policies:
-            left, sinks = _window_of(pol)
+            window = _window_of(pol)
             cs, notes = [Contender("dense SDPA", lambda: Causal()(*args))], {}
             try:
-                flex, dt, _ = measured_compile(lambda: _flex(s, left, sinks))
+                if window is None:
+                    raise LookupError("no closed-form mask for this policy")
+                flex, dt, _ = measured_compile(lambda: _flex(s, *window))
                 flex(*args)  # compiles
                 cs.append(Contender("FlexAttention (compiled, same mask)", lambda: flex(*args)))
             except Exception as e:  # noqa: BLE001
-                cs.append(Contender("FlexAttention (compiled, same mask)", status=f"failed ({type(e).__name__})"))
+                cs.append(Contender("FlexAttention (compiled, same mask)", status=f"skipped ({type(e).__name__}: {e})"))
             density = None
-            for backend in ("torch", "onnxruntime"):
+            for backend in backends:
                 name = f"compile(..., backend={backend!r})"
                 try:
                     cm, dt, peak = measured_compile(
@@ -190,21 +201,23 @@ def main() -> None:
     ap.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"])
+    ap.add_argument("--policies", nargs="+", default=list(ATTN_POLICIES),
+                    help="policies for the attention-alone part (a window, sinks, top-k or linear policy)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["attention", "model"])
     ap.add_argument("--out", default="docs/e2e.csv")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    attn_pols, model_pols = ATTN_POLICIES, MODEL_POLICIES
+    attn_pols, model_pols, model_backends = tuple(a.policies), MODEL_POLICIES, a.backends
     if a.quick:  # every code path once, on tiny sizes
         a.seqs, a.model_seqs, budget, reps = [256], [64], 1.0, 1
-        attn_pols, model_pols, a.backends = ("window:64,sinks:4,block=32",), ("fused", "window:16,sinks:4,block=16"), ["torch"]
+        attn_pols, model_pols, model_backends = ("window:64,sinks:4,block=32",), ("fused", "window:16,sinks:4,block=16"), ["torch"]
     else:
         budget, reps = 20.0, 5
     rows = []
     if "attention" not in a.skip:
-        rows += attention_alone(a.seqs, a.threads, budget, reps, attn_pols)
+        rows += attention_alone(a.seqs, a.threads, budget, reps, attn_pols, a.backends)
     if "model" not in a.skip:
-        rows += model_end_to_end(a.model_seqs, a.threads, budget, reps, a.backends, model_pols, a.quick)
+        rows += model_end_to_end(a.model_seqs, a.threads, budget, reps, model_backends, model_pols, a.quick)
     if not a.quick:
         write_csv(rows, a.out)
     print(f"\n{command_line()}; {machine()}; {today()}; {versions('torch', 'onnxruntime', 'transformers')}; "
