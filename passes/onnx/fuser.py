@@ -3,25 +3,37 @@ and the entry point ``fuse_onnx_attention``."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript import version_converter
+from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus
 
 from compiler.errors import InputError
 from passes.onnx.builder import _Builder
-from passes.onnx.common import (MAX_IR_VERSION, TARGET_OPSET, _LAYOUT_OPS, _MS, OnnxFusionResult, OnnxSite, _compose,
+from passes.onnx.common import (MAX_IR_VERSION, TARGET_OPSET, _LAYOUT_OPS, OnnxFusionResult, OnnxSite, _compose,
                                 _input, _int_dim, _module_path, _neg_threshold, _producer, _rank, _Reject, _same_dim,
                                 _shape, _swap_last, _used)
 from passes.onnx.evaluation import _Constants
+from passes.onnx.fused_op_rules import NormalizedSite, fused_op_rules
 from passes.onnx.masks import _Masks, _Term
-from passes.onnx.normalizers import FusedOpNormalizers
 
 
-class _Fuser(FusedOpNormalizers):
+class _Reasons(MatchingTracer):
+    """Keeps why the last rule that matched a node's op declined it (its check or its rewrite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reason: Optional[str] = None
+
+    def log(self, rule, container, node, match_result, status):
+        if status in (MatchStatus.CONDITION_FAILED, MatchStatus.REPLACEMENT_FAILED):
+            self.reason = match_result.reason
+
+
+class _Fuser:
     def __init__(self, model: ir.Model):
         self.model = model
         self.graph = model.graph
@@ -29,6 +41,9 @@ class _Fuser(FusedOpNormalizers):
         self.masks = _Masks(self.consts)
         self.result = OnnxFusionResult()
         self._builder: Optional[_Builder] = None
+        # The fused-op rules; each rewrite files its Attention node here for the site record.
+        self.rules = fused_op_rules(self)
+        self.normalized: dict[ir.Node, NormalizedSite] = {}
 
     def _new_builder(self, anchor: ir.Node) -> _Builder:
         self._builder = _Builder(self.graph, anchor)
@@ -105,17 +120,8 @@ class _Fuser(FusedOpNormalizers):
             if node.graph is not self.graph:
                 continue  # consumed by an earlier site
             key = (node.domain or "", node.op_type)
-            handler = {
-                ("", "Softmax"): self.softmax,
-                ("ai.onnx", "Softmax"): self.softmax,
-                ("", "Attention"): self.onnx_attention,
-                ("ai.onnx", "Attention"): self.onnx_attention,
-                (_MS, "MultiHeadAttention"): self.ms_multihead,
-                (_MS, "Attention"): self.ms_attention,
-                (_MS, "GroupQueryAttention"): self.ms_gqa,
-            }.get(key)
-            if handler is None:
-                continue
+            # Softmax anchors are walked by hand; every other node is offered to the fused-op rules.
+            handler = self.softmax if key in (("", "Softmax"), ("ai.onnx", "Softmax")) else self._apply_rules
             self._builder = None
             try:
                 handler(node)
@@ -123,6 +129,28 @@ class _Fuser(FusedOpNormalizers):
                 if self._builder is not None:
                     self._builder.discard()
                 self.result.rejected.append((node.name or node.op_type, str(e)))
+
+    def _apply_rules(self, node: ir.Node):
+        """Offer a fused op to the rule set: the rule whose pattern matches it either declines it
+        (its check's or rewrite's reason) or builds the replacement, which is applied and
+        recorded here like an unfused site."""
+        reasons = _Reasons()
+        for rule in self.rules:
+            delta = rule.try_rewrite(self.model, self.graph, node, tracer=reasons)
+            if reasons.reason is not None:
+                raise _Reject(reasons.reason)
+            if delta is None:
+                continue
+            attn = next(n for n in delta.new_nodes if n in self.normalized)
+            site = self.normalized.pop(attn)
+            b = self._new_builder(node)
+            b.nodes = list(delta.new_nodes)
+            # The op's first output always moves; a further one (GQA's present K/V) when used.
+            pairs = [(old, new) for i, (old, new) in enumerate(zip(delta.match.outputs, delta.new_outputs))
+                     if i == 0 or _used(old)]
+            self._finish(b, pairs, attn, site.source, site.q4, site.k4, site.causal, site.mask_kind,
+                         site.scale, site.softcap, [node])
+            return
 
     # -- Softmax anchors ------------------------------------------------------------------
 
@@ -478,29 +506,6 @@ class _Fuser(FusedOpNormalizers):
         if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
             raise _Reject(f"{hq} query heads are not a multiple of {hkv} key/value heads")
 
-    # -- fused anchors --------------------------------------------------------------------
-
-    def _head_inputs(self, b: _Builder, x: ir.Value, heads: Optional[int], what: str) -> ir.Value:
-        r = _rank(x)
-        if r == 4:
-            return x
-        if r == 3:
-            if not heads:
-                raise _Reject(f"3-D {what} needs a head count")
-            out = b.op("Reshape", [x, b.ints([0, 0, heads, -1])])
-            out = b.op("Transpose", [out], perm=[0, 2, 1, 3])
-            s = _shape(x)
-            if s is not None:
-                d = s[2] // heads if isinstance(s[2], int) else None
-                out.shape = ir.Shape([s[0], heads, s[1], d])
-                out.type = x.type
-            return out
-        raise _Reject(f"{what} has rank {r}; expected 3 or 4")
-
-    @staticmethod
-    def _default_scale(q4) -> Optional[float]:
-        d = _int_dim(q4, 3)
-        return 1.0 / math.sqrt(d) if d else None
 
 
 # ----------------------------------------------------------------------------------------
