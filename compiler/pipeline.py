@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch.export import ExportedProgram
 from torch.export.graph_signature import TensorArgument
@@ -44,6 +44,7 @@ class PassContext:
     variant_result: Optional[VariantResult] = None
     skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
     verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
+    exact_outputs: Any = None  # the exact program's outputs on the example (its end-to-end check), if run
 
 
 # ----------------------------------------------------------------------------- typed details
