@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +20,7 @@ from compiler.errors import InputError, PolicyError, VerificationError, first_li
 from compiler.explain import attention_maps as explain_maps
 from compiler.explain import rewritten_subgraph
 from compiler.graph import shape
-from compiler.measure import SiteEffect, exact_probabilities, record_site_inputs, site_effect
+from compiler.measure import SiteEffect, exact_probabilities, record_site_run, site_effect
 from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
 from compiler.plan import Plan
 from compiler.policy import Policy, PolicySpec, parse_policy
@@ -154,50 +155,102 @@ def _site_record(m, status: str, reason: str = "", err: Optional[float] = None, 
                        max_abs_error=err, effect=effect)
 
 
-def _site_checks(ctx: PassContext, checks: list) -> tuple[dict[str, str], dict[str, tuple[float, float]]]:
+@dataclass
+class SiteChecks:
+    bad: dict[str, str] = field(default_factory=dict)  # site -> why it is rolled back
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (error, magnitude), example
+    checked: list[str] = field(default_factory=list)  # labels of the input sets the sites were checked on
+    rows: Optional[int] = None  # query rows of a long site compared per input set (None = all)
+    forced_outputs: Any = None  # the program's outputs on the example with every site given the original's value
+
+
+def _original_names(original: ExportedProgram, ctx: PassContext) -> bool:
+    """Whether the original program computes every rewritten site's output under the node name
+    it has before fusion (same op, same shape and dtype): then the per-site references are taken
+    from the original's own run, the one the end-to-end reference comes from."""
+    orig = {n.name: n for n in original.graph.nodes}
+    before = {n.name: n for n in ctx.before_fusion.graph.nodes}
+    for sid in ctx.fusion.rewritten:
+        name = ctx.fusion.output_nodes[sid]
+        a, b = orig.get(name), before.get(name)
+        if a is None or b is None or a.op != "call_function" or a.target != b.target:
+            return False
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
+                and str(tuple(va.shape)) == str(tuple(vb.shape))):
+            return False
+    return True
+
+
+def _site_checks(ctx: PassContext, checks: list, originals: verify.OriginalRuns) -> SiteChecks:
     """Check every rewritten site on every input set: its value against the same site in the
-    program before fusion, each site fed the values the original gives it (so one wrong site
-    costs one site). Returns ({site: why it is rolled back}, {site: (error, magnitude)} on the
-    example inputs)."""
+    original (the program before fusion when the original does not name it alike), each site
+    fed the values the original gives it (so one wrong site costs one site).
+
+    A forced site's own value is needed only to compare, since its consumers get the
+    original's: a long exact site computes just the query rows measurement samples
+    (``verify.forced_run``, stated as ``SiteChecks.rows``). An input set the program before
+    fusion cannot run is no check if the original cannot run it either (asked only then, so
+    the sets are not validated up front), and the passes' fault if it can."""
     f = ctx.fusion
+    res = SiteChecks()
     if not f.rewritten:
-        return {}, {}
-    bad: dict[str, str] = {}
-    errs: dict[str, tuple[float, float]] = {}
+        return res
+    same_names = _original_names(originals.ep, ctx)
+    names = [f.output_nodes[sid] for sid in f.rewritten]
     for i, (label, args, kwargs) in enumerate(checks):
-        live = [sid for sid in f.rewritten if sid not in bad]
+        live = [sid for sid in f.rewritten if sid not in res.bad]
         if not live:
             break
         # Every site, bad ones too, continues from the original's value: each is checked alone.
         try:
-            ref = verify.node_values(ctx.before_fusion, args, kwargs, [f.output_nodes[sid] for sid in f.rewritten])
+            ref = (originals.get(i, names)[0] if same_names
+                   else verify.node_values(ctx.before_fusion, args, kwargs, names))
         except verify.RunFailure:
-            if i == 0:
-                raise  # the cleaned-up program itself does not run: its passes are at fault
-            continue
+            if i == 0 or (not same_names and _runs(originals, i)):
+                raise  # the cleaned-up program fails where the original runs: its passes are at fault
+            continue  # the original does not accept these inputs: not a check
+        res.checked.append(label)
         forced = {f.site_outputs[sid]: ref[f.output_nodes[sid]] for sid in f.rewritten if f.output_nodes[sid] in ref}
         try:
-            new = verify.forced_values(ctx.ep, args, kwargs, forced)
+            run = verify.forced_run(ctx.ep, args, kwargs, forced, sample_rows=True)
         except verify.RunFailure as e:
             sid = _site_upstream_of(ctx, e.node)
             if sid is None:
                 raise
-            bad[sid] = f"the rewritten program fails on {label} ({e}); rolled back"
-            return bad, errs
+            res.bad[sid] = f"the rewritten program fails on {label} ({e}); rolled back"
+            return res
+        if i == 0:
+            res.forced_outputs = run.outputs
+        new = run.values
         for sid in live:
             r, n = ref.get(f.output_nodes[sid]), new.get(f.site_outputs[sid])
             if r is None or n is None:
-                bad[sid] = "site output not computed; rolled back"
+                res.bad[sid] = "site output not computed; rolled back"
                 continue
             finite = r.detach()[torch.isfinite(r)] if r.is_floating_point() else r
             magnitude = float(finite.abs().max()) if finite.numel() else 1.0
+            ranges = run.rows.get(f.site_outputs[sid])
+            if ranges is not None:
+                r = r.reshape(n.shape[0], n.shape[1], -1, n.shape[-1])
+                r = torch.cat([r[:, :, a:z] for a, z in ranges], 2)
+                rows = sum(z - a for a, z in ranges)
+                res.rows = rows if res.rows is None else max(res.rows, rows)
             err = verify.max_abs_error(r, n, nan_is_undefined=i > 0)
             t = verify.tolerance(r.dtype, magnitude)
             if i == 0:
-                errs[sid] = (err, magnitude)
+                res.errors[sid] = (err, magnitude)
             if not err <= t:
-                bad[sid] = f"site output differs by {err:.2e} (> {t:.1e}) on {label}; rolled back"
-    return bad, errs
+                res.bad[sid] = f"site output differs by {err:.2e} (> {t:.1e}) on {label}; rolled back"
+    return res
+
+
+def _runs(originals: verify.OriginalRuns, i: int) -> bool:
+    try:
+        originals.get(i)
+    except verify.RunFailure:
+        return False
+    return True
 
 
 def _site_upstream_of(ctx: PassContext, node_name: str) -> Optional[str]:
@@ -231,34 +284,56 @@ def _failing_site(ctx: PassContext, args, kwargs) -> Optional[str]:
 CLEANUP_PASSES = frozenset({"constant_folding", "common_subexpression_elimination", "layout_cleanup"})
 
 
-def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, reference, verify_outputs: bool):
+def _approximate_only(ctx: PassContext, pol: Policy) -> bool:
+    """Every rewritten site gets an approximate variant (known before calibration): the exact
+    program is never returned, only its sites' agreement with the original matters."""
+    if pol.auto or not ctx.fusion.rewritten:
+        return False
+    sites = {m.site.id: m.site for m in ctx.discovery.matches}
+    return all(not pol.variant_for(sites[sid]).exact for sid in ctx.fusion.rewritten)
+
+
+def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, originals: verify.OriginalRuns,
+                checks: list):
     """Discover and fuse every site the policy does not leave dense, exactly; roll back any
     site whose fused output differs from the original beyond rounding, on the example inputs
-    and on inputs it did not cover (``verify.verification_inputs``).
+    and on ``checks`` (``verify.verification_inputs``, not validated: a set the original does
+    not accept is skipped; empty: verification is off).
+
+    The end-to-end check runs the fused program on the example, unless every site will be
+    replaced by an approximate variant: then the exact program is never returned, and the
+    program around the sites is checked by the forced run instead (every site given the
+    original's value, its outputs must equal the original's), so a wrong pass outside the sites
+    is still caught; the approximate program is compared end to end afterwards.
 
     A program that still differs end to end is never returned: the cleanup passes are left out,
     then every site is rolled back, then ``VerificationError``.
     """
     excluded: dict[str, str] = {}
     skipped_passes: set[str] = set()
-    checks = verify.verification_inputs(ep, args, kwargs) if verify_outputs else []
     while True:
         ctx = PassContext(clone_program(ep), pol, exclude=set(excluded), skip_passes=set(skipped_passes))
         records = exact_pipeline().run(ctx)
-        if not verify_outputs:
-            return ctx, records, excluded, {}
+        if not checks:
+            return ctx, records, excluded, SiteChecks()
+        reference = _reference(originals, ctx)
         try:
-            bad, site_err = _site_checks(ctx, checks)
+            sc = _site_checks(ctx, checks, originals)
         except verify.RunFailure as e:
-            bad, site_err, failure = {}, {}, str(e)
+            sc, failure = SiteChecks(), str(e)
         else:
             failure = None
-        if bad:
-            excluded.update(bad)
+        if sc.bad:
+            excluded.update(sc.bad)
             continue
+        composed = sc.forced_outputs is not None and _approximate_only(ctx, pol)
         if failure is None:
             try:
-                cmp = verify.compare(reference, verify.run(ctx.ep, args, kwargs))
+                if composed:
+                    cmp = verify.compare(reference, sc.forced_outputs)
+                else:
+                    ctx.exact_outputs = verify.run(ctx.ep, args, kwargs)
+                    cmp = verify.compare(reference, ctx.exact_outputs)
                 if not cmp["passed"]:
                     failure = f"outputs differ by {cmp['max_abs_error']:.2e} (over tolerance {cmp['tolerance']:.1e})"
             except Exception as e:  # noqa: BLE001 - a program that does not run fails verification
@@ -268,8 +343,10 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ref
                     excluded[sid] = f"the rewritten program fails on the example inputs ({failure}); rolled back"
                     continue
         if failure is None:
-            ctx.verification = {"inputs": [c[0] for c in checks], "passes_left_out": sorted(skipped_passes)}
-            return ctx, records, excluded, site_err
+            ctx.verification = {"inputs": sc.checked or [checks[0][0]], "passes_left_out": sorted(skipped_passes),
+                                "site_rows": sc.rows,
+                                "end_to_end": "sites forced to the original's values" if composed else "exact program"}
+            return ctx, records, excluded, sc
         if not CLEANUP_PASSES <= skipped_passes:
             skipped_passes |= CLEANUP_PASSES
             continue
@@ -279,6 +356,18 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ref
             continue
         raise VerificationError(f"the compiled program differs from the model even with no site rewritten ({failure}); "
                                 "compile with policy='dense' to capture only, and please report this model")
+
+
+def _reference(originals: verify.OriginalRuns, ctx: Optional[PassContext] = None):
+    """The original's outputs on the example inputs (recording the rewritten sites' outputs on the
+    same run when the original names them alike), or one line saying the inputs do not fit."""
+    names = ([ctx.fusion.output_nodes[sid] for sid in ctx.fusion.rewritten]
+             if ctx is not None and ctx.fusion is not None and _original_names(originals.ep, ctx) else [])
+    try:
+        return originals.get(0, names)[1]
+    except verify.RunFailure as e:  # the user's inputs do not fit their own program
+        raise InputError(f"the example inputs do not run through the program ({first_line(e, 200)}); give "
+                         "inputs shaped like the ones it was exported with") from None
 
 
 def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
@@ -298,14 +387,20 @@ def _check_batches(ep: ExportedProgram, batches: list, defaults: dict) -> None:
 
 
 def _check_other_size(ep: ExportedProgram, new: ExportedProgram, args: tuple, kwargs: dict, fid: FidelityRecord,
-                      exact: bool, budget: Optional[Fidelity]) -> None:
+                      exact: bool, budget: Optional[Fidelity], checks: Optional[list] = None) -> None:
     """A dynamic program's final form (approximate variants included) is also compared end to end
     at another size inside its bounds; ``fid`` then holds the worst of both. An exact rewrite that
-    differs there is not returned."""
-    for label, a2, kw2 in verify.verification_inputs(ep, args, kwargs)[1:]:
+    differs there is not returned. ``checks``: the input sets already built for the example."""
+    if checks is None:
+        checks = verify.verification_inputs(ep, args, kwargs, validate=False)
+    for label, a2, kw2 in checks[1:]:
         if label != "another length":
             continue
-        cmp = verify.compare(verify.run(ep, a2, kw2), verify.run(new, a2, kw2))
+        try:
+            ref = verify.run(ep, a2, kw2)
+        except Exception:  # noqa: BLE001 - the original does not accept these inputs: not a check
+            continue
+        cmp = verify.compare(ref, verify.run(new, a2, kw2))
         fid.checked_inputs.append(f"{label} (end to end)")
         fid.max_abs_error = max(fid.max_abs_error, cmp["max_abs_error"])
         fid.kl_divergence = max(fid.kl_divergence, cmp["kl_divergence"])
@@ -343,14 +438,12 @@ def compile_program(
     if pol.auto and not verify_outputs:
         raise PolicyError("policy='auto' chooses by measured fidelity; it cannot run with verify=False")
     kwargs = dict(example_kwargs or {})
-    try:
-        reference = verify.run(ep, example_inputs, kwargs) if verify_outputs else None
-    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit their own program
-        first = first_line(e, 200, type(e).__name__)
-        raise InputError(f"the example inputs do not run through the program ({first}); give inputs shaped "
-                         "like the ones it was exported with") from None
+    checks = verify.verification_inputs(ep, example_inputs, kwargs, validate=False) if verify_outputs else []
+    originals = verify.OriginalRuns(ep, checks)
     with status("finding, fusing and verifying attention", show_progress):
-        ctx, records, excluded, site_err = _fuse_exact(ep, pol, example_inputs, kwargs, reference, verify_outputs)
+        ctx, records, excluded, sc = _fuse_exact(ep, pol, example_inputs, kwargs, originals, checks)
+    reference = _reference(originals) if verify_outputs else None  # recorded by the checks' first run
+    site_err = sc.errors
     matches = {m.site.id: m for m in ctx.discovery.matches}
     sites = {sid: m.site for sid, m in matches.items()}
     fused = list(ctx.fusion.rewritten)
@@ -372,20 +465,27 @@ def compile_program(
         approx = {sid: v for sid, v in ctx.variants.items() if not v.exact}
         nodes = ctx.variant_result.nodes
         wanted = ctx.variants if attention_maps else approx
-        inputs = record_site_inputs(ctx.ep, example_inputs, kwargs, [nodes[s] for s in wanted])
+        if wanted or ctx.exact_outputs is None or ctx.variant_result.applied:
+            # One run gives the sites' inputs, the variants' outputs and the program's outputs.
+            inputs, site_out, final = record_site_run(ctx.ep, example_inputs, kwargs, [nodes[s] for s in wanted])
+        else:  # no variant changed the exact program verified end to end: its outputs stand
+            inputs, site_out, final = {}, {}, ctx.exact_outputs
         for sid, var in approx.items():
             x = inputs[nodes[sid]]
-            effects[sid] = site_effect(var, x, exact_probs=exact_probabilities(x))
-        cmp = verify.compare(reference, verify.run(ctx.ep, example_inputs, kwargs))
+            effects[sid] = site_effect(var, x, exact_probs=exact_probabilities(x), output=site_out.get(nodes[sid]))
+        cmp = verify.compare(reference, final)
         if approx:
             # Exact tolerances do not apply to an approximation; the budget (if any) does.
             cmp["tolerance"] = None
             cmp["passed"] = budget.holds(cmp) if budget is not None else None
         elif budget is not None:
             cmp["passed"] = cmp["passed"] and budget.holds(cmp)
-        per_site = [f"{label} (each site)" for label in ctx.verification.get("inputs", [])[1:]]
+        rows = ctx.verification.get("site_rows")
+        each = f"each site, {rows} sampled query rows" if rows else "each site"
+        per_site = [f"{label} ({each})" for label in ctx.verification.get("inputs", [])[1:]]
         fid = FidelityRecord(**cmp, checked_inputs=["example inputs", *per_site])
-        _check_other_size(ep, ctx.ep, example_inputs, kwargs, fid, exact=not approx, budget=budget)
+        _check_other_size(ep, ctx.ep, example_inputs, kwargs, fid, exact=not approx, budget=budget,
+                          checks=checks)
         if pol.auto:
             got = [verify.compare(verify.run(ep, *b), verify.run(ctx.ep, *b)) for b in batches]
             auto_record["verified_calibration_fidelity"] = {

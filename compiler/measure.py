@@ -28,7 +28,7 @@ from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pair
 from compiler.variants import Variant
 
 # Sites with more queries than this are measured on sampled stripes of rows.
-MEASURE_ROWS = int(os.environ.get("ATTNFORGE_MEASURE_ROWS", 2048))
+MEASURE_ROWS = int(os.environ.get("ATTNFORGE_MEASURE_ROWS", 1024))
 _STRIPE = 64  # rows per sampled stripe
 
 
@@ -65,24 +65,38 @@ def inputs_of(args: tuple) -> SiteInputs:
 
 
 class _InputRecorder(fx.Interpreter):
-    def __init__(self, gm, names: set[str]):
+    def __init__(self, gm, names: set[str], keep_outputs: bool = False):
         super().__init__(gm)
         self.names = names
+        self.keep_outputs = keep_outputs
         self.inputs: dict[str, SiteInputs] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
 
     def run_node(self, n):
         if n.name in self.names:
             args, _ = self.fetch_args_kwargs_from_env(n)
             self.inputs[n.name] = inputs_of(args)
-        return super().run_node(n)
+        out = super().run_node(n)
+        if self.keep_outputs and n.name in self.names:
+            self.outputs[n.name] = out
+        return out
 
 
 def record_site_inputs(ep: ExportedProgram, args: tuple, kwargs: dict, names: Iterable[str]) -> dict[str, SiteInputs]:
     """Inputs of the named attention nodes of ``ep`` when it runs on (args, kwargs)."""
-    rec = _InputRecorder(ep.graph_module, set(names))
+    return record_site_run(ep, args, kwargs, names, keep_outputs=False)[0]
+
+
+def record_site_run(ep: ExportedProgram, args: tuple, kwargs: dict, names: Iterable[str], keep_outputs: bool = True):
+    """One run of ``ep`` on (args, kwargs): ({node: its SiteInputs}, {node: its output} when
+    ``keep_outputs``, the program's outputs as ``ep.module()`` returns them). The site outputs
+    are what the program's own op computed, so measurement need not run the variant again."""
+    from compiler.verify import program_outputs
+
+    rec = _InputRecorder(ep.graph_module, set(names), keep_outputs)
     with torch.no_grad():
-        rec.run(*ep._graph_module_flat_inputs(args, kwargs))
-    return rec.inputs
+        out = rec.run(*ep._graph_module_flat_inputs(args, kwargs))
+    return rec.inputs, rec.outputs, program_outputs(ep, out)
 
 
 def run_variant(variant: Variant, x: SiteInputs) -> torch.Tensor:
@@ -138,13 +152,45 @@ class ExactRows:
                 yield r0, min(z, r0 + self.step)
 
     def probs(self, r0: int, r1: int) -> torch.Tensor:
+        """[B, Hq, r1 - r0, Sk] probabilities of rows ``r0:r1``."""
+        p, kend = self.causal_probs(r0, r1)
+        return p if kend == self.x.k.shape[2] else torch.nn.functional.pad(p, (0, self.x.k.shape[2] - kend))
+
+    def causal_probs(self, r0: int, r1: int) -> tuple[torch.Tensor, int]:
+        """(probabilities of rows ``r0:r1`` over keys ``:kend``, kend): a causal site's rows
+        attend no key at or past ``r1`` (top-left aligned), so those columns, all zeros, are
+        never computed; a row block then costs what the causal triangle holds."""
         x = self.x
+        sk = x.k.shape[2]
+        kend = min(sk, r1) if x.causal else sk
+        k, mask = x.k, mask_rows(x.mask, r0, r1)
+        if kend < sk:
+            k = k[:, :, :kend]
+            if mask is not None and mask.dim() >= 1 and mask.shape[-1] == sk:
+                mask = mask[..., :kend]
         with torch.no_grad():
-            return attention_probabilities(x.q[:, :, r0:r1], x.k, mask_rows(x.mask, r0, r1), x.scale, x.causal,
-                                           x.softcap, r0)
+            return attention_probabilities(x.q[:, :, r0:r1], k, mask, x.scale, x.causal, x.softcap, r0), kend
 
     def output(self, r0: int, r1: int) -> torch.Tensor:
-        return apply_probabilities(self.probs(r0, r1), self.x.v)
+        x = self.x
+        if x.mask is None and x.softcap == 0.0:
+            # No user mask: PyTorch's fused kernel on the rows, causality as an explicit
+            # [n, kend] mask (rows r0.. see keys <= their own index); same math, no [n, Sk] temporaries.
+            kend = min(x.k.shape[2], r1) if x.causal else x.k.shape[2]
+            keep = torch.ones(r1 - r0, kend, dtype=torch.bool, device=x.q.device).tril(r0) if x.causal else None
+            with torch.no_grad():
+                return torch.nn.functional.scaled_dot_product_attention(
+                    x.q[:, :, r0:r1], x.k[:, :, :kend], x.v[:, :, :kend], attn_mask=keep, scale=x.scale,
+                    enable_gqa=x.k.shape[1] != x.q.shape[1])
+        p, kend = self.causal_probs(r0, r1)
+        return apply_probabilities(p, x.v[:, :, :kend])
+
+
+def exact_rows_output(x: SiteInputs, ranges) -> torch.Tensor:
+    """Exact attention output of the query rows in ``ranges``, concatenated: [B, Hq, rows, Dv]."""
+    exact = ExactRows(x)
+    with torch.no_grad():
+        return torch.cat([exact.output(r0, r1) for r0, r1 in exact.blocks(ranges)], 2)
 
 
 def exact_probabilities(x: SiteInputs) -> ExactRows:
@@ -160,12 +206,12 @@ def _exact_rows(variant: Variant, x: SiteInputs, exact: ExactRows, ranges, want_
         return None, None
     outs, total, live = [], 0.0, 0
     for r0, r1 in exact.blocks(ranges):
-        p = exact.probs(r0, r1)
+        p, kend = exact.causal_probs(r0, r1)
         if want_output:
-            outs.append(apply_probabilities(p, x.v))
+            outs.append(apply_probabilities(p, x.v[:, :, :kend]))
         if keep_rows is not None:
             rows = p.sum(-1)
-            kept = (p * keep_rows(r0, r1)).sum(-1)
+            kept = (p * keep_rows(r0, r1)[..., :kend]).sum(-1)
             ok = rows > 0
             total += float((kept[ok].double() / rows[ok].double()).sum())
             live += int(ok.sum())
@@ -174,12 +220,13 @@ def _exact_rows(variant: Variant, x: SiteInputs, exact: ExactRows, ranges, want_
 
 
 def site_effect(variant: Variant, x: SiteInputs, exact: Optional[torch.Tensor] = None,
-                exact_probs: Optional[ExactRows] = None) -> SiteEffect:
+                exact_probs: Optional[ExactRows] = None, output: Optional[torch.Tensor] = None) -> SiteEffect:
     """``exact``: the exact output of the whole site, when the caller has it; otherwise the
-    exact rows are computed on the measured rows only."""
+    exact rows are computed on the measured rows only. ``output``: the variant's output on
+    ``x`` when the program already computed it (else it is run here)."""
     exact_probs = exact_probs or ExactRows(x)
     ranges = measured_ranges(x.q.shape[2])
-    out = run_variant(variant, x)
+    out = run_variant(variant, x) if output is None else output
     ref, mass = _exact_rows(variant, x, exact_probs, ranges, want_output=exact is None)
     if exact is not None:
         ref = torch.cat([exact[:, :, a:z] for a, z in ranges], 2)

@@ -44,6 +44,7 @@ class PassContext:
     variant_result: Optional[VariantResult] = None
     skip_passes: set[str] = field(default_factory=set)  # left out: their program failed verification
     verification: dict = field(default_factory=dict)  # what the exact rewrite was checked on
+    exact_outputs: Any = None  # the exact program's outputs on the example (its end-to-end check), if run
 
     @property
     def program(self) -> ExportedProgram:  # the name PassManager uses for fx and ONNX contexts alike

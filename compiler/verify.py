@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
@@ -116,11 +117,96 @@ class _Forcing(_Recorder):
 def forced_values(ep: ExportedProgram, args: tuple, kwargs: dict, forced: dict[str, torch.Tensor]) -> dict:
     """Values of the nodes named in ``forced`` when ``ep`` runs on (args, kwargs) with each of
     them replaced, for its consumers, by the given value. Raises ``RunFailure``."""
+    return forced_run(ep, args, kwargs, forced).values
+
+
+def program_outputs(ep: ExportedProgram, flat_out) -> Any:
+    """What ``ep.module()`` returns, from its graph module's flat outputs (mutated buffers dropped,
+    the user outputs in the program's output structure)."""
+    from torch.export.graph_signature import OutputKind
+
+    specs = ep.graph_signature.output_specs
+    user = [o for o, s in zip(flat_out, specs) if s.kind == OutputKind.USER_OUTPUT]
+    return pytree.tree_unflatten(user, ep.call_spec.out_spec) if ep.call_spec.out_spec is not None else user
+
+
+@dataclass
+class ForcedRun:
+    values: dict[str, torch.Tensor]  # the forced nodes' own values (only ``rows`` of a sampled one)
+    outputs: Any  # the program's outputs with every forced node replaced
+    rows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # sampled node -> its query rows
+
+
+class _SampledForcing(_Forcing):
+    """``_Forcing`` where a forced exact attention op of a long site computes only the query rows
+    measurement samples (``compiler.measure.measured_ranges``): its consumers get the forced value
+    anyway, and attention rows are independent of each other, so the rows it computes are the
+    rows it would give."""
+
+    def __init__(self, gm, forced: dict[str, torch.Tensor]):
+        super().__init__(gm, forced)
+        self.rows: dict[str, list[tuple[int, int]]] = {}
+
+    def run_node(self, n):
+        from compiler.measure import exact_rows_output, inputs_of, measured_ranges
+        from compiler.ops import ATTENTION_OPS
+
+        if n.name in self.forced and n.op == "call_function" and n.target in ATTENTION_OPS:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            x = inputs_of(args)
+            ranges = measured_ranges(x.q.shape[2])
+            if ranges != [(0, x.q.shape[2])]:
+                try:
+                    self.values[n.name] = exact_rows_output(x, ranges)
+                except Exception as e:  # noqa: BLE001 - reported with the node it happened at
+                    raise RunFailure(n.name, e) from e
+                self.rows[n.name] = ranges
+                ref = self.forced[n.name]
+                return ref.reshape(*x.q.shape[:-1], x.v.shape[-1]).to(x.v.dtype)
+        return super().run_node(n)
+
+
+def forced_run(ep: ExportedProgram, args: tuple, kwargs: dict, forced: dict[str, torch.Tensor],
+               sample_rows: bool = False) -> ForcedRun:
+    """Run ``ep`` on (args, kwargs) with each node named in ``forced`` replaced, for its consumers,
+    by the given value: the forced nodes' own values and the program's outputs. With
+    ``sample_rows``, a forced exact attention op of a long site computes only sampled query rows
+    (``ForcedRun.rows``). Raises ``RunFailure``."""
     flat = ep._graph_module_flat_inputs(args, kwargs)
-    rec = _Forcing(ep.graph_module, forced)
+    rec = (_SampledForcing if sample_rows else _Forcing)(ep.graph_module, forced)
     with torch.no_grad():
-        rec.run(*flat)
-    return rec.values
+        out = rec.run(*flat)
+    return ForcedRun(rec.values, program_outputs(ep, out), getattr(rec, "rows", {}))
+
+
+class OriginalRuns:
+    """The original program on each input set of ``checks``, run once per set however often it
+    is asked: its outputs and the values of named nodes (the sites' outputs, copied as recorded)
+    come from the same run, so the end-to-end reference and the per-site references cost one
+    forward pass. A later ask for names not recorded yet runs the set again."""
+
+    def __init__(self, ep: ExportedProgram, checks: list):
+        self.ep, self.checks = ep, checks
+        self._runs: dict[int, tuple[frozenset, dict, Any]] = {}
+
+    def get(self, i: int, names: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], Any]:
+        """({name: value}, outputs) of input set ``i``. Raises ``RunFailure``."""
+        names = frozenset(names)
+        have = self._runs.get(i)
+        if have is None or not names <= have[0]:
+            want = names | (have[0] if have else frozenset())
+            _, args, kwargs = self.checks[i]
+            try:
+                flat = self.ep._graph_module_flat_inputs(args, kwargs)
+            except Exception as e:  # noqa: BLE001 - inputs that do not fit the program
+                raise RunFailure("<inputs>", e) from e
+            rec = _Recorder(self.ep.graph_module, set(want))
+            with torch.no_grad():
+                out = rec.run(*flat)
+            # A value is copied: an in-place op later in the program must not change what was recorded.
+            values = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rec.values.items()}
+            have = self._runs[i] = (want, values, program_outputs(self.ep, out))
+        return {n: have[1][n] for n in names if n in have[1]}, have[2]
 
 
 def node_values(ep: ExportedProgram, args: tuple, kwargs: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -224,21 +310,25 @@ def _other_sizes(ep: ExportedProgram, fakes: list) -> Optional[dict]:
     return new
 
 
-def verification_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tuple[str, tuple, dict]]:
+def verification_inputs(ep: ExportedProgram, args: tuple, kwargs: dict,
+                        validate: bool = True) -> list[tuple[str, tuple, dict]]:
     """(label, args, kwargs) to check a rewrite on: the example, then inputs it did not cover.
 
     Masks (bool, 0/1 integer or 0/-inf-like float inputs) get left padding, and right padding
-    with one batch row fully masked; floats get fresh values; dynamic dims another length.
-    Sets the original program does not accept are dropped.
+    with one batch row fully masked; floats get fresh values; dynamic dims another length. A set
+    that changes nothing (no float or mask input, same sizes) is no check and is left out. With
+    ``validate``, sets the original program does not accept are dropped (one run of the original
+    each); without, the caller must treat a set the original rejects as no check.
     """
     out = [("example inputs", args, kwargs)]
     try:
-        return out + _uncovered_inputs(ep, args, kwargs)
+        return out + _uncovered_inputs(ep, args, kwargs, validate)
     except Exception:  # noqa: BLE001 - inputs we cannot build are not checks; the example still is
         return out
 
 
-def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tuple[str, tuple, dict]]:
+def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict,
+                      validate: bool = True) -> list[tuple[str, tuple, dict]]:
     from torch.export._tree_utils import reorder_kwargs
 
     out = []
@@ -257,7 +347,7 @@ def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tu
     g = torch.Generator().manual_seed(0)
 
     def build(kind: str, sizes=None):
-        new = []
+        new, changed = [], False
         for i, x in enumerate(leaves):
             if not isinstance(x, torch.Tensor) or id(x) not in fake_of:
                 new.append(x)
@@ -274,9 +364,10 @@ def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tu
                 y = _fresh(x, g, shape)
             else:
                 y = x
+            changed |= y is not x
             new.append(y)
         a, kw = pytree.tree_unflatten(new, spec)
-        return a, dict(kw)
+        return a, dict(kw), changed
 
     candidates = []
     if has_mask:
@@ -288,8 +379,11 @@ def _uncovered_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> list[tu
         candidates.append(("another length", "left", sizes))
     for label, kind, sz in candidates:
         try:
-            a, kw = build(kind, sz)
-            run(ep, a, kw)
+            a, kw, changed = build(kind, sz)
+            if not changed:
+                continue  # the example again: not a check
+            if validate:
+                run(ep, a, kw)
         except Exception:
             continue  # the original does not accept these inputs: not a check
         out.append((label, a, kw))

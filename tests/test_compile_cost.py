@@ -1,0 +1,124 @@
+"""What ``compile()`` runs to verify and measure, and that running less proves as much.
+
+At long context compile time is the number of whole-program runs times one forward pass: the
+original runs once per input set (the end-to-end reference and every site's reference come
+from that one run), a forced exact site computes only the query rows measurement samples, and
+when every site gets an approximate variant the exact program is not run end to end (the forced
+run, every site given the original's value, must give the original's outputs instead).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import compiler
+from compare import max_err
+from compiler import measure
+from test_soundness import QuantizedProjection, _double_output, _qkv
+
+
+class IdsAttention(nn.Module):
+    """Token ids in, one causal SDPA site, like a decoder without an attention mask."""
+
+    def __init__(self, vocab=50, c=16, h=2):
+        super().__init__()
+        self.emb, self.qkv, self.out, self.h = nn.Embedding(vocab, c), nn.Linear(c, 3 * c), nn.Linear(c, c), h
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Causal(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _count_runs(monkeypatch) -> dict:
+    """Whole-program runs by kind: interpreted (fx.Interpreter.run) and through ep.module()."""
+    from compiler import verify
+
+    n = {"interpreted": 0, "module": 0}
+    run, module_run = fx.Interpreter.run, verify.run
+
+    def counted(self, *a, **k):
+        n["interpreted"] += 1
+        return run(self, *a, **k)
+
+    def counted_module(*a, **k):
+        n["module"] += 1
+        return module_run(*a, **k)
+
+    monkeypatch.setattr(fx.Interpreter, "run", counted)
+    monkeypatch.setattr(verify, "run", counted_module)
+    return n
+
+
+@pytest.mark.parametrize("policy,runs", [
+    # original (reference + site references), forced (sites given the original's values), final program
+    ("window:8,sinks:2,block=8", {"interpreted": 3, "module": 0}),
+    # original, forced, the exact program end to end (it is the one returned: its outputs are reused)
+    ("fused", {"interpreted": 2, "module": 1}),
+])
+def test_compile_runs_the_model_a_bounded_number_of_times(monkeypatch, policy, runs):
+    m = IdsAttention().eval()
+    ids = torch.randint(0, 50, (1, 64), generator=torch.Generator().manual_seed(0))
+    n = _count_runs(monkeypatch)
+    cm = compiler.compile(m, (ids,), policy)
+    assert [s.status for s in cm.report.sites] == ["rewritten"]
+    # Integer ids only and no mask: a "fresh values" set would be the example again; none is claimed.
+    assert cm.report.fidelity.checked_inputs == ["example inputs"]
+    assert n == runs
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert max_err(m(ids), cm(ids)) <= (1e-5 if policy == "fused" else 10.0)
+
+
+def test_an_approximate_policy_still_catches_a_broken_pass(monkeypatch):
+    # Every site approximate: the exact program is never run end to end, so the forced run must
+    # catch a pass that breaks the program around the sites.
+    import passes.layout
+
+    monkeypatch.setattr(passes.layout, "layout_cleanup", _double_output)
+    m = QuantizedProjection()
+    q, k, v = _qkv()
+    cm = compiler.compile(m, (q, k, v), "window:8,sinks:1,block=4")  # covers all 6 tokens: exact values
+    (cleanup,) = [p for p in cm.report.passes if p.name == "layout_cleanup"]
+    assert "left_out" in cleanup.details
+    assert [s.status for s in cm.report.sites] == ["rewritten"]
+    with torch.no_grad():
+        assert max_err(m(q, k, v), cm(q, k, v)) <= 1e-5
+
+
+def test_a_long_site_is_checked_on_sampled_rows_and_the_report_says_so(monkeypatch):
+    monkeypatch.setattr(measure, "MEASURE_ROWS", 64)  # 300 queries: two stripes of 64 rows
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
+    cm = compiler.compile(Causal(), (q, k, v), "fused")
+    assert cm.report.sites[0].status == "rewritten"
+    assert cm.report.fidelity.checked_inputs == ["example inputs", "fresh values (each site, 128 sampled query rows)"]
+    assert max_err(Causal()(q, k, v), cm(q, k, v)) <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["fused", "window:32,sinks:4,block=16"])
+def test_a_wrong_site_is_caught_on_sampled_rows(monkeypatch, policy):
+    import passes.attention_fusion as fusion
+
+    monkeypatch.setattr(measure, "MEASURE_ROWS", 64)
+    rewrite = fusion.rewrite_site
+
+    def wrong_scale(gm, m):
+        m.scale = m.scale * 1.5
+        return rewrite(gm, m)
+
+    monkeypatch.setattr(fusion, "rewrite_site", wrong_scale)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
+    cm = compiler.compile(Causal(), (q, k, v), policy)
+    site = cm.report.sites[0]
+    assert site.status == "rolled_back" and "site output differs" in site.reason, (site.status, site.reason)
+    assert max_err(Causal()(q, k, v), cm(q, k, v)) <= 1e-5
