@@ -30,6 +30,7 @@ from compiler.graph import ancestors, is_op, overloads
 from compiler.kv_cache import CacheGroup, layout_text
 from compiler.site import AttentionSite
 from passes.attention_discovery import discover
+from passes.dce import eliminate_dead_code
 
 INDEX_COPY = overloads(torch.ops.aten.index_copy_)
 
@@ -203,6 +204,13 @@ def find_cache_sites(ep: ExportedProgram) -> list[CacheSite]:
     return sites
 
 
+def _dead_code(graph: fx.Graph) -> None:
+    """The replaced attention out of the graph: fx's own elimination keeps it alive through the
+    export's checks on its probabilities and inference-mode dropout (passes.dce), and an eager-attention
+    model would compute scores over the whole static cache, beside the op, at every step."""
+    eliminate_dead_code(graph, {n.name for n in graph.nodes if n.op == "placeholder"})
+
+
 def rewrite_cache_sites(gm: fx.GraphModule, sites: list[CacheSite], layouts: dict[str, list[CacheGroup]],
                         dtype: torch.dtype) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Rewrite the unlifted module ``gm`` in place: each site in ``layouts`` attends with
@@ -243,13 +251,13 @@ def rewrite_cache_sites(gm: fx.GraphModule, sites: list[CacheSite], layouts: dic
         gm.graph.erase_node(out)
         if anchor is not out and not anchor.users:
             gm.graph.erase_node(anchor)
-        gm.graph.eliminate_dead_code()
+        _dead_code(gm.graph)
         for w in (kw, vw):
             if not w.users:
                 gm.graph.erase_node(w)
         dead_buffers |= {cs.k_buffer, cs.v_buffer}
         made[cs.site.id] = bufs
-    gm.graph.eliminate_dead_code()
+    _dead_code(gm.graph)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for target in dead_buffers - used:  # the static max_cache_len buffers no site reads any more
         owner, _, name = target.rpartition(".")

@@ -58,10 +58,9 @@ def _impure(node) -> bool:
     return node.is_impure()
 
 
-def dead_code_elimination(ep: ExportedProgram) -> PassResult:
-    before = count_nodes(ep.graph_module)
-    graph = ep.graph
-    user_inputs = user_input_names(ep)
+def eliminate_dead_code(graph, user_inputs: set[str]) -> None:
+    """Dead code out of ``graph`` to a fixed point: checks on values nothing else reads (except the
+    placeholders named ``user_inputs``: the caller's inputs stay checked), seeded ops that draw nothing."""
     while True:
         orphans = _orphan_asserts(graph, user_inputs)
         for n in orphans:
@@ -69,6 +68,11 @@ def dead_code_elimination(ep: ExportedProgram) -> PassResult:
         changed = graph.eliminate_dead_code(is_impure_node=_impure)
         if not orphans and not changed:
             break
+
+
+def dead_code_elimination(ep: ExportedProgram) -> PassResult:
+    before = count_nodes(ep.graph_module)
+    eliminate_dead_code(ep.graph, user_input_names(ep))
     ep.graph_module.recompile()
     pruned = prune_unused_state(ep)
     return counted({"removed_nodes": before - count_nodes(ep.graph_module), "pruned_state": pruned})
