@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from compiler.errors import BackendError
+from compiler.ir.errors import BackendError
 
 # Each module holds its backend as ``BACKEND``; imported on first use, so naming one costs nothing.
 _MODULES = {"torch": "backends.torch_backend", "onnxruntime": "backends.plan_executor",

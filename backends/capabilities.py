@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compiler.linear_ops import LINEAR_ATTENTION
-from compiler.ops import ATTENTION_OPS
-from compiler.sparse_ops import SPARSE_ATTENTION
+from compiler.reference.linear_ops import LINEAR_ATTENTION
+from compiler.ir.ops import ATTENTION_OPS
+from compiler.reference.sparse_ops import SPARSE_ATTENTION
 
 OUR_OPS = (ATTENTION_OPS[0], SPARSE_ATTENTION, LINEAR_ATTENTION)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from compiler.plan import MemoryStats, Step, storage_owner
+from compiler.ir.plan import MemoryStats, Step, storage_owner
 
 
 @dataclass(frozen=True)

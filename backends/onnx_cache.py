@@ -7,7 +7,7 @@ and outputs ("present") of the step graph, and the op its functional twin
 ``attnforge::cache_attention_step`` (out, updated caches), lowered here to standard ONNX ops:
 
 * the kept history is sliced from the past cache (a full cache: the filled ``[0, p0)``; a ring:
-  its filled slots, with the position each slot holds, ``compiler.kv_cache.ring_slot_positions``);
+  its filled slots, with the position each slot holds, ``compiler.reference.kv_cache.ring_slot_positions``);
 * ``Attention`` over history + the new keys under the keep mask of the site's cache group
   (offset causality, and sinks / window for a ring), native GQA;
 * ``ScatterElements`` writes the new keys and values at their slots (``p`` in a full cache,
@@ -35,8 +35,8 @@ from onnxscript import opset23 as op
 from torch import Tensor, fx
 
 from backends.onnx_build import arange, dim, ints
-from compiler.errors import BackendError
-from compiler.kv_cache import cache_attention_eager, parse_layout
+from compiler.ir.errors import BackendError
+from compiler.reference.kv_cache import cache_attention_eager, parse_layout
 
 
 @torch.library.custom_op("attnforge::cache_attention_step", mutates_args=())

@@ -23,11 +23,11 @@ from backends.onnx_attention import FusedLoweringOptions, attention_translation
 from backends.onnx_cache import CACHE_ATTENTION_STEP, cache_step_translation
 from backends.onnx_linear import linear_translation
 from backends.onnx_sparse import sparse_translation
-from compiler.errors import AttnforgeError, BackendError, first_line
-from compiler.linear_ops import LINEAR_ATTENTION
-from compiler.ops import ATTENTION_OPS
-from compiler.site import SITE_META
-from compiler.sparse_ops import SPARSE_ATTENTION
+from compiler.ir.errors import AttnforgeError, BackendError, first_line
+from compiler.reference.linear_ops import LINEAR_ATTENTION
+from compiler.ir.ops import ATTENTION_OPS
+from compiler.ir.site import SITE_META
+from compiler.reference.sparse_ops import SPARSE_ATTENTION
 
 OPSET = 23  # the first opset with the standard Attention op; ORT 1.31 loads up to 26
 

@@ -1,6 +1,6 @@
 """ONNX lowering of ``attnforge::linear_attention`` in standard ops.
 
-The same arithmetic as ``compiler.linear_ops``: feature maps, then the ``phi(K)^T V`` summary
+The same arithmetic as ``compiler.reference.linear_ops``: feature maps, then the ``phi(K)^T V`` summary
 (bidirectional) or chunked prefix sums with an exclusive ``CumSum`` over chunk states (causal),
 so the graph has no loop and every size stays dynamic. The hybrid adds the exact window through
 the sparse lowering's gathered layout and shares one normalizer with the linear part. ORT's com.microsoft
@@ -17,15 +17,15 @@ from onnxscript import ir
 from onnxscript import opset23 as op
 
 from backends.onnx_build import at_rank4, ceil_div, mask_dims4, dim, ints, pad_axis, static_dim, to_float32
-from compiler.errors import BackendError
+from compiler.ir.errors import BackendError
 from backends.onnx_sparse import gather_layout
-from compiler.linear_ops import _EPS, _hybrid_window, orthogonal_features
-from compiler.patterns import feature
-from compiler.variants import Hybrid, parse_variant
+from compiler.reference.linear_ops import _EPS, _hybrid_window, orthogonal_features
+from compiler.variants.registry import feature
+from compiler.variants.language import Hybrid, parse_variant
 
 
 def _features(x, p, scale: float, stabilize: str, head_dim):
-    """(phi, log_offset or None), as ``compiler.linear_ops.features``."""
+    """(phi, log_offset or None), as ``compiler.reference.linear_ops.features``."""
     x = op.Mul(to_float32(x), op.Constant(value_float=math.sqrt(scale)))
     if p.map == "elu":
         return op.Add(op.Elu(x), op.Constant(value_float=1.0)), None
@@ -110,7 +110,7 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
 
 def _hybrid(p: Hybrid, q, k, vf, mask, fq, oq, fkw, ok, lin_num, lin_den, scale: float, causal: bool):
     """Exact softmax inside the window, the linear estimate outside it, one normalizer, as
-    ``compiler.linear_ops._hybrid``: everything is divided by ``exp(m_i)``, the row max of the
+    ``compiler.reference.linear_ops._hybrid``: everything is divided by ``exp(m_i)``, the row max of the
     window's scores, and the linear part is rescaled by ``exp(offset_q + offset_k - m_i)``."""
     g = gather_layout(q, k, vf, mask, _hybrid_window(p, causal), scale, causal, (None, None))
     zero, ninf = op.Constant(value_float=0.0), op.Constant(value_float=float("-inf"))

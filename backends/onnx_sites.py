@@ -16,7 +16,7 @@ import torch
 from onnx import helper
 
 from backends.onnx_export import export_onnx
-from compiler.variants import Variant
+from compiler.variants.language import Variant
 
 
 class SiteOp(torch.nn.Module):

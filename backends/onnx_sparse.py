@@ -2,7 +2,7 @@
 
 ORT's own windowed and block-sparse CPU kernels compute the dense product and then mask it,
 so this lowering is a graph: it follows the ``BlockLayout`` contract of
-``compiler.block_layout`` step by step, with every size computed in the graph so dynamic
+``compiler.variants.block_layout`` step by step, with every size computed in the graph so dynamic
 batch and sequence lengths keep working:
 
 1. the pattern's block mask ``[Bl, Hl, nqb, nkb]`` (``Bl, Hl`` are 1 for static patterns;
@@ -26,12 +26,12 @@ from onnxscript import opset23 as op
 from backends.onnx_attention import lower_attention
 from backends.onnx_build import (NEG_INF, arange, at_rank4, ceil_div, dim, ints, mask_dims4, nan_to_zero, pad_axis,
                                  scalar_int, scalar_like, static_dim, to_float32)
-from compiler.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of
-from compiler.dilated import Dilated
-from compiler.errors import BackendError
-from compiler.patterns import spec_of
-from compiler.sparse_ops import head_groups
-from compiler.variants import BlockSparse, Neighborhood, TopK, VerticalSlash, Window, parse_variant, resolve_right
+from compiler.variants.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of
+from compiler.variants.dilated import Dilated
+from compiler.ir.errors import BackendError
+from compiler.variants.registry import spec_of
+from compiler.reference.sparse_ops import head_groups
+from compiler.variants.language import BlockSparse, Neighborhood, TopK, VerticalSlash, Window, parse_variant, resolve_right
 
 
 def _block_grid(nqb, nkb):
@@ -149,7 +149,7 @@ def _topk(p: TopK, causal: bool, qb, kb, q5, k5, sq, sk, nkb, scale: float):
 
 
 def _vslash(p: VerticalSlash, causal: bool, qb, kb, q, k, sq, sk, nkb, scale: float):
-    """MInference's estimate, as ``compiler.block_layout.vslash_layout``: the last queries' scores
+    """MInference's estimate, as ``compiler.variants.block_layout.vslash_layout``: the last queries' scores
     pick key columns and diagonals; the block mask covers every block they touch."""
     bs = p.block
     ninf, inf = op.Constant(value_float=NEG_INF), op.Constant(value_float=float("inf"))
@@ -242,7 +242,7 @@ class BlockGrid:
 
 
 # Pattern class -> (pattern, BlockGrid) -> (block mask, pair_keep or None): this backend's lowering
-# of each pattern in ``compiler.patterns`` (static masks are [nqb, nkb], content-selected ones
+# of each pattern in ``compiler.variants.registry`` (static masks are [nqb, nkb], content-selected ones
 # [B, H, nqb, nkb]). A new pattern adds its entry here.
 BLOCK_MASKS = {
     Window: lambda p, g: _window(p, g.causal, g.qb, g.kb, g.sq, g.sk),

@@ -21,8 +21,8 @@ from torch.utils import _pytree as pytree
 
 from backends.onnx_export import OnnxExport, export_onnx, save_onnx
 from backends.protocol import LoweringSummary
-from compiler.errors import BackendError, InputError, first_line
-from compiler.plan import Plan
+from compiler.ir.errors import BackendError, InputError, first_line
+from compiler.ir.plan import Plan
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

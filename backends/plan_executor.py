@@ -22,8 +22,8 @@ from backends.onnxruntime_backend import OrtOptions, OrtProgram, onnx_summary
 from backends.protocol import LoweringSummary
 from backends.planner import fitting_plan, make_plan
 from backends.typed_lowering import GUARDS, is_tuple_read
-from compiler.errors import BackendError
-from compiler.plan import Plan
+from compiler.ir.errors import BackendError
+from compiler.ir.plan import Plan
 
 SEGMENT_PREFIX = "ort_segment_"
 

@@ -11,8 +11,8 @@ from backends.capabilities import CAPABILITIES, segment_device, transition_cost_
 from backends.memory_plan import memory_order, naive_stats, planned_stats
 from backends.placement import greedy_segments, place
 from backends.typed_lowering import lower, step_nodes
-from compiler.errors import BackendError
-from compiler.plan import Plan, Segment, Transition, storage_owner
+from compiler.ir.errors import BackendError
+from compiler.ir.plan import Plan, Segment, Transition, storage_owner
 
 
 def _segments(order: list, registers: dict, outputs: list, plan_backend: str) -> tuple[list, dict]:

@@ -13,7 +13,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 from torch.export import ExportedProgram
 
-from compiler.plan import Plan
+from compiler.ir.plan import Plan
 
 
 @dataclass(frozen=True)

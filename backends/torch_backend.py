@@ -10,8 +10,8 @@ from torch.export import ExportedProgram
 
 from backends.plan_executor import PlannedProgram
 from backends.planner import fitting_plan
-from compiler.errors import BackendError, InputError
-from compiler.plan import Plan
+from compiler.ir.errors import BackendError, InputError
+from compiler.ir.plan import Plan
 
 
 class TorchProgram(PlannedProgram):
@@ -61,7 +61,7 @@ def lower_sparse(gm) -> int:
     """Sparse sites run ``attnforge_flex::sparse_attention`` (FlexAttention compiled by Inductor
     for large sites, the reference otherwise); the exported program keeps the reference op."""
     from backends.torch_flex import FLEX_SPARSE
-    from compiler.sparse_ops import SPARSE_ATTENTION
+    from compiler.reference.sparse_ops import SPARSE_ATTENTION
 
     n = 0
     for node in gm.graph.nodes:

@@ -1,6 +1,6 @@
 """The torch backend's sparse attention at scale: a ``BlockLayout`` lowered to FlexAttention.
 
-``compiler.sparse_ops`` defines sparse attention by its eager reference (gather the kept key
+``compiler.reference.sparse_ops`` defines sparse attention by its eager reference (gather the kept key
 blocks, mask, softmax). That reference is the oracle, but on CPU it pays for gathers, masks
 over materialised tiles and eager op overhead, and reaches 0.1-0.5 of the ideal speedup. Here
 the same layout becomes a FlexAttention ``BlockMask`` (the kept blocks per query block; the
@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from compiler.block_layout import BlockLayout
-from compiler.sparse_ops import head_groups, kv_head_map, layout_for, sparse_attention_reference
-from compiler.variants import parse_variant
-from compiler.errors import first_line
+from compiler.variants.block_layout import BlockLayout
+from compiler.reference.sparse_ops import head_groups, kv_head_map, layout_for, sparse_attention_reference
+from compiler.variants.language import parse_variant
+from compiler.ir.errors import first_line
 
 FLEX_MIN_PAIRS = 1 << 22  # (query, key) pairs per head below which the reference is faster
 _compiled = None

@@ -19,9 +19,9 @@ from backends.capabilities import interpreting
 from backends.planner import fitting_plan
 from backends.protocol import LoweringSummary
 from backends.torch_backend import TorchProgram
-from compiler.errors import BackendError
-from compiler.plan import Plan
-from compiler.site import SITE_META
+from compiler.ir.errors import BackendError
+from compiler.ir.plan import Plan
+from compiler.ir.site import SITE_META
 
 OPTIONS = ("compile_rest",)
 

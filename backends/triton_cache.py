@@ -11,7 +11,7 @@ from typing import Optional
 from torch import Tensor
 
 from backends.triton_attention import attention
-from compiler.kv_cache import cache_attention_eager
+from compiler.reference.kv_cache import cache_attention_eager
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor] = None,

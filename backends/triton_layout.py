@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from backends.triton_attention import FULL_SLOT as FULL, PARTIAL_SLOT as PARTIAL, SparseTables
-from compiler.block_layout import BlockLayout, _causal_blocks, block_lists, static_layout, topk_layout
-from compiler.patterns import spec_of
-from compiler.sparse_ops import head_groups, kv_head_map
-from compiler.variants import TopK, parse_variant
+from compiler.variants.block_layout import BlockLayout, _causal_blocks, block_lists, static_layout, topk_layout
+from compiler.variants.registry import spec_of
+from compiler.reference.sparse_ops import head_groups, kv_head_map
+from compiler.variants.language import TopK, parse_variant
 
 
 PAIR_BUDGET = 1 << 25  # gathered pairs classified at once

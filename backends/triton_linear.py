@@ -1,7 +1,7 @@
 """Triton linear attention: the kernels behind ``attnforge::linear_attention`` on a GPU.
 
 The feature maps, key weights and the hybrid's exact window stay the reference's own
-(``compiler.linear_ops``), so both paths share one definition of the variant; only the
+(``compiler.reference.linear_ops``), so both paths share one definition of the variant; only the
 ``O(S * F * Dv)`` core, the sums ``sum_j phi(q_i) . phi(k_j) [v_j, 1]``, runs here, because it
 is the part that dominates time and memory at long sequences and large F (``taylor``).
 
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from compiler.linear_ops import linear_attention_reference
+from compiler.reference.linear_ops import linear_attention_reference
 
 _MAX_CHUNK = 64  # a [chunk, chunk] score tile and a [chunk, Dv tile] accumulator per program
 _MAX_TILE = 64
@@ -157,7 +157,7 @@ def _rows(x: Tensor) -> Tensor:
 def linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) -> tuple[Tensor, Tensor]:
     """(numerator [B,H,Sq,Dv], denominator [B,H,Sq,1]) of sum_j phi(q_i).phi(k_j) v_j, in fp32.
 
-    The contract of ``compiler.linear_ops._linear_terms``: features already key-weighted,
+    The contract of ``compiler.reference.linear_ops._linear_terms``: features already key-weighted,
     causal means key j is seen by query i when j <= i (top-left, also for Sq != Sk).
     """
     b, h, sq, nf = fq.shape
@@ -190,5 +190,5 @@ def linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) ->
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
                      is_causal: bool = False, spec: str = "") -> Tensor:
-    """``compiler.linear_ops.linear_attention_reference`` with its linear terms on Triton."""
+    """``compiler.reference.linear_ops.linear_attention_reference`` with its linear terms on Triton."""
     return linear_attention_reference(q, k, v, mask, scale, is_causal, spec, terms=linear_terms)

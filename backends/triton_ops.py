@@ -23,8 +23,8 @@ from backends.triton_attention import attention as fused_kernel
 from backends.triton_attention import sparse_attention as sparse_kernel
 from backends.triton_layout import sparse_tables
 from backends.triton_schedule import SCHEDULER, make_key, sparse_candidates
-from compiler.linear_ops import linear_attention_reference
-from compiler.sparse_ops import _slice_heads, kv_head_map, sparse_attention_reference
+from compiler.reference.linear_ops import linear_attention_reference
+from compiler.reference.sparse_ops import _slice_heads, kv_head_map, sparse_attention_reference
 
 MAX_HEAD_DIM = 256
 
@@ -70,7 +70,7 @@ def _block_unsupported(block: int) -> Optional[str]:
 @torch.library.custom_op("attnforge_triton::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
               is_causal: bool = False, softcap: float = 0.0, site: str = "") -> Tensor:
-    from compiler.ops import attention_reference
+    from compiler.ir.ops import attention_reference
 
     why = _unsupported(q, v)
     if why:
@@ -113,7 +113,7 @@ def _sparse(q, k, v, mask, scale, is_causal, softcap, spec, info: dict) -> Tenso
 
 
 def _blocks_of(spec: str) -> list:
-    from compiler.variants import HeadMix, parse_variant
+    from compiler.variants.language import HeadMix, parse_variant
 
     pattern = parse_variant(spec).pattern
     if isinstance(pattern, HeadMix):

@@ -15,8 +15,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from backends.capabilities import CAPABILITIES, numel_hint, op_name, workspace_bytes
-from compiler.graph import finite_bound
-from compiler.plan import Register, Step, storage_owner
+from compiler.ir.graph import finite_bound
+from compiler.ir.plan import Register, Step, storage_owner
 
 # Aliasing in ONNX Runtime's CPU kernels (they reuse the input buffer).
 _ORT_ALIASES = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "alias", "detach", "flatten",

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 
-from compiler import linear_ops, ops, pytree_types, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
-from compiler import dilated  # noqa: F401  (registers its pattern; one import per pattern module)
-from compiler.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError, VerificationError
+from compiler.ir import ops, pytree_types
+from compiler.reference import linear_ops, sparse_ops  # noqa: F401  (registers torch.ops.attnforge.*)
+from compiler.variants import dilated  # noqa: F401  (registers its pattern; one import per pattern module)
+from compiler.ir.errors import AttnforgeError, BackendError, CaptureError, InputError, PolicyError, VerificationError
 
 pytree_types.install()
 
@@ -28,12 +27,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "CompiledModel": "compiler.api", "compile": "compiler.api", "compile_program": "compiler.api",
     "load": "compiler.api",
-    "Fidelity": "compiler.budget",
-    "capture": "compiler.capture",
-    "Generator": "compiler.generate", "compile_generator": "compiler.generate",
-    "Policy": "compiler.policy", "parse_policy": "compiler.policy",
-    "Report": "compiler.report",
-    "AttentionSite": "compiler.site",
+    "Fidelity": "compiler.driver.budget",
+    "capture": "compiler.driver.capture",
+    "Generator": "compiler.driver.generate", "compile_generator": "compiler.driver.generate",
+    "Policy": "compiler.variants.policy", "parse_policy": "compiler.variants.policy",
+    "Report": "compiler.report.data",
+    "AttentionSite": "compiler.ir.site",
 }
 
 __all__ = [
@@ -49,23 +48,10 @@ def __getattr__(name: str):
     if module is None:
         if importlib.util.find_spec(f"compiler.{name}") is None:
             raise AttributeError(f"module 'compiler' has no attribute {name!r}")
-        return importlib.import_module(f"compiler.{name}")  # ``compiler.verify`` after ``import compiler``
+        return importlib.import_module(f"compiler.{name}")  # ``compiler.driver.verify`` after ``import compiler``
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later reads skip this hook
     return value
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # Importing a submodule sets it as an attribute of its package: ``compiler.capture`` (the
-        # module) would then hide ``compiler.capture`` (the function). Public names win, as they did
-        # when this file imported them eagerly.
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():

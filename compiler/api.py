@@ -12,23 +12,23 @@ import torch
 from torch.export import ExportedProgram
 
 import backends
-from compiler import auto, verify
-from compiler.auto import calibration_batches
-from compiler.budget import Fidelity
-from compiler.capture import capture, hf_defaults
-from compiler.errors import InputError, PolicyError, VerificationError, first_line
-from compiler.explain import attention_maps as explain_maps
-from compiler.explain import rewritten_subgraph
-from compiler.graph import shape
-from compiler.measure import SiteEffect, exact_probabilities, record_site_run, site_effect
-from compiler.pipeline import PassContext, exact_pipeline, variant_pipeline
-from compiler.plan import Plan
-from compiler.policy import Policy, PolicySpec, parse_policy
-from compiler.progress import quiet_dependencies, status
-from compiler.program import clone_program
-from compiler.report import FidelityRecord, Report, SiteRecord
-from compiler.site_record import site_record
-from compiler.variants import FUSED, Variant
+from compiler.driver import auto, verify
+from compiler.driver.auto import calibration_batches
+from compiler.driver.budget import Fidelity
+from compiler.driver.capture import capture, hf_defaults
+from compiler.ir.errors import InputError, PolicyError, VerificationError, first_line
+from compiler.driver.explain import attention_maps as explain_maps
+from compiler.driver.explain import rewritten_subgraph
+from compiler.ir.graph import shape
+from compiler.driver.measure import SiteEffect, exact_probabilities, record_site_run, site_effect
+from compiler.driver.pipeline import PassContext, exact_pipeline, variant_pipeline
+from compiler.ir.plan import Plan
+from compiler.variants.policy import Policy, PolicySpec, parse_policy
+from compiler.driver.progress import quiet_dependencies, status
+from compiler.ir.program import clone_program
+from compiler.report.data import FidelityRecord, Report, SiteRecord
+from compiler.driver.site_record import site_record
+from compiler.variants.language import FUSED, Variant
 
 _VIEWLIKE = {"view", "reshape", "_unsafe_view", "expand", "alias", "unsqueeze", "permute", "transpose", "detach"}
 
@@ -259,7 +259,7 @@ def _site_upstream_of(ctx: PassContext, node_name: str) -> Optional[str]:
     node = nodes.get(node_name)
     if node is None:
         return None
-    from compiler.graph import ancestors
+    from compiler.ir.graph import ancestors
 
     up = ancestors(node)
     order = {n: i for i, n in enumerate(ctx.ep.graph.nodes)}

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from compiler.errors import AttnforgeError, InputError, first_line
+from compiler.ir.errors import AttnforgeError, InputError, first_line
 
 
 def _die(msg: str, code: int = 2) -> int:
@@ -98,7 +98,7 @@ def _policy_arg(text: str):
     """A policy string, or a JSON object for per-site rules."""
     import json
 
-    from compiler.errors import PolicyError
+    from compiler.ir.errors import PolicyError
 
     if text.strip().startswith("{"):
         try:
@@ -109,7 +109,7 @@ def _policy_arg(text: str):
 
 
 def _budget_arg(a):
-    from compiler.budget import Fidelity
+    from compiler.driver.budget import Fidelity
 
     if a.min_cosine is None and a.max_kl is None and a.max_abs_error is None:
         return None
@@ -146,8 +146,8 @@ def _check_budget(report) -> None:
 def _example_for(ep, shapes: list, src: Path):
     """The example inputs to compile with: --example-shape held against the program, else the
     inputs stored in the .pt2; checked by running the program once, before the long work."""
-    from compiler import verify
-    from compiler.example_inputs import fit_example
+    from compiler.driver import verify
+    from compiler.driver.example_inputs import fit_example
 
     if shapes:
         args, kwargs = fit_example(ep, *_example(shapes))
@@ -166,9 +166,9 @@ def _example_for(ep, shapes: list, src: Path):
 
 def cmd_rewrite(a) -> int:
     from compiler.api import compile_program, plan_path
-    from compiler.errors import PolicyError
-    from compiler.paths import check_input, check_outputs
-    from compiler.policy import parse_policy
+    from compiler.ir.errors import PolicyError
+    from compiler.driver.paths import check_input, check_outputs
+    from compiler.variants.policy import parse_policy
 
     src, out = Path(a.input), Path(a.output)
     if src.suffix not in (".pt2", ".onnx"):
@@ -191,14 +191,14 @@ def cmd_rewrite(a) -> int:
     if src.suffix == ".onnx":
         return _rewrite_onnx(a, src, out, policy, budget)
     calibration = _calibration_arg(a.calibration)
-    from compiler.progress import status
+    from compiler.driver.progress import status
 
     with status(f"loading {src.name}", None if not a.quiet else False):
         ep = _load_pt2(src)
         args, kwargs = _example_for(ep, a.example_shape, src)
     backend = "onnxruntime" if out.suffix == ".onnx" else "torch"
     options = {"intra_op_num_threads": a.threads} if backend == "onnxruntime" and a.threads else None
-    from compiler.capture import model_class_name
+    from compiler.driver.capture import model_class_name
 
     name = model_class_name(ep)
     cm = compile_program(ep, args, kwargs, policy=policy, model_name=f"{name} ({src.name})" if name else src.stem,
@@ -215,8 +215,8 @@ def cmd_plan(a) -> int:
     import time
 
     from compiler.api import plan_program
-    from compiler.paths import check_input, check_outputs
-    from compiler.plan import plan_lines
+    from compiler.driver.paths import check_input, check_outputs
+    from compiler.ir.plan import plan_lines
 
     src = Path(a.input)
     if src.suffix != ".pt2":
@@ -272,8 +272,8 @@ def _finish(a, result, out: Path) -> int:
 
 
 def _rewrite_onnx(a, src: Path, out: Path, policy, budget) -> int:
-    from compiler.onnx_program import example_feeds, load_onnx, rewrite_onnx
-    from compiler.progress import status
+    from compiler.driver.onnx_program import example_feeds, load_onnx, rewrite_onnx
+    from compiler.driver.progress import status
 
     if a.calibration:
         raise InputError("--calibration is for --policy auto on a .pt2 program; an ONNX rewrite takes an explicit "
@@ -308,8 +308,8 @@ def _check_onnx_shapes(model, shapes: dict) -> None:
 
 
 def cmd_inspect(a) -> int:
-    from compiler.paths import check_input, check_outputs
-    from compiler.report import Report
+    from compiler.driver.paths import check_input, check_outputs
+    from compiler.report.data import Report
 
     check_input(a.report, "report")
     check_outputs({"report": a.report}, {"--html": a.html})
@@ -323,14 +323,14 @@ def cmd_inspect(a) -> int:
         report.render(console)
         page = None
         if a.html:
-            from compiler.report_html import render_html
+            from compiler.report.html import render_html
 
             page = render_html(report, attention_maps=a.attention_maps)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{a.report}: malformed attnforge report ({type(e).__name__}: {str(e)[:80]}); give a "
                          "report.json written by attnforge") from None
     if page is not None:
-        from compiler.report_html import save_html
+        from compiler.report.html import save_html
 
         save_html(page, a.html)
     if not a.quiet:
@@ -355,7 +355,7 @@ def cmd_demo(a) -> int:
 
     import backends
     import compiler
-    from compiler.paths import check_outputs
+    from compiler.driver.paths import check_outputs
 
     # Every argument is checked before the model loads.
     backends.check(a.backend)  # the reason a backend cannot run here
@@ -391,7 +391,7 @@ def cmd_demo(a) -> int:
         cm.report.save(a.report)
     cm.report.render()
     if html:
-        from compiler.report_html import write_html
+        from compiler.report.html import write_html
 
         write_html(cm.report, html, attention_maps=a.attention_maps)
         print(f"wrote {html}" + (" (with the attention maps)" if a.attention_maps else ""))

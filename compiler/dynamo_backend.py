@@ -19,11 +19,11 @@ from typing import Optional
 import torch
 from torch import fx
 
-from compiler.errors import PolicyError
+from compiler.ir.errors import PolicyError
 
 log = logging.getLogger(__name__)
 
-reports: list = []  # compiler.report.Report of every graph compiled, in order
+reports: list = []  # compiler.report.data.Report of every graph compiled, in order
 _OPTIONS = ("policy", "backend", "compile_rest", "budget", "verify")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compiler.errors import InputError
+from compiler.ir.errors import InputError
 
 DEMO_POLICY = "heads[0-3]=fused; heads[*]=sinks:4,window:64"
 
@@ -113,7 +113,7 @@ def cmd_demo_generate(a) -> int:
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
-    ep = compiler.generate.capture_for_generation(model, ids, 512)
+    ep = compiler.driver.generate.capture_for_generation(model, ids, 512)
     fused = compiler.compile_generator(ep, policy="fused")
     same = bool(torch.equal(fused.generate(ids, new), ref))
     fused.report.model = "LlamaForCausalLM (random weights, 4 layers, 8 heads / 4 KV heads)"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiler.errors import InputError
+from compiler.ir.errors import InputError
 
 SENTENCES = (
     "attnforge rewrites attention subgraphs in captured PyTorch programs.",

@@ -20,11 +20,11 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
-from compiler import layout as L
-from compiler.errors import first_line
-from compiler.graph import dtype, is_op, module_path, module_type, shape, sym_shape
-from compiler.ops import default_scale
-from compiler.site import AttentionSite, SiteMatch, layer_of
+from compiler.ir import views as L
+from compiler.ir.errors import first_line
+from compiler.ir.graph import dtype, is_op, module_path, module_type, shape, sym_shape
+from compiler.ir.ops import default_scale
+from compiler.ir.site import AttentionSite, SiteMatch, layer_of
 from passes.mask_resolution import MaskResolver
 from passes.score_walk import ChainWalker
 from passes.softmax_forms import BADDBMM, MATMUL, SDPA, SOFTMAX, NotAttention, softmax_input

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from compiler.builder import Builder
-from compiler.graph import aten, dtype, hint, is_op, overloads, same_shape, sym_shape, val
-from compiler.ops import softmax_dtype
-from compiler.site import SITE_META, Operand, SiteMatch
-from compiler.errors import first_line
+from compiler.ir.builder import Builder
+from compiler.ir.graph import aten, dtype, hint, is_op, overloads, same_shape, sym_shape, val
+from compiler.ir.ops import softmax_dtype
+from compiler.ir.site import SITE_META, Operand, SiteMatch
+from compiler.ir.errors import first_line
 
 ATTENTION = torch.ops.attnforge.attention.default
 

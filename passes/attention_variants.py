@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from compiler.builder import Builder
-from compiler.errors import PolicyError
-from compiler.graph import shape
-from compiler.site import SITE_META, AttentionSite
-from compiler.linear_ops import LINEAR_ATTENTION
-from compiler.sparse_ops import SPARSE_ATTENTION, head_groups
-from compiler.patterns import spec_of
-from compiler.variants import HeadMix, Variant
+from compiler.ir.builder import Builder
+from compiler.ir.errors import PolicyError
+from compiler.ir.graph import shape
+from compiler.ir.site import SITE_META, AttentionSite
+from compiler.reference.linear_ops import LINEAR_ATTENTION
+from compiler.reference.sparse_ops import SPARSE_ATTENTION, head_groups
+from compiler.variants.registry import spec_of
+from compiler.variants.language import HeadMix, Variant
 from passes.attention_fusion import ATTENTION
 
 

@@ -11,7 +11,7 @@ position) and the valid key range ``[0, q_offset + seq_q)`` are runtime values: 
 records where they come from (the ``positions`` node).
 
 The rewrite replaces ``index_copy_``s + attention by one ``attnforge::cache_attention`` node
-over cache buffers shaped by the policy (``compiler.kv_cache``), on the unlifted module, where
+over cache buffers shaped by the policy (``compiler.reference.kv_cache``), on the unlifted module, where
 buffers are attributes that can be swapped for bounded ones.
 """
 
@@ -25,10 +25,10 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from compiler.errors import CaptureError
-from compiler.graph import ancestors, is_op, overloads
-from compiler.kv_cache import CacheGroup, layout_text
-from compiler.site import AttentionSite
+from compiler.ir.errors import CaptureError
+from compiler.ir.graph import ancestors, is_op, overloads
+from compiler.reference.kv_cache import CacheGroup, layout_text
+from compiler.ir.site import AttentionSite
 from passes.attention_discovery import discover
 from passes.dce import eliminate_dead_code
 

@@ -34,9 +34,9 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
-from compiler import layout as L
-from compiler.builder import Builder
-from compiler.graph import aten, count_nodes, dtype, is_op, overloads, reaches, same_shape, sym_shape
+from compiler.ir import views as L
+from compiler.ir.builder import Builder
+from compiler.ir.graph import aten, count_nodes, dtype, is_op, overloads, reaches, same_shape, sym_shape
 
 EINSUM = overloads(aten.einsum)
 EXPS = overloads(aten.exp)

@@ -12,8 +12,8 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
-from compiler.graph import ConeEvaluator, count_nodes
-from compiler.program import add_constant
+from compiler.ir.graph import ConeEvaluator, count_nodes
+from compiler.ir.program import add_constant
 from passes.infra import PassResult, counted
 
 _IMPURE = {torch.ops.aten._assert_tensor_metadata.default}

@@ -6,7 +6,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 
-from compiler.graph import count_nodes
+from compiler.ir.graph import count_nodes
 from passes.infra import PassResult, counted
 
 aten = torch.ops.aten

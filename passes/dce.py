@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from compiler.graph import count_nodes, user_input_names
-from compiler.program import prune_unused_state
+from compiler.ir.graph import count_nodes, user_input_names
+from compiler.ir.program import prune_unused_state
 from passes.infra import PassResult, counted
 
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}

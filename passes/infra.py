@@ -2,7 +2,7 @@
 
 Modelled on torch.fx's pass infrastructure (``torch.fx.passes.infra.pass_base.PassResult``) and
 onnx-ir's pass contracts: a pass takes a program, rewrites it in place (or returns a new one) and
-answers with a typed ``PassResult``; the manager (``compiler.pipeline``) times it, checks the
+answers with a typed ``PassResult``; the manager (``compiler.driver.pipeline``) times it, checks the
 program before and after, and re-raises anything unexpected as a ``PassError`` naming the pass.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Optional
 
-from compiler.errors import first_line
+from compiler.ir.errors import first_line
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import fx
 from torch.export import ExportedProgram
 
-from compiler.graph import aten, count_nodes, is_op, overloads, same_shape, sym_shape
+from compiler.ir.graph import aten, count_nodes, is_op, overloads, same_shape, sym_shape
 from passes.infra import PassResult, counted
 
 # aten.view.dtype reinterprets bits (qweight.view(torch.int8)): not a reshape, never dropped.

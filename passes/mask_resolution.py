@@ -7,7 +7,7 @@ stays a boolean keep-mask or an additive term. Mixed into the discovery matcher,
 
 from __future__ import annotations
 
-from compiler.masks import additive_keep, constant_additive_pattern, split_causal, split_causal_masked
+from compiler.ir.masks import additive_keep, constant_additive_pattern, split_causal, split_causal_masked
 
 
 class MaskResolver:

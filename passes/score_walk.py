@@ -14,8 +14,8 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 
-from compiler import layout as L
-from compiler.graph import (
+from compiler.ir import views as L
+from compiler.ir.graph import (
     ConeEvaluator,
     ancestors,
     depends_on_user_values,
@@ -28,8 +28,8 @@ from compiler.graph import (
     user_input_names,
     val,
 )
-from compiler.masks import WHERES, acts_as_neg_inf
-from compiler.site import Operand
+from compiler.ir.masks import WHERES, acts_as_neg_inf
+from compiler.ir.site import Operand
 from passes.softmax_forms import (
     ADDS,
     ASSERTS,

@@ -13,8 +13,8 @@ from typing import Optional
 
 from torch import fx
 
-from compiler.graph import aten, is_op, overloads, sym_shape
-from compiler.masks import WHERES
+from compiler.ir.graph import aten, is_op, overloads, sym_shape
+from compiler.ir.masks import WHERES
 
 SOFTMAX = overloads(aten.softmax, aten._softmax, aten._safe_softmax)
 SDPA = overloads(aten.scaled_dot_product_attention)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from compiler.ops import attention_reference
+from compiler.ir.ops import attention_reference
 
 
 def combine(keep: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

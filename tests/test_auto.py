@@ -9,7 +9,7 @@ import torch
 
 import compiler
 from compiler.minilm import load_minilm
-from compiler.verify import compare
+from compiler.driver.verify import compare
 from zoo import hf_model
 
 LENGTH = 80  # five 16-token blocks: long enough for sparse patterns to save work

@@ -9,7 +9,7 @@ from torch import nn
 import backends
 import compiler
 from backends.protocol import Backend, LoweringSummary, Runner
-from compiler.errors import BackendError
+from compiler.ir.errors import BackendError
 
 
 class Attention(nn.Module):

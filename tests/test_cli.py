@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.report import Report
+from compiler.report.data import Report
 from zoo import hf_model
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler import cli
-from compiler.report import SCHEMA, Report
+from compiler.report.data import SCHEMA, Report
 from test_dynamic_shapes import TinyAttention
 
 

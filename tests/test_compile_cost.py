@@ -14,7 +14,7 @@ from torch import fx, nn
 
 import compiler
 from compare import max_err
-from compiler import measure
+from compiler.driver import measure
 from test_soundness import QuantizedProjection, _double_output, _qkv
 
 
@@ -40,7 +40,7 @@ class Causal(nn.Module):
 
 def _count_runs(monkeypatch) -> dict:
     """Whole-program runs by kind: interpreted (fx.Interpreter.run) and through ep.module()."""
-    from compiler import verify
+    from compiler.driver import verify
 
     n = {"interpreted": 0, "module": 0}
     run, module_run = fx.Interpreter.run, verify.run

@@ -1,4 +1,4 @@
-"""Dilated windows (compiler/dilated.py), the pattern added through the registry alone: its text form,
+"""Dilated windows (compiler/variants/dilated.py), the pattern added through the registry alone: its text form,
 the PyTorch reference against a loop oracle (hypothesis), the ONNX and Triton lowerings, and a
 whole model compiled with it against the same model under the dense keep mask."""
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import compiler
-from compiler.errors import PolicyError
-from compiler.variants import parse_variant
+from compiler.ir.errors import PolicyError
+from compiler.variants.language import parse_variant
 from oracles import oracle
 from test_sparse import SETTINGS, TOL, make_problem
 

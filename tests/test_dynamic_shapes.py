@@ -9,7 +9,7 @@ import torch
 from torch.export import Dim
 
 import compiler
-from compiler import verify
+from compiler.driver import verify
 from zoo import _ids, hf_model
 
 
@@ -118,7 +118,7 @@ class LengthSensitive(torch.nn.Module):
 
 def test_a_difference_at_another_size_is_not_returned(plain):
     from compiler.api import _check_other_size
-    from compiler.report import FidelityRecord
+    from compiler.report.data import FidelityRecord
 
     spec = {"x": {1: Dim("s", max=60)}}
     ep = compiler.capture(plain, (_x(7),), spec)

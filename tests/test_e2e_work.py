@@ -10,11 +10,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import compiler
-from compiler.capture import hf_defaults
-from compiler.graph import count_nodes
-from compiler.linear_ops import LINEAR_ATTENTION, linear_attention_reference
-from compiler.ops import attention_reference
-from compiler.sparse_ops import SPARSE_ATTENTION, sparse_attention_reference
+from compiler.driver.capture import hf_defaults
+from compiler.ir.graph import count_nodes
+from compiler.reference.linear_ops import LINEAR_ATTENTION, linear_attention_reference
+from compiler.ir.ops import attention_reference
+from compiler.reference.sparse_ops import SPARSE_ATTENTION, sparse_attention_reference
 from passes.attention_fusion import ATTENTION
 from zoo import hf_model, torch_model
 
@@ -79,10 +79,10 @@ def test_nothing_of_a_rewritten_site_survives(exports, name, policy):
     # Every attention op in the program is one of ours now.
     assert not [n for n, op in left.items() if op in _DENSE - {"matmul", "bmm", "einsum", "baddbmm"}], left
     assert count_nodes(cm.exported_program.graph_module) == cm.report.totals["nodes_after"]
-    ref = compiler.verify.run(ep, z.args, kwargs)
+    ref = compiler.driver.verify.run(ep, z.args, kwargs)
     got = cm(*z.args, **kwargs)
     if policy == "fused":
-        assert compiler.verify.compare(ref, got)["passed"]
+        assert compiler.driver.verify.compare(ref, got)["passed"]
 
 
 class _SdpaStack(torch.nn.Module):

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import compiler
-from compiler.errors import AttnforgeError
+from compiler.ir.errors import AttnforgeError
 
 ATTN = torch.ops.attnforge.attention.default
 EXAMPLES = int(os.environ.get("ATTNFORGE_FUZZ_EXAMPLES", "200"))

@@ -1,4 +1,4 @@
-"""Generation with a KV cache (compiler.generate): exact fused decode against the model's own
+"""Generation with a KV cache (compiler.driver.generate): exact fused decode against the model's own
 ``generate()``, StreamingLLM and DuoAttention caches against a reference written here (the
 model recomputing the whole history every step, its attention replaced by dense masked
 attention over the same keep set), cache memory, and bad input."""
@@ -12,7 +12,7 @@ import transformers
 from transformers import AttentionInterface
 
 import compiler
-from compiler.generate import capture_for_generation, compile_generator
+from compiler.driver.generate import capture_for_generation, compile_generator
 
 MAX_LEN = 64
 VOCAB = 128
@@ -196,7 +196,7 @@ def streaming(families):
 
 def test_window_means_what_it_means_in_compile():
     """window:16 in generation keeps keys i-16 .. i, as compile()'s window:16 does (17 keys)."""
-    from compiler.kv_cache import CacheGroup, keep_mask
+    from compiler.reference.kv_cache import CacheGroup, keep_mask
 
     pos = torch.arange(40)
     assert torch.equal(keep_mask(pos, pos, 4, CacheGroup((0,), 4, 16).ring), _keep(pos, 4, 16))

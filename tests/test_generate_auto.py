@@ -1,4 +1,4 @@
-"""policy="auto" for generation (compiler.generate_auto): which KV heads stream, under a budget.
+"""policy="auto" for generation (compiler.driver.generate_auto): which KV heads stream, under a budget.
 
 References are computed here from the model itself: its own full-history forward (exact), and
 the same with dense masked attention over a head's sinks + window keep set (test_generate's
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.generate import compile_generator
+from compiler.driver.generate import compile_generator
 from test_generate import VOCAB, _hf_generate, _reference_model, llama_case
 
 STREAMING = "sinks:2,window:8"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.generate import compile_generator
+from compiler.driver.generate import compile_generator
 from test_generate import MAX_LEN, VOCAB, _hf_generate, _llama
 
 

@@ -1,4 +1,4 @@
-"""Generation on ONNX Runtime (compiler.generate, backends.onnx_cache): the step program in one
+"""Generation on ONNX Runtime (compiler.driver.generate, backends.onnx_cache): the step program in one
 session whose cache inputs and outputs are bound to the same buffers. Fused generates what the
 model's own generate() does; sinks + window and a DuoAttention head mix generate what the torch
 backend does (itself checked against an independent reference in tests/test_generate.py), far past
@@ -7,7 +7,7 @@ the window, with the cache memory never reallocated."""
 import pytest
 import torch
 
-from compiler.generate import compile_generator
+from compiler.driver.generate import compile_generator
 from test_generate import MAX_LEN, VOCAB, _cache_buffers, llama_case
 
 

@@ -10,9 +10,9 @@ import torch
 from transformers import AttentionInterface
 
 import compiler
-from compiler.generate import compile_generator
-from compiler.sparse_ops import sparse_keep_mask
-from compiler.variants import parse_variant
+from compiler.driver.generate import compile_generator
+from compiler.reference.sparse_ops import sparse_keep_mask
+from compiler.variants.language import parse_variant
 from test_generate import VOCAB, _hf_generate, llama_case
 
 POLICIES = ["topk:blocks=1,block=8", "vslash:vertical=4,slash=4,last=16,local=16,block=16"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.generate import capture_for_generation, compile_generator
+from compiler.driver.generate import capture_for_generation, compile_generator
 from test_generate import FAMILIES, VOCAB
 
 MAX_LEN = 97  # a size no other dimension of the tiny models has

@@ -1,4 +1,4 @@
-"""Generation on the Triton backend (compiler.generate, backends.triton_cache): the attention over
+"""Generation on the Triton backend (compiler.driver.generate, backends.triton_cache): the attention over
 the cache runs in the Triton kernel (Triton's interpreter on CPU, set by conftest), and generates
 what the model's own generate() does (fused) and what the torch backend does (sinks + window)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compiler.generate import compile_generator
+from compiler.driver.generate import compile_generator
 from test_generate import VOCAB, llama_case
 
 # The generator runs on the CPU model here, so the kernels run in Triton's interpreter.

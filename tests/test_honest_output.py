@@ -6,10 +6,10 @@ import torch
 
 import compiler
 from compiler import cli
-from compiler.report import Report
-from compiler.html_parts import wrap
-from compiler.report_html import render_html
-from compiler.report_view import lowering_verdict, render_text
+from compiler.report.data import Report
+from compiler.report.html_parts import wrap
+from compiler.report.html import render_html
+from compiler.report.terminal import lowering_verdict, render_text
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import compiler  # noqa: F401  (registers torch.ops.attnforge.*)
-from compiler.linear_ops import linear_attention_reference, orthogonal_features
-from compiler.ops import attention_reference
-from compiler.variants import parse_variant
+from compiler.reference.linear_ops import linear_attention_reference, orthogonal_features
+from compiler.ir.ops import attention_reference
+from compiler.variants.language import parse_variant
 
 LINEAR = torch.ops.attnforge.linear_attention.default
 TOL = 1e-5

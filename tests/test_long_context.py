@@ -1,7 +1,7 @@
 """Long context in bounded memory, and honest cost accounting.
 
 Exact attention for measurement, verification and the torch backend runs a block of query
-rows at a time (``compiler.ops.BLOCK_BYTES``); the blocked numbers must be the dense ones.
+rows at a time (``compiler.ir.ops.BLOCK_BYTES``); the blocked numbers must be the dense ones.
 """
 
 import json
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import compiler
-from compiler import measure, ops
-from compiler.measure import SiteInputs, site_effect
-from compiler.sparse_ops import sparse_keep_mask
-from compiler.variants import parse_variant
+from compiler.driver import measure
+from compiler.ir import ops
+from compiler.driver.measure import SiteInputs, site_effect
+from compiler.reference.sparse_ops import sparse_keep_mask
+from compiler.variants.language import parse_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,8 +177,8 @@ def test_report_says_when_a_variant_costs_more_than_exact():
 
 
 def test_auto_never_keeps_a_candidate_that_costs_as_much_as_exact(monkeypatch):
-    from compiler import auto
-    from compiler.site import AttentionSite
+    from compiler.driver import auto
+    from compiler.ir.site import AttentionSite
 
     site = AttentionSite("s0", "attn", "Attn", "sdpa", 1, 2, 2, 16, 16, 128, 128, 0.25, True, "none")
     over, under = parse_variant("window:64,sinks:4"), parse_variant("window:16,sinks:4,block=16")

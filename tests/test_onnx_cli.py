@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.onnx_program import example_feeds, rewrite_onnx
+from compiler.driver.onnx_program import example_feeds, rewrite_onnx
 from test_cli import _one_line_error, run
 from zoo import hf_model
 

@@ -17,7 +17,7 @@ from onnx import numpy_helper  # noqa: E402
 from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus  # noqa: E402
 
 from passes.onnx.fused_op_rules import (GroupQueryAttentionRule, MultiHeadAttentionRule,  # noqa: E402
-                                        OnnxAttentionRule, PackedAttentionRule)
+                                        OnnxAttentionRule, PackedAttentionRule, fused_op_rules)
 from passes.onnx.fuser import _Fuser, _load, _to_target_opset  # noqa: E402
 from passes.onnx_attention_fusion import fuse_onnx_attention  # noqa: E402
 
@@ -141,7 +141,7 @@ def test_rule_set_runs_under_onnxscript():
     """The rules are plain onnxscript rules: RewriteRuleSet.apply_to_model rewrites the fused op."""
     model, feeds = multihead()
     fuser, _ = _fuser(model)
-    assert fuser.rules.apply_to_model(fuser.model) == 1
+    assert fused_op_rules(fuser, standalone=True).apply_to_model(fuser.model) == 1
     out = ir.serde.serialize_model(fuser.model)
     assert [n.op_type for n in out.graph.node if "Attention" in n.op_type] == ["Attention"]
     np.testing.assert_allclose(_run(out, feeds), _run(model, feeds), atol=1e-4)

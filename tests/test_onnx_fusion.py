@@ -24,7 +24,7 @@ from onnx import TensorProto as TP  # noqa: E402
 from onnx import helper as oh  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from compiler.errors import InputError  # noqa: E402
+from compiler.ir.errors import InputError  # noqa: E402
 from passes.onnx_attention_fusion import fuse_onnx_attention  # noqa: E402
 from zoo import HF_CASES, TORCH_CASES, hf_model, torch_model  # noqa: E402
 

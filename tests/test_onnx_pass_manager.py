@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import compiler.onnx_program as onnx_program
-from compiler.onnx_program import ONNX, OnnxPassContext, rewrite_onnx
-from compiler.pipeline import Pass, PassManager
+import compiler.driver.onnx_program as onnx_program
+from compiler.driver.onnx_program import ONNX, OnnxPassContext, rewrite_onnx
+from compiler.driver.pipeline import Pass, PassManager
 from passes.infra import PassConditionError, PassError, PassResult
 
 B, H, S, D = 1, 2, 8, 4

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import compiler
-from compiler.errors import PolicyError
-from compiler.onnx_program import rewrite_onnx
+from compiler.ir.errors import PolicyError
+from compiler.driver.onnx_program import rewrite_onnx
 from test_onnx_fusion import _export, _feeds
 from zoo import hf_model
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.onnx_export import export_onnx
-from compiler.sparse_ops import sparse_attention_reference
-from compiler.variants import parse_variant
+from compiler.reference.sparse_ops import sparse_attention_reference
+from compiler.variants.language import parse_variant
 from test_sparse import SETTINGS, problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")

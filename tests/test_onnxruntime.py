@@ -14,10 +14,10 @@ import compiler
 from backends.onnx_attention import FusedFeatures, choose_fused
 from backends.onnx_export import export_onnx
 from conftest import covering
-from compiler.errors import BackendError, InputError
-from compiler.linear_ops import linear_attention_reference
-from compiler.ops import attention_reference
-from compiler.sparse_ops import sparse_attention_reference
+from compiler.ir.errors import BackendError, InputError
+from compiler.reference.linear_ops import linear_attention_reference
+from compiler.ir.ops import attention_reference
+from compiler.reference.sparse_ops import sparse_attention_reference
 from zoo import HF_CASES, TORCH_CASES, hf_model, torch_model
 
 TOL = 1e-4

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import compiler  # noqa: F401
-from compiler.ops import attention_reference, causal_pairs
+from compiler.ir.ops import attention_reference, causal_pairs
 
 attention = torch.ops.attnforge.attention.default
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.errors import PolicyError
-from compiler.graph import count_nodes
-from compiler.pipeline import Pass, PassContext, PassManager, exact_pipeline, variant_pipeline
-from compiler.policy import parse_policy
-from compiler.program import clone_program
-from compiler.report import PassRecord, Report
+from compiler.ir.errors import PolicyError
+from compiler.ir.graph import count_nodes
+from compiler.driver.pipeline import Pass, PassContext, PassManager, exact_pipeline, variant_pipeline
+from compiler.variants.policy import parse_policy
+from compiler.ir.program import clone_program
+from compiler.report.data import PassRecord, Report
 from passes.infra import PassConditionError, PassError, PassResult
 
 

@@ -18,7 +18,7 @@ from backends import memory_probe
 from backends.capabilities import prepare
 from backends.memory_plan import intervals, linear_scan
 from backends.planner import make_plan
-from compiler.plan import Plan, plan_lines
+from compiler.ir.plan import Plan, plan_lines
 from zoo import HF_CASES, TORCH_CASES, hf_model, torch_model
 
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compiler
-from compiler.errors import PolicyError
-from compiler.policy import parse_policy, selects
-from compiler.site import AttentionSite
-from compiler.variants import (DENSE, FUSED, BlockSparse, HeadMix, Hybrid, Linear, Neighborhood, TopK, Variant,
+from compiler.ir.errors import PolicyError
+from compiler.variants.policy import parse_policy, selects
+from compiler.ir.site import AttentionSite
+from compiler.variants.language import (DENSE, FUSED, BlockSparse, HeadMix, Hybrid, Linear, Neighborhood, TopK, Variant,
                                VerticalSlash, Window, parse_variant)
 from passes.attention_variants import check_variant
 from zoo import hf_model

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import compiler
-from compiler.errors import PolicyError
-from compiler.policy import parse_policy
-from compiler.variants import HeadMix, Linear, TopK, Window, parse_variant
+from compiler.ir.errors import PolicyError
+from compiler.variants.policy import parse_policy
+from compiler.variants.language import HeadMix, Linear, TopK, Window, parse_variant
 from compare import max_err
 from zoo import hf_model
 
@@ -97,8 +97,8 @@ def test_policies_that_cannot_apply_name_the_site(kind, policy, needles):
 
 
 def test_linear_refuses_a_site_whose_mask_varies_per_query():
-    from compiler.site import AttentionSite
-    from compiler.variants import parse_variant
+    from compiler.ir.site import AttentionSite
+    from compiler.variants.language import parse_variant
     from passes.attention_variants import check_variant
 
     site = AttentionSite("attn.3", "m", "M", "sdpa", 1, 2, 2, 8, 8, 5, 5, 0.3, False, "bool")

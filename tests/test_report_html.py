@@ -11,8 +11,8 @@ import pytest
 
 import compiler
 from compiler.cli import main
-from compiler.report import Report
-from compiler.report_html import render_html, write_html
+from compiler.report.data import Report
+from compiler.report.html import render_html, write_html
 from zoo import hf_model
 
 PNG = b"\x89PNG\r\n\x1a\n"

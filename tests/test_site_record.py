@@ -1,4 +1,4 @@
-"""One site record for both front ends (compiler/site_record.py): the same model through the
+"""One site record for both front ends (compiler/driver/site_record.py): the same model through the
 PyTorch path and through its ONNX export gives the same record (costs, notes, measured fields) for every site."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.onnx_program import rewrite_onnx
+from compiler.driver.onnx_program import rewrite_onnx
 from test_onnx_site_contract import _Decoder
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import compiler
 from compare import max_err
-from compiler.errors import AttnforgeError
+from compiler.ir.errors import AttnforgeError
 
 ATTN = torch.ops.attnforge.attention.default
 B, H, S, D = 2, 2, 6, 4
@@ -199,7 +199,7 @@ def test_a_pass_that_breaks_the_program_is_left_out(monkeypatch):
 def test_a_program_that_fails_verification_is_never_returned_or_written(monkeypatch, tmp_path):
     import passes.dce
     from compiler.cli import main
-    from compiler.errors import VerificationError
+    from compiler.ir.errors import VerificationError
 
     monkeypatch.setattr(passes.dce, "dead_code_elimination", _double_output)
     m = QuantizedProjection()
@@ -417,7 +417,7 @@ def test_dynamic_lengths_are_verified_too():
 
 
 def test_example_inputs_that_do_not_fit_are_one_typed_error():
-    from compiler.errors import InputError
+    from compiler.ir.errors import InputError
 
     ep = torch.export.export(ChainedSites(), _qkv())
     with pytest.raises(InputError, match="example inputs"):

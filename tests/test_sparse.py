@@ -19,10 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import compiler
 from compare import max_err
-from compiler.capture import hf_defaults
-from compiler.ops import attention_reference, causal_pairs
-from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
-from compiler.variants import parse_variant
+from compiler.driver.capture import hf_defaults
+from compiler.ir.ops import attention_reference, causal_pairs
+from compiler.reference.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
+from compiler.variants.language import parse_variant
 from oracles import oracle
 from zoo import hf_model
 

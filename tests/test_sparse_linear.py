@@ -8,10 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import compiler  # noqa: F401
-from compiler.linear_ops import linear_attention_reference
-from compiler.ops import attention_reference
-from compiler.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
-from compiler.variants import parse_variant
+from compiler.reference.linear_ops import linear_attention_reference
+from compiler.ir.ops import attention_reference
+from compiler.reference.sparse_ops import sparse_attention_reference, sparse_computed_pairs, sparse_keep_mask
+from compiler.variants.language import parse_variant
 from oracles import oracle
 
 sparse = torch.ops.attnforge.sparse_attention.default

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import compiler
 from backends.torch_flex import FLEX_SPARSE, block_mask, flex_sparse
-from compiler.sparse_ops import head_groups, kv_head_map, layout_for, sparse_attention_reference, sparse_keep_mask
-from compiler.variants import parse_variant
+from compiler.reference.sparse_ops import head_groups, kv_head_map, layout_for, sparse_attention_reference, sparse_keep_mask
+from compiler.variants.language import parse_variant
 from test_sparse import SETTINGS, problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")

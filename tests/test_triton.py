@@ -26,11 +26,11 @@ from backends import triton_ops  # noqa: E402
 from backends.triton_attention import FULL_SLOT, PARTIAL_SLOT, attention, merge_splits, sparse_attention  # noqa: E402
 from backends.triton_layout import pattern_tables, sparse_tables, tables_from_layout  # noqa: E402
 from backends.triton_schedule import ConfigCache, KernelConfig, Scheduler, decode_splits  # noqa: E402
-from compiler.block_layout import static_layout, topk_layout, vslash_layout  # noqa: E402
-from compiler.errors import BackendError  # noqa: E402
-from compiler.ops import attention_reference  # noqa: E402
-from compiler.sparse_ops import kv_head_map, sparse_attention_reference, sparse_keep_mask  # noqa: E402
-from compiler.variants import TopK, VerticalSlash, Window, parse_variant  # noqa: E402
+from compiler.variants.block_layout import static_layout, topk_layout, vslash_layout  # noqa: E402
+from compiler.ir.errors import BackendError  # noqa: E402
+from compiler.ir.ops import attention_reference  # noqa: E402
+from compiler.reference.sparse_ops import kv_head_map, sparse_attention_reference, sparse_keep_mask  # noqa: E402
+from compiler.variants.language import TopK, VerticalSlash, Window, parse_variant  # noqa: E402
 from oracles import oracle  # noqa: E402
 from test_sparse import (blocksparse_keep, causal_keep, make_mask, make_problem, neighborhood_keep,  # noqa: E402
                          topk_keep, vslash_keep, window_keep)

@@ -19,8 +19,8 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from backends.triton_linear import linear_attention, linear_terms  # noqa: E402
-from compiler.linear_ops import _linear_terms, linear_attention_reference  # noqa: E402
-from compiler.variants import parse_variant  # noqa: E402
+from compiler.reference.linear_ops import _linear_terms, linear_attention_reference  # noqa: E402
+from compiler.variants.language import parse_variant  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.capture import hf_defaults
+from compiler.driver.capture import hf_defaults
 from compare import max_err
 from zoo import HF_CASES, TORCH_CASES, hf_model, torch_model
 

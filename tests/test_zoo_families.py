@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.capture import hf_defaults
+from compiler.driver.capture import hf_defaults
 from compare import max_err
 from zoo_more import DiffusersAttentionStack, family
 

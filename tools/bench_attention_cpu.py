@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import compiler  # noqa: F401  (registers the ops)
-from compiler.linear_ops import linear_density
-from compiler.ops import causal_pairs
-from compiler.progress import progress
-from compiler.sparse_ops import sparse_computed_pairs
-from compiler.variants import parse_variant
+from compiler.reference.linear_ops import linear_density
+from compiler.ir.ops import causal_pairs
+from compiler.driver.progress import progress
+from compiler.reference.sparse_ops import sparse_computed_pairs
+from compiler.variants.language import parse_variant
 from benchlib import write_csv
 
 VARIANTS = ("window:256", "window:256,sinks:4", "topk:blocks=4,block=64", "linear:elu")

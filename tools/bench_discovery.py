@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import compiler  # noqa: E402
-from compiler.capture import hf_defaults  # noqa: E402
+from compiler.driver.capture import hf_defaults  # noqa: E402
 from compiler.minilm import SENTENCES, load_minilm  # noqa: E402
 from zoo import hf_model  # noqa: E402
 

@@ -76,7 +76,7 @@ def _flex(seq: int, window: int, sinks: int):
 
 def _window_of(policy: str):
     """(left, sinks) of a window policy, None for the others (no same-mask Flex peer)."""
-    from compiler.variants import Window, parse_variant
+    from compiler.variants.language import Window, parse_variant
 
     p = parse_variant(policy).pattern
     return (p.left, p.sinks) if isinstance(p, Window) else None

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 
 from backends import memory_probe  # noqa: E402
-from compiler.generate import capture_for_generation, compile_generator  # noqa: E402
+from compiler.driver.generate import capture_for_generation, compile_generator  # noqa: E402
 from tools.benchlib import command_line, machine, markdown_table, print_table, today, versions  # noqa: E402
 
 STATIC = "model.generate (static cache, torch.compile)"

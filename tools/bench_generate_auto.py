@@ -5,7 +5,7 @@ streaming at a few budgets, each head's measured effect, and the cache bytes sav
                                         [--budgets 0,0.001,0.01] [--threads 1]
 
 Calibration: ``--prompts`` random prompts of ``--prompt`` tokens, ``--tokens`` decode steps each
-(compiler.generate_auto). Budgets are ``max_kl`` (the search holds half of each).
+(compiler.driver.generate_auto). Budgets are ``max_kl`` (the search holds half of each).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compiler  # noqa: E402
-from compiler.generate import capture_for_generation, compile_generator  # noqa: E402
+from compiler.driver.generate import capture_for_generation, compile_generator  # noqa: E402
 from tools.bench_generate import make_model  # noqa: E402
 from tools.benchlib import command_line, machine, today, versions  # noqa: E402
 

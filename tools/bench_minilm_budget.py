@@ -18,8 +18,8 @@ import torch
 
 import compiler
 from compiler.minilm import PARAGRAPHS, load_minilm, sentence_embeddings
-from compiler.variants import compact_text
-from compiler.verify import compare
+from compiler.variants.language import compact_text
+from compiler.driver.verify import compare
 from benchlib import write_csv
 
 

@@ -153,9 +153,9 @@ def sparse_rows(dev, dtype, sizes, windows, b, h, d, block) -> list:
     from backends.triton_layout import pattern_tables
     from backends.triton_ops import sparse_attention as sparse_op
     from backends.triton_schedule import SCHEDULER
-    from compiler.ops import causal_pairs
-    from compiler.sparse_ops import kv_head_map
-    from compiler.variants import TopK, Window, parse_variant
+    from compiler.ir.ops import causal_pairs
+    from compiler.reference.sparse_ops import kv_head_map
+    from compiler.variants.language import TopK, Window, parse_variant
     from torch.nn.attention.flex_attention import create_block_mask
 
     flex = _flex()

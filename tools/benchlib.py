@@ -163,7 +163,7 @@ def warm_up(c: Contender, *, min_repeats: int, max_repeats: int, budget_s: float
 
 def time_repeats(live: list, *, label: str = "", gap_s: float = 0.1) -> None:
     """The timed calls, interleaved: repeats outside, contenders inside, so drift hits all alike."""
-    from compiler.progress import progress
+    from compiler.driver.progress import progress
 
     live = [c for c in live if c.ok]
     with progress(label or "timing", sum(c.planned for c in live)) as advance:

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
-from compiler.masks import neg_inf_threshold
+from compiler.ir.masks import neg_inf_threshold
 
 
 TARGET_OPSET = 23
@@ -146,7 +146,7 @@ def _swap_last(rank: int) -> list[int]:
 
 
 def _neg_threshold(dtype: Optional[ir.DataType]) -> float:
-    """Fill values at or below this act as -inf (compiler.masks, shared with the PyTorch front end)."""
+    """Fill values at or below this act as -inf (compiler.ir.masks, shared with the PyTorch front end)."""
     try:
         return neg_inf_threshold(dtype.numpy())
     except Exception:

@@ -115,9 +115,11 @@ class _FusedOpRule(RewriteRuleClassBase):
     source = ""
     output = "output"  # the pattern's name for the op's first output
 
-    def __init__(self, fuser: "_Fuser"):
-        # The fuser removes the node itself (with its now-dead producers) when it records the site.
-        super().__init__(name=type(self).__name__, remove_nodes=False)
+    def __init__(self, fuser: "_Fuser", remove_nodes: bool = False):
+        # The fuser removes the node itself (with its now-dead producers) when it records the site;
+        # run on their own (``RewriteRuleSet.apply_to_model``) the rules must remove it, or the
+        # kept node matches again on the next sweep.
+        super().__init__(name=type(self).__name__, remove_nodes=remove_nodes)
         self.fuser = fuser
 
     def reason(self, node: ir.Node) -> Optional[str]:
@@ -127,6 +129,10 @@ class _FusedOpRule(RewriteRuleClassBase):
         raise NotImplementedError
 
     def check(self, context, **_) -> MatchResult:
+        if context.root in self.fuser.normalized:
+            # Our own output (an opset-23 Attention): under onnxscript's driver, which sweeps
+            # until nothing matches, it would match the Attention rule again and again.
+            return _failed("already in the normalized form")
         why = self.reason(context.root)
         return _failed(why) if why else MatchResult()
 
@@ -409,6 +415,7 @@ class GroupQueryAttentionRule(_FusedOpRule):
 RULES = (OnnxAttentionRule, MultiHeadAttentionRule, PackedAttentionRule, GroupQueryAttentionRule)
 
 
-def fused_op_rules(fuser: "_Fuser") -> RewriteRuleSet:
-    """The rule set the fuser offers each node to, bound to its constants, masks and site records."""
-    return RewriteRuleSet([cls.rule(fuser) for cls in RULES])
+def fused_op_rules(fuser: "_Fuser", *, standalone: bool = False) -> RewriteRuleSet:
+    """The rule set the fuser offers each node to, bound to its constants, masks and site records;
+    ``standalone``: for onnxscript's own driver, the rules remove the node they replace."""
+    return RewriteRuleSet([cls.rule(fuser, remove_nodes=standalone) for cls in RULES])

@@ -11,7 +11,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript import version_converter
 from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus
 
-from compiler.errors import InputError
+from compiler.ir.errors import InputError
 from passes.onnx.builder import _Builder
 from passes.onnx.common import (MAX_IR_VERSION, TARGET_OPSET, _LAYOUT_OPS, OnnxFusionResult, OnnxSite, _compose,
                                 _input, _int_dim, _module_path, _neg_threshold, _producer, _rank, _Reject, _same_dim,

@@ -1,0 +1,249 @@
+"""``attnforge::linear_attention``: kernelized attention ``phi(q) . phi(k)`` in place of
+``exp(q . k * scale)``, linear in sequence length.
+
+Feature maps (``compiler.variants.language.FEATURE_MAPS``):
+
+* ``elu``: ``elu(x) + 1``; ``relu``: ``relu(x)`` (Katharopoulos et al.);
+* ``favor``: Performer's positive orthogonal random features, an unbiased estimate of the
+  softmax kernel ``exp(s)``; more features, smaller error;
+* ``taylor``: the second-order Taylor expansion ``1 + s + s^2 / 2`` of ``exp(s)`` (Based), as
+  features ``[1, x, vec(x x^T) / sqrt 2]``.
+
+Inputs are scaled by ``sqrt(scale)`` before the map, so ``phi(q) . phi(k)`` tracks
+``exp(scale * q . k)`` for the softmax-kernel maps.
+
+Bidirectional sites use the ``phi(K)^T V`` summary; causal sites use chunked prefix sums
+(exact quadratic form inside a chunk, a running state between chunks). The ``hybrid`` variant
+computes an exact softmax window and linear attention for every key outside it, on one
+normalizer (as the sparse + linear split of SLA), which needs a softmax-kernel map.
+
+Masks: only key masks (broadcast over queries) are expressible; a key's weight is
+``exp(bias)`` or its boolean keep value.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compiler.variants.block_layout import static_layout
+from compiler.ir.ops import causal_pairs
+from compiler.variants.registry import extend, feature
+from compiler.variants.language import Hybrid, Window, parse_variant
+
+_EPS = 1e-12
+
+
+@lru_cache(maxsize=32)
+def orthogonal_features(num: int, dim: int, seed: int) -> Tensor:
+    """Performer's projection [num, dim]: blocks of orthogonal rows with chi-distributed norms."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(-(-num // dim)):
+        qmat, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+        blocks.append(qmat.T)
+    w = torch.cat(blocks)[:num]
+    norms = torch.randn(num, dim, generator=g, dtype=torch.float64).norm(dim=1, keepdim=True)
+    return (w * norms).float()
+
+
+def feature_dim(p, head_dim: int) -> int:
+    if p.map == "favor":
+        return p.features
+    if p.map == "taylor":
+        return 1 + head_dim + head_dim * head_dim
+    return head_dim
+
+
+def features(x: Tensor, p, scale: float, stabilize: str) -> tuple[Tensor, Tensor]:
+    """(phi, log_offset): the true features are ``phi * exp(log_offset)``.
+
+    Only ``favor`` has an offset: its exponentials are shifted by a per-row max for queries
+    (``stabilize="row"``) or one max over all keys (``"all"``), which cancels in the ratio.
+    """
+    x = x.float() * math.sqrt(scale)  # always a new tensor: the maps below may work in place
+    zero = x.new_zeros(())
+    if p.map == "elu":
+        return F.elu(x, inplace=True).add_(1.0), zero
+    if p.map == "relu":
+        return F.relu(x), zero
+    if p.map == "taylor":
+        second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0)
+        return torch.cat([torch.ones_like(x[..., :1]), x, second], -1), zero
+    w = orthogonal_features(p.features, x.shape[-1], p.seed).to(x.device)
+    h = x @ w.T - (x * x).sum(-1, keepdim=True) / 2
+    off = h.amax(-1, keepdim=True) if stabilize == "row" else h.amax((-2, -1), keepdim=True)
+    return torch.exp(h - off) / math.sqrt(p.features), off
+
+
+def key_weights(mask: Optional[Tensor], b: int, h: int, sk: int) -> Optional[Tensor]:
+    """A key mask as per-key weights [B|1, H|1, Sk, 1]; full [.., Sq, Sk] masks are refused."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-2] != 1:
+        raise ValueError("linear attention can only apply a key mask (one row for every query), "
+                         f"not a mask of shape {tuple(mask.shape)}")
+    w = mask.to(torch.float32) if mask.dtype == torch.bool else torch.exp(mask.float().clamp(max=80.0))
+    return w.squeeze(-2).unsqueeze(-1)
+
+
+def _linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) -> tuple[Tensor, Tensor]:
+    """(numerator [B,H,Sq,Dv], denominator [B,H,Sq,1]) of sum_j phi(q_i).phi(k_j) v_j."""
+    if not causal:
+        kv = fk.transpose(-1, -2) @ v
+        z = fk.sum(-2, keepdim=True)
+        return fq @ kv, (fq * z).sum(-1, keepdim=True)
+    sq, sk = fq.shape[2], fk.shape[2]
+    s = max(sq, sk)
+    chunk = min(chunk, s)
+    n = -(-s // chunk)
+    pad = n * chunk
+    dv = v.shape[-1]
+
+    def blocks(x, length):
+        x = x if pad == length else F.pad(x, (0, 0, 0, pad - length))
+        return x.reshape(-1, chunk, x.shape[-1])  # [B*H*n, C, F]: chunks of every (b, h) in a row
+
+    # A ones column on v carries the normalizer through the same products (its sums are the
+    # denominator), so num and den share every matmul and no per-chunk key sums are kept.
+    v1 = v.new_zeros(*v.shape[:2], pad, dv + 1)  # padded keys: zero values, zero features
+    v1[:, :, :sk, :dv] = v
+    v1[:, :, :sk, dv] = 1.0
+    cq, ck, cv = blocks(fq, sq), blocks(fk, sk), v1.view(-1, chunk, dv + 1)
+    intra = torch.bmm(cq, ck.transpose(-1, -2)).tril_()  # causal within the chunk
+    out = torch.bmm(intra, cv)  # [B*H*n, C, Dv + 1]
+    if n > 1:
+        # Chunk c reads the keys of chunks < c: the inclusive prefix of the chunk summaries, one
+        # chunk behind. Shifting by one in the flat [B*H*n] order pairs every chunk with its
+        # predecessor's prefix without a copy; each head's last prefix is read only by the next
+        # head's first chunk, so it is zeroed.
+        state = torch.bmm(ck.transpose(-1, -2), cv).view(-1, n, ck.shape[-1], dv + 1).cumsum_(1)
+        state[:, -1] = 0.0
+        out[1:].baddbmm_(cq[1:], state.view(-1, ck.shape[-1], dv + 1)[:-1])
+    out = out.view(*fq.shape[:2], pad, dv + 1)[:, :, :sq]
+    return out[..., :dv], out[..., dv:]
+
+
+def _expand_kv(x: Tensor, hq: int) -> Tensor:
+    return x if x.shape[1] == hq else x.repeat_interleave(hq // x.shape[1], 1)
+
+
+def _hybrid_window(p: Hybrid, causal: bool) -> Window:
+    return Window(left=p.window, right=None, sinks=0, block=min(64, max(16, p.window)))
+
+
+extend(Hybrid, exact_window=_hybrid_window)
+
+
+def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
+                               is_causal: bool = False, spec: str = "", terms=None) -> Tensor:
+    """``terms(fq, fk, v, causal, chunk) -> (num, den)`` computes the linear sums; the Triton
+    backend passes its kernels, everything around them stays this one definition."""
+    terms = terms or _linear_terms
+    p = parse_variant(spec).pattern
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    if mask is not None:
+        mask = mask.reshape(*[1] * (4 - mask.dim()), *mask.shape)
+    w = key_weights(mask, b, hq, sk)
+    fq, oq = features(q, p, scale, "row")
+    fk, ok = features(k, p, scale, "all")
+    vf = v.float()
+    fkw = fk if w is None else fk * w
+    num, den = terms(fq, fkw, vf, is_causal, p.chunk)
+    if feature(p, "exact_window") is None:
+        return (num / den.clamp_min(_EPS)).to(v.dtype)
+    return _hybrid(p, q, k, vf, fq, oq, fkw, ok, num, den, mask, scale, is_causal).to(v.dtype)
+
+
+def _hybrid(p: Hybrid, q, k, vf, fq, oq, fkw, ok, lin_num, lin_den, mask, scale, causal) -> Tensor:
+    """Exact softmax inside the window, the linear estimate outside it, one normalizer.
+
+    Everything is divided by ``exp(m_i)``, the row max of the exact window scores, so the exact
+    part is a stable softmax numerator and the linear part is rescaled by
+    ``exp(offset_q + offset_k - m_i)``.
+    """
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    layout = static_layout(_hybrid_window(p, causal), sq, sk, causal)
+    bs, nqb = layout.block, layout.num_q_blocks
+    nk = layout.kv_blocks.shape[-1]
+    idx = layout.kv_blocks.clamp(min=0)[0, 0].to(q.device)  # [nqb, K]
+    nkb = -(-sk // bs)
+
+    def gather(x):
+        xp = F.pad(x, (0, 0, 0, nkb * bs - sk)).view(b, hq, nkb, bs, x.shape[-1])
+        return xp[:, :, idx].reshape(b, hq, nqb, nk * bs, x.shape[-1])
+
+    def rows(x):
+        return F.pad(x, (0, 0, 0, nqb * bs - sq)).view(b, hq, nqb, bs, x.shape[-1])
+
+    drop = layout.gathered_drop(causal).to(q.device)
+    scores = rows(q.float() * scale) @ gather(k.float()).transpose(-1, -2)  # [B, H, nqb, bs, K*bs]
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + gather(mask.float().expand(b, hq, 1, sk).transpose(-1, -2)).transpose(-1, -2)
+    elif mask is not None:
+        drop = drop | ~gather(mask.expand(b, hq, 1, sk).transpose(-1, -2).float()).transpose(-1, -2).bool()
+    scores = scores.masked_fill(drop, float("-inf"))
+    m = scores.amax(-1, keepdim=True).clamp_min(-1e30)  # rows with an empty window stay finite
+    e = torch.exp(scores - m)
+    vg = gather(vf)
+    ex_num, ex_den = e @ vg, e.sum(-1, keepdim=True)
+    # The linear terms of the window's own pairs, to take them out of the all-keys sums.
+    kern = (rows(fq) @ gather(fkw).transpose(-1, -2)).masked_fill(drop, 0.0)
+    band_num, band_den = kern @ vg, kern.sum(-1, keepdim=True)
+
+    def flat(x):
+        return x.reshape(b, hq, nqb * bs, x.shape[-1])[:, :, :sq]
+
+    factor = torch.exp((oq + ok - flat(m)).clamp(max=80.0))
+    num = flat(ex_num) + factor * (lin_num - flat(band_num))
+    den = flat(ex_den) + factor * (lin_den - flat(band_den)).clamp_min(0.0)
+    return num / den.clamp_min(_EPS)
+
+
+@torch.library.custom_op("attnforge::linear_attention", mutates_args=())
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
+                     is_causal: bool = False, spec: str = "") -> Tensor:
+    return linear_attention_reference(q, k, v, mask, scale, is_causal, spec)
+
+
+@linear_attention.register_fake
+def _linear_attention_fake(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype)
+
+
+def linear_flops(spec: str, b: int, hq: int, sq: int, sk: int, d: int, dv: int, causal: bool) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the reference: feature maps, summaries, outputs."""
+    p = parse_variant(spec).pattern
+    f = feature_dim(p, d)
+    fmap = 2 * (sq + sk) * f * d if p.map == "favor" else (sq + sk) * f
+    if causal:
+        c = min(p.chunk, max(sq, sk))
+        core = 2 * sk * f * dv + 2 * sq * f * dv + 2 * sq * c * (f + dv)
+    else:
+        core = 2 * sk * f * (dv + 1) + 2 * sq * f * (dv + 1)
+    total = fmap + core
+    if feature(p, "exact_window") is not None:
+        pairs = static_layout(_hybrid_window(p, causal), sq, sk, causal).computed_pairs()
+        total += pairs * (2 * d + 2 * dv + 5 + 2 * f + 2 * dv)
+    return int(b * hq * total)
+
+
+def linear_density(spec: str, sq: int, sk: int, d: int, dv: int, causal: bool) -> float:
+    """Linear FLOPs as a share of dense attention FLOPs for the same shape."""
+    from compiler.ir.ops import attention_flops
+
+    dense = attention_flops(1, 1, sq, sk, d, dv, causal_pairs(sq, sk) if causal else None)
+    return linear_flops(spec, 1, 1, sq, sk, d, dv, causal) / dense
+
+
+LINEAR_ATTENTION = torch.ops.attnforge.linear_attention.default
