@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from backends.triton_attention import FULL_SLOT as FULL, PARTIAL_SLOT as PARTIAL, SparseTables
-from compiler.variants.block_layout import BlockLayout, _causal_blocks, block_lists, static_layout, topk_layout
+from compiler.variants.block_layout import BlockLayout, _causal_blocks, block_lists, static_layout
 from compiler.variants.registry import spec_of
-from compiler.reference.sparse_ops import head_groups, kv_head_map
-from compiler.variants.language import TopK, parse_variant
+from compiler.reference.sparse_ops import head_groups, kv_head_map, layout_for
+from compiler.variants.language import parse_variant
 
 
 PAIR_BUDGET = 1 << 25  # gathered pairs classified at once
@@ -103,28 +103,13 @@ def _dense_layout(block: int, sq: int, sk: int, causal: bool, device) -> BlockLa
     return BlockLayout(block, sq, sk, block_lists(bm, nkb)[None, None])
 
 
-def _topk_tables(pattern: TopK, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> SparseTables:
-    """Top-k blocks chosen on the device, per kv head through ``kv_map``, not via the generic layout."""
-    return tables_from_layout(topk_layout(pattern, q, k, scale, causal, kv_map), causal)
-
-
-# Patterns whose Triton tables this backend builds its own way (keyed by pattern class, as
-# ``backends.onnx_sparse.BLOCK_MASKS``); every other pattern runs its registered block layout.
-DEVICE_TABLES = {TopK: _topk_tables}
-
-
 def pattern_tables(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> SparseTables:
     """Tables of one pattern for the heads of ``q`` (``kv_map[h]``: their kv heads in ``k``)."""
-    sq, sk = q.shape[2], k.shape[2]
-    own = DEVICE_TABLES.get(type(pattern))
-    if own is not None:
-        return own(pattern, q, k, scale, causal, kv_map)
     if pattern is None:
         raise ValueError("an exact head group has no block size of its own")
-    spec = spec_of(pattern)
-    if not spec.static:  # content-selected: the pattern's own layout, from q and k at q's heads
-        return tables_from_layout(spec.layout(pattern, q, k.index_select(1, kv_map), scale, causal), causal)
-    return _static_tables(pattern, sq, sk, causal, str(q.device))
+    if not spec_of(pattern).static:  # content-selected: chosen on the device from q and k
+        return tables_from_layout(layout_for(pattern, q, k, scale, causal, kv_map), causal)
+    return _static_tables(pattern, q.shape[2], k.shape[2], causal, str(q.device))
 
 
 def _widen(x: Tensor, k: int, fill: int) -> Tensor:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compiler.variants.block_layout import BlockLayout, static_layout, topk_layout
+from compiler.variants.block_layout import BlockLayout, static_layout
 from compiler.ir.ops import attention_reference, causal_pairs
 from compiler.variants.registry import spec_of
-from compiler.variants.language import HeadMix, TopK, parse_variant
+from compiler.variants.language import HeadMix, parse_variant
 
 
 def kv_head_map(hq: int, hkv: int, device=None) -> Tensor:
@@ -30,10 +30,8 @@ def kv_head_map(hq: int, hkv: int, device=None) -> Tensor:
 
 def layout_for(pattern, q: Tensor, k: Tensor, scale: float, causal: bool, kv_map: Tensor) -> BlockLayout:
     spec = spec_of(pattern)
-    if isinstance(pattern, TopK):  # pools k at its own heads: no repeated copy of k
-        return topk_layout(pattern, q, k, scale, causal, kv_map)
-    if not spec.static:
-        return spec.layout(pattern, q, k.index_select(1, kv_map), scale, causal)
+    if not spec.static:  # content-selected: the pattern reads k at its own heads through kv_map
+        return spec.layout(pattern, q, k, scale, causal, kv_map)
     return static_layout(pattern, q.shape[2], k.shape[2], causal)
 
 

@@ -317,9 +317,13 @@ def _lookup(table: Tensor, idx: Tensor) -> Tensor:
     return table.gather(-1, idx.reshape(*shape[:2], -1)).view(shape)
 
 
-def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: bool) -> BlockLayout:
+def vslash_layout(p: VerticalSlash, q: Tensor, k: Tensor, scale: float, causal: bool,
+                  kv_map: Optional[Tensor] = None) -> BlockLayout:
     """MInference's vertical-slash estimate: score the last ``last`` queries against every key,
-    keep the ``vertical`` key columns and ``slash`` diagonals with the most attention."""
+    keep the ``vertical`` key columns and ``slash`` diagonals with the most attention.
+    ``kv_map``: as in ``topk_block_mask`` (None: ``k`` is at q's heads)."""
+    if kv_map is not None:
+        k = k.index_select(1, kv_map)
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     last = min(p.last, sq)

@@ -29,7 +29,8 @@ class PatternSpec:
     # Static patterns (they depend on the shape only): (pattern, sq, sk, causal) ->
     # (block mask [nqb, nkb] bool, pair_keep or None); the executor adds causality and masks.
     block_mask: Optional[Callable] = None
-    # Content-selected patterns: (pattern, q, k at q's heads, scale, causal) -> BlockLayout per (b, h).
+    # Content-selected patterns: (pattern, q, k, scale, causal, kv_map) -> BlockLayout per (b, h);
+    # ``kv_map[h]`` is query head h's kv head in ``k`` (None: ``k`` is at q's heads).
     layout: Optional[Callable] = None
     legal_on: Optional[Callable] = None  # (pattern, site) -> None, or why the site cannot take it
     candidates: Optional[Callable] = None  # (site, block) -> variant texts ``compiler.driver.auto`` measures
