@@ -10,9 +10,14 @@ Three lowerings, each checked against the PyTorch reference in the tests:
   out NaN there and are zeroed. It takes packed ``[B, S, H*D]`` inputs, so it costs transposes.
 * ``mha``: com.microsoft ``MultiHeadAttention``; no causality, mask, softcap or GQA (its fast
   CPU path is the unmasked one, and its masked rows are uniform rather than zero), fp32 only.
+* ``chunked``: the standard op once per block of query rows, each against the keys its rows can
+  see (a causal prefix). ORT's CPU kernels of all three ops above hold the whole probability
+  matrix ``[B, H, Sq, Sk]`` (8 GiB for 8 heads at 16k in fp32, 32 GiB at 32k); this one holds
+  one block's, so long sequences fit. Needs a static query length (and ``Sq == Sk`` when causal).
 
 Which one a site gets is decided by ``choose_fused`` from the site's features and the
-execution provider's preference order, measured by ``tools/bench_onnx.py``.
+execution provider's preference order, measured by ``tools/bench_onnx.py``; a site whose
+probability matrix would exceed ``PROBS_BUDGET`` gets ``chunked`` first.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from onnxscript import ir
 from onnxscript import opset23 as op
 
 from backends import ort_schemas
-from backends.onnx_build import MS, dim, ints, nan_to_zero, same_dim, scalar_like, static_dim
+from backends.onnx_build import MS, NEG_INF, dim, ints, nan_to_zero, same_dim, scalar_int, scalar_like, static_dim
 
 # Fastest first, per execution provider, measured with tools/bench_onnx.py (docs/benchmarks.md):
 # on CPU at B=1, H=8, D=64, S=4096, GQA runs causal attention in 0.72x the time of the standard
@@ -34,6 +39,11 @@ PREFERENCE = {
     "CPUExecutionProvider": ("gqa", "mha", "attention"),
 }
 DEFAULT_PREFERENCE = ("attention",)
+
+# Bytes of probabilities one fused site may hold at once before it is lowered in query blocks
+# (ORT's fused ops on CPU allocate all of [B, H, Sq, Sk]); also the size of one block's.
+PROBS_BUDGET = 256 * 2**20
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -45,10 +55,13 @@ class FusedFeatures:
     square: bool  # Sq == Sk provably (same number or same symbol)
     dtype: str  # "float32", "float16", ...
     head_dim: Optional[int] = None  # None when dynamic
+    probs_bytes: Optional[int] = None  # B*H*Sq*Sk*itemsize when static: what ORT's kernels allocate
 
     def supported_by(self, lowering: str) -> bool:
         if lowering == "attention":
             return True
+        if lowering == "chunked":
+            return self.probs_bytes is not None and (self.square or not self.causal)
         if lowering == "gqa":
             # ORT's kernel also needs the head size to be a multiple of 8.
             return self.causal and self.square and self.dtype in ("float32", "float16") \
@@ -60,8 +73,10 @@ class FusedFeatures:
 
 
 def choose_fused(features: FusedFeatures, provider: str, allowed: Optional[tuple] = None) -> str:
-    """The first lowering in the provider's preference order that supports the site."""
-    for lowering in PREFERENCE.get(provider, DEFAULT_PREFERENCE):
+    """The first lowering in the provider's preference order that supports the site; ``chunked``
+    first where the whole probability matrix would not fit ``PROBS_BUDGET``."""
+    big = features.probs_bytes is not None and features.probs_bytes > PROBS_BUDGET
+    for lowering in (("chunked",) if big else ()) + PREFERENCE.get(provider, DEFAULT_PREFERENCE):
         if (allowed is None or lowering in allowed) and features.supported_by(lowering):
             return lowering
     return "attention"
@@ -75,14 +90,18 @@ def features_of(q, k, mask, is_causal: bool, softcap: float) -> FusedFeatures:
     """Features of a site from the symbolic values the exporter hands a translation."""
     mask_kind = "none" if mask is None else ("bool" if mask.dtype == ir.DataType.BOOL else "float")
     hq, hkv = static_dim(q, 1), static_dim(k, 1)
+    dtype = _DTYPES.get(q.dtype, str(q.dtype))
+    sizes = (static_dim(q, 0), hq, static_dim(q, 2), static_dim(k, 2))
+    probs = None if None in sizes else sizes[0] * sizes[1] * sizes[2] * sizes[3] * _ITEMSIZE.get(dtype, 4)
     return FusedFeatures(
         causal=bool(is_causal),
         mask=mask_kind,
         softcap=softcap > 0.0,
         grouped=hq is None or hkv is None or hq != hkv,
         square=same_dim(q, 2, k, 2),
-        dtype=_DTYPES.get(q.dtype, str(q.dtype)),
+        dtype=dtype,
         head_dim=static_dim(q, 3),
+        probs_bytes=probs,
     )
 
 
@@ -124,7 +143,56 @@ def _typed_like(out, q):
     return out
 
 
-def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float, lowering: str):
+def chunk_rows(features: FusedFeatures, sq: int) -> int:
+    """Query rows per block: as many as keep one block's probabilities within ``PROBS_BUDGET``,
+    a multiple of 64, at least 64."""
+    per_row = max(1, features.probs_bytes // sq)
+    return max(64, (PROBS_BUDGET // per_row) // 64 * 64)
+
+
+def lower_chunked(q, k, v, mask, scale: float, is_causal: bool, softcap: float, rows: int):
+    """Exact attention one block of query rows at a time (see ``chunked`` above).
+
+    A causal block [a, b) reads keys [0, b) only, so the blocks together compute the causal
+    triangle plus half a block per row block, not the square; its own mask is ``j <= i`` in
+    absolute positions, computed at run time (a constant would store the triangle in the file).
+    """
+    sq = static_dim(q, 2)
+    outs = []
+    for a in range(0, sq, rows):
+        b = min(a + rows, sq)
+        qc = op.Slice(q, ints(a), ints(b), ints(2))
+        kc, vc, end = k, v, None
+        if is_causal:
+            kc, vc, end = op.Slice(k, ints(0), ints(b), ints(2)), op.Slice(v, ints(0), ints(b), ints(2)), b
+        m = _mask_block(mask, qc, a, b, end, sq)
+        if is_causal:
+            seen = op.LessOrEqual(op.Unsqueeze(op.Range(scalar_int(0), scalar_int(b), scalar_int(1)), ints(0)),
+                                  op.Unsqueeze(op.Range(scalar_int(a), scalar_int(b), scalar_int(1)), ints(1)))
+            m = seen if m is None else op.And(m, seen) if mask.dtype == ir.DataType.BOOL else \
+                op.Add(m, op.Where(seen, scalar_like(0.0, q), scalar_like(NEG_INF, q)))
+        outs.append(op.Attention(qc, kc, vc, m, scale=scale, is_causal=0, softcap=softcap)[0])
+    return outs[0] if len(outs) == 1 else op.Concat(*outs, axis=2)
+
+
+def _mask_block(mask, qc, a: int, b: int, end: Optional[int], sq: int):
+    """The user's mask at query rows [a, b) and keys [0, end); a key mask ``[.., 1, Sk]`` gets
+    its rows (``full_rows``) unless the causal mask it is combined with brings them."""
+    if mask is None:
+        return None
+    rank = len(mask.shape)
+    per_row = static_dim(mask, rank - 2) != 1
+    if per_row:
+        mask = op.Slice(mask, ints(a), ints(b), ints(rank - 2))
+    if end is not None:
+        return op.Slice(mask, ints(0), ints(end), ints(rank - 1))
+    return mask if per_row else full_rows(mask, qc)
+
+
+def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float, lowering: str,
+                    features: Optional[FusedFeatures] = None):
+    if lowering == "chunked":
+        return lower_chunked(q, k, v, mask, scale, is_causal, softcap, chunk_rows(features, static_dim(q, 2)))
     if lowering == "attention":
         mask = full_rows(mask, q)
         return op.Attention(q, k, v, mask, scale=scale, is_causal=int(is_causal), softcap=softcap)[0]
@@ -165,6 +233,6 @@ def attention_translation(options: FusedLoweringOptions, chosen: list):
         lowering = forced if forced is not None and feats.supported_by(forced) else \
             choose_fused(feats, options.provider)
         chosen.append(lowering)
-        return lower_attention(q, k, v, mask, scale, is_causal, softcap, lowering)
+        return lower_attention(q, k, v, mask, scale, is_causal, softcap, lowering, feats)
 
     return attention_translation

@@ -10,11 +10,28 @@ from torch.export import ExportedProgram
 
 from backends.plan_executor import PlannedProgram
 from backends.planner import fitting_plan
+from backends.protocol import LoweringSummary
+from backends.torch_flex import FLEX_MIN_PAIRS, FLEX_SPARSE
+from compiler.ir.site import SITE_META
 from compiler.ir.errors import BackendError, InputError
 from compiler.ir.plan import Plan
 
 
 class TorchProgram(PlannedProgram):
+    """The program with its sparse sites on FlexAttention (``lower_sparse``): the one thing this
+    backend runs differently from the exported program's reference ops."""
+
+    def __init__(self, gm, plan: Plan, flex_sites: Optional[dict[str, str]] = None):
+        super().__init__(gm, plan)
+        self.flex_sites = flex_sites or {}  # site id -> "flex"
+
+    def lowering_summary(self) -> Optional[LoweringSummary]:
+        if not self.flex_sites:
+            return None
+        return LoweringSummary("torch", dict(self.flex_sites),
+                               {"sparse": "FlexAttention compiled by Inductor, the reference below "
+                                          f"{FLEX_MIN_PAIRS} query-key pairs per head"})
+
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
@@ -29,8 +46,8 @@ class TorchProgram(PlannedProgram):
 
 def load(ep: ExportedProgram, plan=None) -> TorchProgram:
     gm = ep.module()
-    lower_sparse(gm)
-    return TorchProgram(gm, fitting_plan(gm, "torch", plan))
+    sites = lower_sparse(gm)
+    return TorchProgram(gm, fitting_plan(gm, "torch", plan), sites)
 
 
 @dataclass(frozen=True)
@@ -57,17 +74,17 @@ class TorchBackend:
 BACKEND = TorchBackend()
 
 
-def lower_sparse(gm) -> int:
+def lower_sparse(gm) -> dict[str, str]:
     """Sparse sites run ``attnforge_flex::sparse_attention`` (FlexAttention compiled by Inductor
-    for large sites, the reference otherwise); the exported program keeps the reference op."""
-    from backends.torch_flex import FLEX_SPARSE
+    for large sites, the reference otherwise); the exported program keeps the reference op.
+    Returns site id -> "flex" for each site lowered."""
     from compiler.reference.sparse_ops import SPARSE_ATTENTION
 
-    n = 0
+    sites = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is SPARSE_ATTENTION:
             node.target = FLEX_SPARSE
-            n += 1
-    if n:
+            sites[node.meta.get(SITE_META, node.name)] = "flex"
+    if sites:
         gm.recompile()
-    return n
+    return sites

@@ -219,8 +219,9 @@ def _plan(r) -> str:
     lowered = ""
     if low.get("format"):
         err = low.get("max_abs_error_vs_torch")
+        against = "the reference ops" if low["format"] == "torch" else "the torch backend"
         lowered = (f"<p>Lowered to <code>{wrap(low['format'])}</code>"
-                   + (f"; max abs error vs the torch backend {num_cell(err)}{esc(lowering_verdict(low))}"
+                   + (f"; max abs error vs {against} {num_cell(err)}{esc(lowering_verdict(low))}"
                       if err is not None else "") + ".</p>")
     return (f"<p class=legend>How the {esc(r.plan.get('backend', r.backend))} backend runs the program: segments "
             "by backend, the transitions between them, and memory planned against export order.</p>"

@@ -72,12 +72,15 @@ def render(report, console: Console | None = None) -> None:
         low = report.lowering
         per_site = ", ".join(f"{s.id}={s.lowering}" for s in report.sites if s.lowering)
         err = low.get("max_abs_error_vs_torch")
+        against = "the torch backend"
         if low.get("format") == "triton":
             where = f"Triton kernels on {low.get('device')}" + (", the rest torch.compile'd" if low.get("compile_rest") else "")
+        elif low.get("format") == "torch":
+            where, against = f"torch (sparse sites: {low.get('sparse')})", "the reference ops"
         else:
             where = (f"{low.get('format')} (opset {low.get('opset')}, {', '.join(low.get('providers', []))}) "
                      f"in {low.get('export_seconds', 0.0):.2f}s")
-        console.print(f"lowered to {where}; sites: {per_site or '-'}; max abs error vs the torch backend "
+        console.print(f"lowered to {where}; sites: {per_site or '-'}; max abs error vs {against} "
                       f"{_fmt_err(err)}{lowering_verdict(low)}")
     if report.plan:
         for line in plan_lines(report.plan):
