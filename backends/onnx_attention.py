@@ -29,7 +29,7 @@ from onnxscript import ir
 from onnxscript import opset23 as op
 
 from backends import ort_schemas
-from backends.onnx_build import MS, NEG_INF, dim, ints, nan_to_zero, same_dim, scalar_int, scalar_like, static_dim
+from backends.onnx_build import MS, additive, dim, ints, nan_to_zero, same_dim, scalar_int, static_dim
 
 # Fastest first, per execution provider, measured with tools/bench_onnx.py (docs/benchmarks.md):
 # on CPU at B=1, H=8, D=64, S=4096, GQA runs causal attention in 0.72x the time of the standard
@@ -170,7 +170,7 @@ def lower_chunked(q, k, v, mask, scale: float, is_causal: bool, softcap: float, 
             seen = op.LessOrEqual(op.Unsqueeze(op.Range(scalar_int(0), scalar_int(b), scalar_int(1)), ints(0)),
                                   op.Unsqueeze(op.Range(scalar_int(a), scalar_int(b), scalar_int(1)), ints(1)))
             m = seen if m is None else op.And(m, seen) if mask.dtype == ir.DataType.BOOL else \
-                op.Add(m, op.Where(seen, scalar_like(0.0, q), scalar_like(NEG_INF, q)))
+                op.Add(m, additive(seen, q))
         outs.append(op.Attention(qc, kc, vc, m, scale=scale, is_causal=0, softcap=softcap)[0])
     return outs[0] if len(outs) == 1 else op.Concat(*outs, axis=2)
 
@@ -211,7 +211,7 @@ def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float
             rows = full_rows(mask, q)
             if rank < 4:  # attention_bias is 4-D; the expanded mask has lost its static shape
                 rows = op.Unsqueeze(rows, ints(*range(4 - rank)))
-            bias = op.Where(rows, scalar_like(0.0, q), scalar_like(float("-inf"), q)) \
+            bias = additive(rows, q) \
                 if mask.dtype == ir.DataType.BOOL else op.CastLike(rows, q)
         out = MS.GroupQueryAttention(_packed(q), _packed(k), _packed(v), None, None, seqlens, total, None, None, None,
                                      bias, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap)[0]

@@ -82,6 +82,11 @@ def pad_axis(x, axis: int, amount, rank: int):
     return op.Pad(x, op.Concat(ints(*zeros), *after, axis=0))
 
 
+def additive(keep, like):
+    """A boolean keep-mask as an additive 0 / -inf term in ``like``'s type."""
+    return op.Where(keep, scalar_like(0.0, like), scalar_like(NEG_INF, like))
+
+
 def nan_to_zero(x):
     return op.Where(op.IsNaN(x), scalar_like(0.0, x), x)
 
