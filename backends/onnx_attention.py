@@ -10,10 +10,13 @@ Three lowerings, each checked against the PyTorch reference in the tests:
   out NaN there and are zeroed. It takes packed ``[B, S, H*D]`` inputs, so it costs transposes.
 * ``mha``: com.microsoft ``MultiHeadAttention``; no causality, mask, softcap or GQA (its fast
   CPU path is the unmasked one, and its masked rows are uniform rather than zero), fp32 only.
-* ``chunked``: the standard op once per block of query rows, each against the keys its rows can
-  see (a causal prefix). ORT's CPU kernels of all three ops above hold the whole probability
-  matrix ``[B, H, Sq, Sk]`` (8 GiB for 8 heads at 16k in fp32, 32 GiB at 32k); this one holds
-  one block's, so long sequences fit. Needs a static query length (and ``Sq == Sk`` when causal).
+* ``chunked``: one op per block of query rows, each against the keys its rows can see (a causal
+  prefix). ORT's CPU kernels of all three ops above hold the whole probability matrix
+  ``[B, H, Sq, Sk]`` (8 GiB for 8 heads at 16k in fp32, 32 GiB at 32k); this one holds one
+  block's, so long sequences fit. Causal blocks have equal areas (``chunk_bounds``). A plain
+  causal sequence runs each block as GroupQueryAttention after a past of the keys before it;
+  otherwise each block is the standard op with its slice of the mask. Needs a static query
+  length (and ``Sq == Sk`` when causal).
 
 Which one a site gets is decided by ``choose_fused`` from the site's features and the
 execution provider's preference order, measured by ``tools/bench_onnx.py``; a site whose
@@ -22,6 +25,7 @@ probability matrix would exceed ``PROBS_BUDGET`` gets ``chunked`` first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,6 +60,7 @@ class FusedFeatures:
     dtype: str  # "float32", "float16", ...
     head_dim: Optional[int] = None  # None when dynamic
     probs_bytes: Optional[int] = None  # B*H*Sq*Sk*itemsize when static: what ORT's kernels allocate
+    batch: Optional[int] = None  # None when dynamic
 
     def supported_by(self, lowering: str) -> bool:
         if lowering == "attention":
@@ -102,6 +107,7 @@ def features_of(q, k, mask, is_causal: bool, softcap: float) -> FusedFeatures:
         dtype=dtype,
         head_dim=static_dim(q, 3),
         probs_bytes=probs,
+        batch=sizes[0],
     )
 
 
@@ -143,24 +149,50 @@ def _typed_like(out, q):
     return out
 
 
-def chunk_rows(features: FusedFeatures, sq: int) -> int:
-    """Query rows per block: as many as keep one block's probabilities within ``PROBS_BUDGET``,
-    a multiple of 64, at least 64."""
-    per_row = max(1, features.probs_bytes // sq)
-    return max(64, (PROBS_BUDGET // per_row) // 64 * 64)
+def chunk_bounds(features: FusedFeatures, sq: int, sk: int) -> list[tuple[int, int]]:
+    """Query-row blocks ``[a, b)``, each holding at most ``PROBS_BUDGET`` of probabilities.
+
+    Without causality every block reads all ``sk`` keys, so the blocks are equal. A causal block
+    reads the prefix ``[0, b)``, so its rows shrink as ``b`` grows: ``rows * b`` stays near the
+    budget (equal-area blocks). Every block's probabilities then take about the same memory, and
+    there are about half as many blocks (and nodes to export and run) as with fixed rows: 71 per
+    site at 32k, not 128. Rows are multiples of 64, at least 64.
+    """
+    area = max(1, PROBS_BUDGET * sq * sk // features.probs_bytes)  # rows x keys one block may hold
+    if not features.causal:
+        rows = max(64, area // sk // 64 * 64)
+        return [(a, min(a + rows, sq)) for a in range(0, sq, rows)]
+    bounds, a = [], 0
+    while a < sq:
+        rows = int((math.sqrt(a * a + 4 * area) - a) / 2)  # rows * (a + rows) == area
+        b = min(a + max(64, rows // 64 * 64), sq)
+        bounds.append((a, b))
+        a = b
+    return bounds
 
 
-def lower_chunked(q, k, v, mask, scale: float, is_causal: bool, softcap: float, rows: int):
+def chunks_by_gqa(features: FusedFeatures) -> bool:
+    """A causal site of one sequence goes block by block through com.microsoft GroupQueryAttention,
+    the keys before the block passed as its past: the kernel applies the causal rule itself, so no
+    causal mask tensor exists (ORT folds the standard op's per-block masks into constants: 2.1 GiB
+    at 32k). ORT takes a chunk of several tokens after a past for one sequence only."""
+    return features.causal and features.batch == 1 and features.supported_by("gqa")
+
+
+def lower_chunked(q, k, v, mask, scale: float, is_causal: bool, softcap: float, features: FusedFeatures):
     """Exact attention one block of query rows at a time (see ``chunked`` above).
 
     A causal block [a, b) reads keys [0, b) only, so the blocks together compute the causal
-    triangle plus half a block per row block, not the square; its own mask is ``j <= i`` in
-    absolute positions, computed at run time (a constant would store the triangle in the file).
+    triangle plus half a block per row block, not the square. Where GroupQueryAttention cannot
+    take the blocks, each is the standard op with the user's mask sliced and its own ``j <= i``
+    computed at run time in absolute positions (a constant would store the triangle in the file).
     """
-    sq = static_dim(q, 2)
+    sq, sk = static_dim(q, 2), static_dim(k, 2)
+    bounds = chunk_bounds(features, sq, sk)
+    if len(bounds) > 1 and chunks_by_gqa(features):
+        return _chunked_gqa(q, k, v, mask, scale, softcap, bounds)
     outs = []
-    for a in range(0, sq, rows):
-        b = min(a + rows, sq)
+    for a, b in bounds:
         qc = op.Slice(q, ints(a), ints(b), ints(2))
         kc, vc, end = k, v, None
         if is_causal:
@@ -173,6 +205,51 @@ def lower_chunked(q, k, v, mask, scale: float, is_causal: bool, softcap: float, 
                 op.Add(m, additive(seen, q))
         outs.append(op.Attention(qc, kc, vc, m, scale=scale, is_causal=0, softcap=softcap)[0])
     return outs[0] if len(outs) == 1 else op.Concat(*outs, axis=2)
+
+
+def _gqa(q, k, v, past_k, past_v, seq, heads: int, kv_heads: int, scale: float, softcap: float, bias=None):
+    """com.microsoft GroupQueryAttention on packed ``[B, S, H*D]`` rows, every sequence full length:
+    ``seq`` (int32 ``[1]``) keys in all, the last ``S`` of them this call's, the past
+    (``[B, Hkv, seq - S, D]``, or none) first. Returns the output and the present keys and values
+    (the past and this call's, ``[B, Hkv, seq, D]``)."""
+    ort_schemas.register("GroupQueryAttention")
+    seqlens = op.Expand(op.Sub(seq, op.Cast(ints(1), to=ir.DataType.INT32)), dim(q, 0))
+    return MS.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, op.Squeeze(seq), None, None, None, bias,
+                                  num_heads=heads, kv_num_heads=kv_heads, scale=scale, softcap=softcap)[:3]
+
+
+def _chunked_gqa(q, k, v, mask, scale: float, softcap: float, bounds: list):
+    """Causal attention in query blocks through GroupQueryAttention: block [a, b) is a chunk of new
+    tokens after a past of keys [0, a), the kernel's causal rule (key j <= past + row) being ours.
+    Each block's present (keys [0, b)) is the next block's past, so no prefix is sliced out. A user
+    mask goes in as each block's ``attention_bias``, rows [a, b) and keys [0, b) of it; rows it
+    leaves with no key come out NaN there and are zeroed, as ours are."""
+    hq, hkv = static_dim(q, 1), static_dim(k, 1)
+    qp, kp, vp = _packed(q), _packed(k), _packed(v)
+    key_mask = mask is not None and static_dim(mask, len(mask.shape) - 2) == 1
+    outs, past_k, past_v = [], None, None
+    for a, b in bounds:
+        rows = (ints(a), ints(b), ints(1))
+        bias = None if mask is None else \
+            _bias(_mask_block(mask, None, a, b, b, static_dim(q, 2)), mask, q, b - a if key_mask else None)
+        out, past_k, past_v = _gqa(op.Slice(qp, *rows), op.Slice(kp, *rows), op.Slice(vp, *rows), past_k, past_v,
+                                   op.Constant(value=ir.tensor([b], dtype=ir.DataType.INT32)), hq, hkv, scale, softcap,
+                                   bias)
+        outs.append(out)
+    out = _unpacked(_typed_like(op.Concat(*outs, axis=1), q), hq)
+    return out if mask is None else nan_to_zero(out)
+
+
+def _bias(block, mask, like, rows: Optional[int] = None):
+    """``block`` (a slice or expansion of the user's ``mask``, whose rank and type it may no longer
+    know) as GroupQueryAttention's ``attention_bias``: 4-D, additive in ``like``'s type; a key
+    mask broadcast to ``rows`` query rows when given."""
+    rank = len(mask.shape)
+    if rank < 4:
+        block = op.Unsqueeze(block, ints(*range(4 - rank)))
+    if rows is not None:
+        block = op.Expand(block, ints(1, 1, rows, 1))
+    return additive(block, like) if mask.dtype == ir.DataType.BOOL else op.CastLike(block, like)
 
 
 def _mask_block(mask, qc, a: int, b: int, end: Optional[int], sq: int):
@@ -192,32 +269,20 @@ def _mask_block(mask, qc, a: int, b: int, end: Optional[int], sq: int):
 def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float, lowering: str,
                     features: Optional[FusedFeatures] = None):
     if lowering == "chunked":
-        return lower_chunked(q, k, v, mask, scale, is_causal, softcap, chunk_rows(features, static_dim(q, 2)))
+        return lower_chunked(q, k, v, mask, scale, is_causal, softcap, features)
     if lowering == "attention":
         mask = full_rows(mask, q)
         return op.Attention(q, k, v, mask, scale=scale, is_causal=int(is_causal), softcap=softcap)[0]
     hq, hkv = static_dim(q, 1), static_dim(k, 1)
-    if lowering in ("gqa", "mha"):
-        ort_schemas.register("GroupQueryAttention" if lowering == "gqa" else "MultiHeadAttention")
     if lowering == "gqa":
-        seq = op.Cast(dim(q, 2), to=ir.DataType.INT32)
-        batch = dim(q, 0)
-        # The prefill form: every sequence is full length, the cache is this call's keys.
-        seqlens = op.Expand(op.Sub(seq, op.Cast(ints(1), to=ir.DataType.INT32)), batch)
-        total = op.Squeeze(seq)
-        bias = None
-        if mask is not None:
-            rank = len(mask.shape)
-            rows = full_rows(mask, q)
-            if rank < 4:  # attention_bias is 4-D; the expanded mask has lost its static shape
-                rows = op.Unsqueeze(rows, ints(*range(4 - rank)))
-            bias = additive(rows, q) \
-                if mask.dtype == ir.DataType.BOOL else op.CastLike(rows, q)
-        out = MS.GroupQueryAttention(_packed(q), _packed(k), _packed(v), None, None, seqlens, total, None, None, None,
-                                     bias, num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=softcap)[0]
+        bias = None if mask is None else _bias(full_rows(mask, q), mask, q)
+        # The prefill form: no past, the keys are this call's.
+        out = _gqa(_packed(q), _packed(k), _packed(v), None, None, op.Cast(dim(q, 2), to=ir.DataType.INT32),
+                   hq, hkv, scale, softcap, bias)[0]
         out = _unpacked(_typed_like(out, q), hq)
         return nan_to_zero(out) if mask is not None else out
     if lowering == "mha":
+        ort_schemas.register("MultiHeadAttention")
         out = MS.MultiHeadAttention(_packed(q), _packed(k), _packed(v), num_heads=hq, scale=scale)[0]
         return _unpacked(_typed_like(out, q), hq)
     raise KeyError(lowering)

@@ -106,21 +106,25 @@ def _failing_op(text: str) -> str:
 
 
 def _drop_unused_contrib_outputs(graph: onnx.GraphProto) -> None:
-    """Trim the optional outputs (caches, scores) of com.microsoft nodes nobody reads: ORT types
-    them from its own inference and rejects the guesses the exporter wrote for them."""
+    """Trim the optional outputs (caches, scores) of com.microsoft nodes nobody reads, and the
+    types the exporter guessed for their outputs: ORT types them from its own inference and
+    rejects the guesses. A GroupQueryAttention given a past keeps its present cache, read or not:
+    without it ORT's kernel attends to wrong keys (onnxruntime 1.32)."""
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    dropped = set()
+    contrib = set()
     for n in graph.node:
         if n.domain != "com.microsoft":
             continue
         outs = list(n.output)
-        while len(outs) > 1 and outs[-1] not in used:
-            dropped.add(outs.pop())
+        keep = 3 if n.op_type == "GroupQueryAttention" and len(n.input) > 3 and n.input[3] else 1
+        while len(outs) > keep and outs[-1] not in used:
+            outs.pop()
         del n.output[:]
         n.output.extend(outs)
-    keep = [vi for vi in graph.value_info if vi.name not in dropped]
+        contrib.update(outs[1:])
+    keep_info = [vi for vi in graph.value_info if vi.name not in contrib]
     del graph.value_info[:]
-    graph.value_info.extend(keep)
+    graph.value_info.extend(keep_info)
 
 
 def output_names(ep: ExportedProgram) -> Optional[list]:
@@ -169,6 +173,7 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, custom_translation_table=table,
                                         optimize=True, verbose=False, output_names=output_names(ep))
+            model = program.model_proto  # serializing warns of the contrib outputs' types, dropped below
     except Exception as e:  # the exporter wraps everything; name what failed, not where
         ours = _our_error(e)
         if ours is not None:
@@ -184,7 +189,6 @@ def export_onnx(ep: ExportedProgram, provider: str = "CPUExecutionProvider",
                               op=failing) from e
         what = f"op {failing} has no ONNX translation" if failing else first_line(e, 200, "?")
         raise ExportError(f"cannot export to ONNX: {what}; run it with backend='torch'", op=failing or None) from None
-    model = program.model_proto
     _drop_unused_contrib_outputs(model.graph)
     try:
         onnx.checker.check_model(model, full_check=True)
