@@ -205,7 +205,9 @@ def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
     """Memory an attention op holds only while it runs.
 
     torch runs our reference ops, which materialise the fp32 scores and the probabilities (and
-    a masked copy when there is a mask or causality). On ORT, exact sites take their
+    a masked copy when there is a mask or causality), except exact attention with no mask or
+    softcap: PyTorch's fused kernel, whose only temporary is its output in a transposed layout
+    before the contiguous copy. On ORT, exact sites take their
     lowering's measured factor; sparse and linear lowerings hold only the kept scores, which
     the plan leaves out (they are small next to the values around them).
     """
@@ -215,6 +217,9 @@ def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
     masked = _argument(node, "mask") is not None
     scores = _score_bytes(node)
     if backend != "onnxruntime":
+        if node.target == ATTENTION_OPS[0] and not masked and not _argument(node, "softcap"):
+            q = node.args[0].meta["val"]
+            return numel_hint(q.shape) * q.element_size()
         return int((3.0 if causal or masked else 2.0) * scores)
     if node.target != ATTENTION_OPS[0]:
         return 0
