@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from compiler.reference.linear_ops import LINEAR_ATTENTION
-from compiler.ir.ops import ATTENTION_OPS
+from compiler.ir.ops import ATTENTION_OPS, runs_fused_kernel
 from compiler.reference.sparse_ops import SPARSE_ATTENTION
 
 OUR_OPS = (ATTENTION_OPS[0], SPARSE_ATTENTION, LINEAR_ATTENTION)
@@ -217,7 +217,7 @@ def workspace_bytes(node: torch.fx.Node, backend: str) -> int:
     masked = _argument(node, "mask") is not None
     scores = _score_bytes(node)
     if backend != "onnxruntime":
-        if node.target == ATTENTION_OPS[0] and not masked and not _argument(node, "softcap"):
+        if node.target == ATTENTION_OPS[0] and runs_fused_kernel(_argument(node, "mask"), _argument(node, "softcap")):
             q = node.args[0].meta["val"]
             return numel_hint(q.shape) * q.element_size()
         return int((3.0 if causal or masked else 2.0) * scores)

@@ -131,9 +131,14 @@ def _unpacked(x, heads: int):
     return op.Transpose(op.Reshape(x, ints(0, 0, heads, -1)), perm=[0, 2, 1, 3])
 
 
+def _key_mask(mask) -> bool:
+    """A mask with one row for every query, ``[.., 1, Sk]``."""
+    return mask is not None and len(mask.shape) >= 2 and static_dim(mask, len(mask.shape) - 2) == 1
+
+
 def full_rows(mask, q):
     """ORT's Attention wants a mask row per query; a key mask [.., 1, Sk] is expanded to Sq rows."""
-    if mask is None or len(mask.shape) < 2 or static_dim(mask, len(mask.shape) - 2) != 1:
+    if not _key_mask(mask):
         return mask
     lead = op.Shape(mask, end=-2)
     return op.Expand(mask, op.Concat(lead, dim(q, 2), op.Shape(mask, start=-1), axis=0))
@@ -197,7 +202,7 @@ def lower_chunked(q, k, v, mask, scale: float, is_causal: bool, softcap: float, 
         kc, vc, end = k, v, None
         if is_causal:
             kc, vc, end = op.Slice(k, ints(0), ints(b), ints(2)), op.Slice(v, ints(0), ints(b), ints(2)), b
-        m = _mask_block(mask, qc, a, b, end, sq)
+        m = _mask_block(mask, qc, a, b, end)
         if is_causal:
             seen = op.LessOrEqual(op.Unsqueeze(op.Range(scalar_int(0), scalar_int(b), scalar_int(1)), ints(0)),
                                   op.Unsqueeze(op.Range(scalar_int(a), scalar_int(b), scalar_int(1)), ints(1)))
@@ -226,12 +231,12 @@ def _chunked_gqa(q, k, v, mask, scale: float, softcap: float, bounds: list):
     leaves with no key come out NaN there and are zeroed, as ours are."""
     hq, hkv = static_dim(q, 1), static_dim(k, 1)
     qp, kp, vp = _packed(q), _packed(k), _packed(v)
-    key_mask = mask is not None and static_dim(mask, len(mask.shape) - 2) == 1
+    key_mask = _key_mask(mask)
     outs, past_k, past_v = [], None, None
     for a, b in bounds:
         rows = (ints(a), ints(b), ints(1))
         bias = None if mask is None else \
-            _bias(_mask_block(mask, None, a, b, b, static_dim(q, 2)), mask, q, b - a if key_mask else None)
+            _bias(_mask_block(mask, None, a, b, b), mask, q, b - a if key_mask else None)
         out, past_k, past_v = _gqa(op.Slice(qp, *rows), op.Slice(kp, *rows), op.Slice(vp, *rows), past_k, past_v,
                                    op.Constant(value=ir.tensor([b], dtype=ir.DataType.INT32)), hq, hkv, scale, softcap,
                                    bias)
@@ -252,18 +257,18 @@ def _bias(block, mask, like, rows: Optional[int] = None):
     return additive(block, like) if mask.dtype == ir.DataType.BOOL else op.CastLike(block, like)
 
 
-def _mask_block(mask, qc, a: int, b: int, end: Optional[int], sq: int):
+def _mask_block(mask, qc, a: int, b: int, end: Optional[int]):
     """The user's mask at query rows [a, b) and keys [0, end); a key mask ``[.., 1, Sk]`` gets
     its rows (``full_rows``) unless the causal mask it is combined with brings them."""
     if mask is None:
         return None
     rank = len(mask.shape)
-    per_row = static_dim(mask, rank - 2) != 1
-    if per_row:
+    key_mask = _key_mask(mask)
+    if not key_mask:
         mask = op.Slice(mask, ints(a), ints(b), ints(rank - 2))
     if end is not None:
         return op.Slice(mask, ints(0), ints(end), ints(rank - 1))
-    return mask if per_row else full_rows(mask, qc)
+    return full_rows(mask, qc) if key_mask else mask
 
 
 def lower_attention(q, k, v, mask, scale: float, is_causal: bool, softcap: float, lowering: str,

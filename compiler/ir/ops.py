@@ -130,6 +130,12 @@ def _attention_rows(q, k, v, mask, scale, is_causal, softcap, row0) -> Tensor:
     return apply_probabilities(_probabilities(q, k, mask, scale, is_causal, softcap, row0), v)
 
 
+def runs_fused_kernel(mask: Optional[Tensor], softcap: float) -> bool:
+    """Whether ``attention_reference`` hands the site to PyTorch's fused SDPA kernel (no mask,
+    no softcap), rather than materialising its scores; the memory plan asks the same."""
+    return mask is None and not softcap
+
+
 def attention_reference(
     q: Tensor,
     k: Tensor,
@@ -150,7 +156,7 @@ def attention_reference(
     would exceed ``BLOCK_BYTES``.
     """
     b, hq, sq, _ = q.shape
-    if mask is None and softcap == 0.0:
+    if runs_fused_kernel(mask, softcap):
         # Contiguous, as the fake says: the kernel hands back a transposed [B, S, H, D] layout,
         # and a compiler trusting the fake's strides would read it wrongly.
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
