@@ -197,6 +197,7 @@ def load_onnxruntime(ep, options: Optional[dict] = None, plan: Optional[Plan] = 
 class OrtBackend:
     name = "onnxruntime"
     options_type = OrtOptions
+    checks_its_program = True
 
     def unavailable_reason(self) -> Optional[str]:
         return None  # onnxruntime is a dependency; a provider that is missing is an options error

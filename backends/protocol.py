@@ -25,8 +25,11 @@ class LoweringSummary:
     facts: dict[str, Any] = field(default_factory=dict)  # format-specific (opset, providers, device...)
 
     def report(self) -> dict:
-        """The report's ``lowering`` section, before the driver measures it against the torch backend."""
-        return {"format": self.format, **self.facts, "max_abs_error_vs_torch": None}
+        """The report's ``lowering`` section before the driver checks the program: against the
+        original end to end, or against the rewritten torch program (``checked_against``; only
+        then are the ``*_vs_torch`` numbers measured)."""
+        return {"format": self.format, **self.facts, "checked_against": None, "max_abs_error_vs_torch": None,
+                "tolerance_vs_torch": None, "matches_torch": None}
 
 
 @runtime_checkable
@@ -45,6 +48,10 @@ class Runner(Protocol):
 class Backend(Protocol):
     name: str
     options_type: type
+    # compile() checks an exact rewrite end to end as this backend runs it, against the original,
+    # instead of running the rewritten torch program first and then comparing the two: one
+    # forward pass fewer, and the program checked is the one the user calls.
+    checks_its_program: bool
 
     def unavailable_reason(self) -> Optional[str]:
         """Why the backend cannot run here, in one line, or None."""

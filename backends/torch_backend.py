@@ -58,6 +58,7 @@ class TorchOptions:
 class TorchBackend:
     name = "torch"
     options_type = TorchOptions
+    checks_its_program = False  # its program is the verified one, sparse sites aside
 
     def unavailable_reason(self) -> Optional[str]:
         return None

@@ -116,6 +116,7 @@ def load(ep: ExportedProgram, options: Optional[dict] = None, plan: Optional[Pla
 class TritonBackend:
     name = "triton"
     options_type = TritonOptions
+    checks_its_program = False  # kernels chosen at the first call, checked against the torch program
 
     def unavailable_reason(self) -> Optional[str]:
         return unavailable_reason()

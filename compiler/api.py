@@ -280,6 +280,9 @@ def _failing_site(ctx: PassContext, args, kwargs) -> Optional[str]:
     return None
 
 
+# ``verification["end_to_end"]`` when the backend's program is the one checked end to end.
+LOWERED = "the backend's program"
+
 # Passes that may be left out when the program they leave fails end-to-end verification.
 CLEANUP_PASSES = frozenset({"constant_folding", "common_subexpression_elimination", "layout_cleanup"})
 
@@ -293,8 +296,17 @@ def _approximate_only(ctx: PassContext, pol: Policy) -> bool:
     return all(not pol.variant_for(sites[sid]).exact for sid in ctx.fusion.rewritten)
 
 
+def _exact_only(ctx: PassContext, pol: Policy) -> bool:
+    """Every rewritten site keeps exact attention (known before calibration): the exact program,
+    lowered, is the one returned."""
+    if pol.auto or not ctx.fusion.rewritten:
+        return False
+    sites = {m.site.id: m.site for m in ctx.discovery.matches}
+    return all(pol.variant_for(sites[sid]).exact for sid in ctx.fusion.rewritten)
+
+
 def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, originals: verify.OriginalRuns,
-                checks: list):
+                checks: list, lowered_check: bool = False):
     """Discover and fuse every site the policy does not leave dense, exactly; roll back any
     site whose fused output differs from the original beyond rounding, on the example inputs
     and on ``checks`` (``verify.verification_inputs``, not validated: a set the original does
@@ -304,7 +316,9 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ori
     replaced by an approximate variant: then the exact program is never returned, and the
     program around the sites is checked by the forced run instead (every site given the
     original's value, its outputs must equal the original's), so a wrong pass outside the sites
-    is still caught; the approximate program is compared end to end afterwards.
+    is still caught; the approximate program is compared end to end afterwards. With
+    ``lowered_check``, an exact program is not run end to end here either: the backend's lowering
+    of it is, against the original (``_check_lowered``), one forward pass fewer.
 
     A program that still differs end to end is never returned: the cleanup passes are left out,
     then every site is rolled back, then ``VerificationError``.
@@ -327,7 +341,8 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ori
             excluded.update(sc.bad)
             continue
         composed = sc.forced_outputs is not None and _approximate_only(ctx, pol)
-        if failure is None:
+        lowered = failure is None and lowered_check and _exact_only(ctx, pol)
+        if failure is None and not lowered:
             try:
                 if composed:
                     cmp = verify.compare(reference, sc.forced_outputs)
@@ -345,7 +360,8 @@ def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, ori
         if failure is None:
             ctx.verification = {"inputs": sc.checked or [checks[0][0]], "passes_left_out": sorted(skipped_passes),
                                 "site_rows": sc.rows,
-                                "end_to_end": "sites forced to the original's values" if composed else "exact program"}
+                                "end_to_end": ("sites forced to the original's values" if composed else
+                                               LOWERED if lowered else "exact program")}
             return ctx, records, excluded, sc
         if not CLEANUP_PASSES <= skipped_passes:
             skipped_passes |= CLEANUP_PASSES
@@ -414,6 +430,29 @@ def _check_other_size(ep: ExportedProgram, new: ExportedProgram, args: tuple, kw
             fid.passed = budget.holds(cmp)
 
 
+@dataclass
+class _Request:
+    """What compile_program was asked, as each attempt at it needs it."""
+
+    ep: ExportedProgram
+    args: tuple
+    kwargs: dict
+    pol: Policy
+    backend: str
+    verify_outputs: bool
+    model_name: Optional[str]
+    calibration: Any
+    budget: Optional[Fidelity]
+    show_progress: Optional[bool]
+    attention_maps: bool
+    backend_options: Optional[dict]
+
+
+class _TorchProgramDiffers(Exception):
+    """The backend's program failed its end-to-end check and so does the rewritten torch program:
+    compile again, checking that program first, which rolls back what broke it."""
+
+
 @quiet_dependencies()
 def compile_program(
     ep: ExportedProgram,
@@ -438,11 +477,28 @@ def compile_program(
     if pol.auto and not verify_outputs:
         raise PolicyError("policy='auto' chooses by measured fidelity; it cannot run with verify=False")
     kwargs = dict(example_kwargs or {})
+    req = _Request(ep, example_inputs, kwargs, pol, backend, verify_outputs, model_name, calibration, budget,
+                   show_progress, attention_maps, backend_options)
     checks = verify.verification_inputs(ep, example_inputs, kwargs, validate=False) if verify_outputs else []
-    originals = verify.OriginalRuns(ep, checks)
-    with status("finding, fusing and verifying attention", show_progress):
-        ctx, records, excluded, sc = _fuse_exact(ep, pol, example_inputs, kwargs, originals, checks)
+    originals = verify.OriginalRuns(ep, checks)  # shared by both attempts: the original runs once per input set
+    try:
+        cm = _compile_checked(req, originals, checks, lowered_check=backends.get(backend).checks_its_program)
+    except _TorchProgramDiffers:
+        cm = _compile_checked(req, originals, checks, lowered_check=False)
+    cm.report.compile_seconds = time.perf_counter() - t0
+    return cm
+
+
+def _compile_checked(req: _Request, originals: verify.OriginalRuns, checks: list, lowered_check: bool) -> CompiledModel:
+    """Rewrite, verify and lower ``req``'s program; ``lowered_check``: an exact rewrite is checked
+    end to end as the backend runs it (``_check_lowered``), not first as a torch program."""
+    ep, example_inputs, kwargs, pol, budget = req.ep, req.args, req.kwargs, req.pol, req.budget
+    verify_outputs, attention_maps = req.verify_outputs, req.attention_maps
+    with status("finding, fusing and verifying attention", req.show_progress):
+        ctx, records, excluded, sc = _fuse_exact(ep, pol, example_inputs, kwargs, originals, checks,
+                                                 lowered_check=lowered_check and verify_outputs)
     reference = _reference(originals) if verify_outputs else None  # recorded by the checks' first run
+    lowered = ctx.verification.get("end_to_end") == LOWERED
     site_err = sc.errors
     matches = {m.site.id: m for m in ctx.discovery.matches}
     sites = {sid: m.site for sid, m in matches.items()}
@@ -450,10 +506,10 @@ def compile_program(
 
     auto_record = None
     if pol.auto:
-        batches = calibration_batches(calibration, (example_inputs, kwargs))
+        batches = calibration_batches(req.calibration, (example_inputs, kwargs))
         _check_batches(ep, batches, kwargs)
         choice = auto.choose(ep, ctx.ep, sites, {sid: ctx.fusion.fused_nodes[sid] for sid in fused}, batches,
-                             budget, show_progress=show_progress)
+                             budget, show_progress=req.show_progress)
         ctx.variants, auto_record = choice.assignment, choice.record
     else:
         ctx.variants = {sid: pol.variant_for(sites[sid]) for sid in fused}
@@ -465,7 +521,9 @@ def compile_program(
         approx = {sid: v for sid, v in ctx.variants.items() if not v.exact}
         nodes = ctx.variant_result.nodes
         wanted = ctx.variants if attention_maps else approx
-        if wanted or ctx.exact_outputs is None or ctx.variant_result.applied:
+        if lowered:  # exact sites only, the program checked end to end as the backend runs it (below)
+            inputs, site_out, final = {}, {}, None
+        elif wanted or ctx.exact_outputs is None or ctx.variant_result.applied:
             # One run gives the sites' inputs, the variants' outputs and the program's outputs.
             inputs, site_out, final = record_site_run(ctx.ep, example_inputs, kwargs, [nodes[s] for s in wanted])
         else:  # no variant changed the exact program verified end to end: its outputs stand
@@ -473,19 +531,13 @@ def compile_program(
         for sid, var in approx.items():
             x = inputs[nodes[sid]]
             effects[sid] = site_effect(var, x, exact_probs=exact_probabilities(x), output=site_out.get(nodes[sid]))
-        cmp = verify.compare(reference, final)
-        if approx:
-            # Exact tolerances do not apply to an approximation; the budget (if any) does.
-            cmp["tolerance"] = None
-            cmp["passed"] = budget.holds(cmp) if budget is not None else None
-        elif budget is not None:
-            cmp["passed"] = cmp["passed"] and budget.holds(cmp)
         rows = ctx.verification.get("site_rows")
         each = f"each site, {rows} sampled query rows" if rows else "each site"
         per_site = [f"{label} ({each})" for label in ctx.verification.get("inputs", [])[1:]]
-        fid = FidelityRecord(**cmp, checked_inputs=["example inputs", *per_site])
-        _check_other_size(ep, ctx.ep, example_inputs, kwargs, fid, exact=not approx, budget=budget,
-                          checks=checks)
+        if not lowered:
+            fid = _fidelity(verify.compare(reference, final), bool(approx), budget, ["example inputs", *per_site])
+            _check_other_size(ep, ctx.ep, example_inputs, kwargs, fid, exact=not approx, budget=budget,
+                              checks=checks)
         if pol.auto:
             got = [verify.compare(verify.run(ep, *b), verify.run(ctx.ep, *b)) for b in batches]
             auto_record["verified_calibration_fidelity"] = {
@@ -495,9 +547,9 @@ def compile_program(
             }
 
     report = Report(
-        model=model_name or "ExportedProgram",
+        model=req.model_name or "ExportedProgram",
         policy=pol.text,
-        backend=backend,
+        backend=req.backend,
         passes=records,
         rejected=ctx.discovery.rejected,
         fidelity=fid,
@@ -524,10 +576,25 @@ def compile_program(
             report.sites.append(_site_record(m, "kept", "policy keeps this site dense"))
     for rec in report.sites:
         rec.subgraph_before = ctx.subgraphs.get(rec.id)
-    cm = CompiledModel(ctx.ep, report, backend, backend_options=backend_options)
-    _record_lowering(cm, example_inputs, kwargs, final if verify_outputs else None)
-    report.compile_seconds = time.perf_counter() - t0
+    cm = CompiledModel(ctx.ep, report, req.backend, backend_options=req.backend_options)
+    if lowered:
+        _check_lowered(cm, ctx.ep, reference, example_inputs, kwargs, budget, per_site)
+        _check_other_size(ep, ctx.ep, example_inputs, kwargs, report.fidelity, exact=True, budget=budget,
+                          checks=checks)
+    else:
+        _record_lowering(cm, example_inputs, kwargs, final if verify_outputs else None)
     return cm
+
+
+def _fidelity(cmp: dict, approximate: bool, budget: Optional[Fidelity], checked: list) -> FidelityRecord:
+    """The record of ``cmp`` (``verify.compare`` against the original): exact tolerances and the
+    budget (if any) for an exact program, the budget alone for an approximate one."""
+    if approximate:
+        cmp["tolerance"] = None
+        cmp["passed"] = budget.holds(cmp) if budget is not None else None
+    elif budget is not None:
+        cmp["passed"] = cmp["passed"] and budget.holds(cmp)
+    return FidelityRecord(**cmp, checked_inputs=checked)
 
 
 def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verified: Optional[Any]) -> None:
@@ -543,20 +610,53 @@ def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verified: Opt
         summary = cm._run.lowering_summary()  # Triton kernels record their choices as they run
     else:
         ours = None
+    low = _lowering_record(cm, summary)
+    if ours is None:
+        return
+    cmp = verify.compare(verified, ours)
+    low["checked_against"] = "the torch program"
+    low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
+    low["tolerance_vs_torch"], low["matches_torch"] = cmp["tolerance"], cmp["passed"]
+    if not cmp["passed"]:
+        raise _lowering_differs(cm.backend, cmp)
+
+
+def _lowering_record(cm: CompiledModel, summary) -> dict:
+    """The report's ``lowering`` section and each site's lowering, from the backend's summary."""
     low = summary.report()
     for rec in cm.report.sites:
         rec.lowering = summary.lowerings.get(rec.id)
     cm.report.lowering = low
-    if ours is None:
-        return
-    cmp = verify.compare(verified, ours)
-    low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
-    low["tolerance_vs_torch"], low["matches_torch"] = cmp["tolerance"], cmp["passed"]
+    return low
+
+
+def _lowering_differs(backend: str, cmp: dict) -> VerificationError:
+    return VerificationError(f"the {backend} backend's program disagrees with the verified program on the example "
+                             f"inputs (max abs error {cmp['max_abs_error']:.2e} over the {cmp['tolerance']:.0e} "
+                             "tolerance); this is an attnforge bug, please report it; backend='torch' runs the "
+                             "verified ops")
+
+
+def _check_lowered(cm: CompiledModel, program: ExportedProgram, reference, args: tuple, kwargs: dict,
+                   budget: Optional[Fidelity], per_site: list) -> None:
+    """An exact rewrite checked end to end as the backend runs it: its outputs on the example
+    against the original's, the report's fidelity (``_fuse_exact`` checked each site and left
+    the whole to this). Where they differ, the rewritten torch ``program`` runs to say whose
+    fault it is: its own (``_TorchProgramDiffers``: compile again, checking it first, which rolls
+    back what broke it) or the lowering's (an attnforge bug, one line)."""
+    summary = cm._run.lowering_summary()
+    ours = cm(*args, **kwargs) if summary is not None else verify.run(program, args, kwargs)
+    cmp = verify.compare(reference, ours)
     if not cmp["passed"]:
-        raise VerificationError(f"the {cm.backend} backend's program disagrees with the verified program on the "
-                                f"example inputs (max abs error {cmp['max_abs_error']:.2e} over the "
-                                f"{cmp['tolerance']:.0e} tolerance); this is an attnforge bug, please report it; "
-                                "backend='torch' runs the verified ops")
+        if summary is None:
+            raise _TorchProgramDiffers()
+        torch_out = verify.run(program, args, kwargs)
+        if not verify.compare(reference, torch_out)["passed"]:
+            raise _TorchProgramDiffers()
+        raise _lowering_differs(cm.backend, verify.compare(torch_out, ours))
+    cm.report.fidelity = _fidelity(cmp, False, budget, [f"example inputs ({cm.backend} program)", *per_site])
+    if summary is not None:
+        _lowering_record(cm, summary)["checked_against"] = "the original"  # no torch run to compare with
 
 
 @quiet_dependencies()

@@ -39,14 +39,15 @@ class Causal(nn.Module):
 
 
 def _count_runs(monkeypatch) -> dict:
-    """Whole-program runs by kind: interpreted (fx.Interpreter.run) and through ep.module()."""
+    """Whole-program runs by kind: interpreted by compile()'s checks (an fx.Interpreter of ours;
+    the ONNX exporter interprets the program too, without running its ops) and through ep.module()."""
     from compiler.driver import verify
 
     n = {"interpreted": 0, "module": 0}
     run, module_run = fx.Interpreter.run, verify.run
 
     def counted(self, *a, **k):
-        n["interpreted"] += 1
+        n["interpreted"] += type(self).__module__.startswith("compiler.")
         return run(self, *a, **k)
 
     def counted_module(*a, **k):
@@ -58,20 +59,23 @@ def _count_runs(monkeypatch) -> dict:
     return n
 
 
-@pytest.mark.parametrize("policy,runs", [
+@pytest.mark.parametrize("policy,backend,runs", [
     # original (reference + site references), forced (sites given the original's values), final program
-    ("window:8,sinks:2,block=8", {"interpreted": 3, "module": 0}),
+    ("window:8,sinks:2,block=8", "torch", {"interpreted": 3, "module": 0}),
     # original, forced, the exact program end to end (it is the one returned: its outputs are reused)
-    ("fused", {"interpreted": 2, "module": 1}),
+    ("fused", "torch", {"interpreted": 2, "module": 1}),
+    # original, forced; the exact program is checked end to end as onnxruntime runs it
+    ("fused", "onnxruntime", {"interpreted": 2, "module": 0}),
 ])
-def test_compile_runs_the_model_a_bounded_number_of_times(monkeypatch, policy, runs):
+def test_compile_runs_the_model_a_bounded_number_of_times(monkeypatch, policy, backend, runs):
     m = IdsAttention().eval()
     ids = torch.randint(0, 50, (1, 64), generator=torch.Generator().manual_seed(0))
     n = _count_runs(monkeypatch)
-    cm = compiler.compile(m, (ids,), policy)
+    cm = compiler.compile(m, (ids,), policy, backend)
     assert [s.status for s in cm.report.sites] == ["rewritten"]
     # Integer ids only and no mask: a "fresh values" set would be the example again; none is claimed.
-    assert cm.report.fidelity.checked_inputs == ["example inputs"]
+    assert cm.report.fidelity.checked_inputs[0].startswith("example inputs")
+    assert len(cm.report.fidelity.checked_inputs) == 1
     assert n == runs
     monkeypatch.undo()
     with torch.no_grad():
@@ -122,3 +126,76 @@ def test_a_wrong_site_is_caught_on_sampled_rows(monkeypatch, policy):
     site = cm.report.sites[0]
     assert site.status == "rolled_back" and "site output differs" in site.reason, (site.status, site.reason)
     assert max_err(Causal()(q, k, v), cm(q, k, v)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the reference run
+
+
+class MaterializedMask(nn.Module):
+    """SDPA given the causal rule as a mask built from positions, as transformers exports it:
+    bool, or additive with ``fill`` where masked. ``offset`` shifts the triangle (not causal)."""
+
+    def __init__(self, fill=None, offset=0):
+        super().__init__()
+        self.fill, self.offset = fill, offset
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2]).view(-1, 1)
+        keep = (torch.arange(k.shape[-2]).view(1, -1) <= i + self.offset).view(1, 1, q.shape[-2], k.shape[-2])
+        mask = keep if self.fill is None else torch.zeros(keep.shape).masked_fill(~keep, self.fill)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class _FlashCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """How each CPU attention kernel call was made: (is_causal, with a mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "scaled_dot_product" in str(func):
+            named = dict(zip(("query", "key", "value", "dropout_p", "is_causal", "attn_mask"), args)) | kwargs
+            self.calls.append((bool(named.get("is_causal")), named.get("attn_mask") is not None))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fill,offset,fast", [
+    (None, 0, True), (float("-inf"), 0, True), (torch.finfo(torch.float32).min, 0, True),
+    (-1e4, 0, False),  # a finite fill that does not act as -inf: a bias, kept
+    (None, 3, False),  # the triangle shifted (bottom-right for 8 queries over 11 keys): not is_causal
+])
+def test_the_reference_runs_a_causal_mask_value_as_is_causal(fill, offset, fast):
+    from compiler.driver import verify
+
+    m = MaterializedMask(fill, offset)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 8, 4, generator=g), torch.randn(1, 2, 11, 4, generator=g), torch.randn(1, 2, 11, 4, generator=g)
+    ep = torch.export.export(m, (q, k, v))
+    with torch.no_grad():
+        want = m(q, k, v)
+    with _FlashCalls() as calls:
+        _, got = verify.OriginalRuns(ep, [("example inputs", (q, k, v), {})]).get(0)
+    assert max_err(want, got[0] if isinstance(got, (tuple, list)) else got) <= 1e-6
+    assert calls.calls == ([(True, False)] if fast else [(False, True)])
+
+
+def test_mask_patterns_read_the_values():
+    from compiler.ir.masks import mask_pattern
+
+    tril = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert mask_pattern(tril, 7, 7) == "causal"
+    assert mask_pattern(tril.view(1, 1, 7, 7).expand(2, 3, 7, 7), 7, 7) == "causal"
+    assert mask_pattern(torch.ones(1, 7, dtype=torch.bool), 7, 7) == "all"
+    assert mask_pattern(torch.zeros(7, 7).masked_fill(~tril, float("-inf")), 7, 7) == "causal"
+    assert mask_pattern(torch.zeros(7, 7).masked_fill(~tril, -3.0), 7, 7) is None  # a bias
+    holed = tril.clone()
+    holed[5, 2] = False
+    assert mask_pattern(holed, 7, 7) is None
+    assert mask_pattern(tril[:, :5], 7, 5) == "causal" and mask_pattern(tril[:4], 4, 7) == "causal"
+    # Checked a block of rows at a time: a difference in a later block is found too.
+    big = torch.ones(5000, 5000, dtype=torch.bool).tril()
+    assert mask_pattern(big, 5000, 5000) == "causal"
+    big[4000, 4500] = True
+    assert mask_pattern(big, 5000, 5000) is None

@@ -33,7 +33,7 @@ def test_onnx_keeps_the_models_names(lm, tmp_path, one_thread):
         ref = model(ids, use_cache=False).logits
     assert (cm(ids)["logits"] - ref).abs().max() <= 1e-4
     text = render_text(cm.report)
-    assert "max abs error vs the torch backend" in text and "tolerance" in text
+    assert "checked end to end against the original" in text and "tolerance" in text
 
 
 def test_lowering_verdict():

@@ -60,3 +60,45 @@ def test_nothing_lowered_nothing_rerun():
     """A fused program on the torch backend runs the verified ops themselves: no lowering section."""
     cm = compiler.compile(Causal(), ARGS, "fused", "torch")
     assert cm.report.lowering is None
+
+
+def test_a_wrong_exact_onnx_lowering_fails_compile(monkeypatch):
+    # An exact rewrite on onnxruntime is checked end to end as onnxruntime runs it; when that
+    # differs from the original, the torch program runs to say whose fault it is: here the lowering's.
+    from onnxscript import opset23 as op
+
+    from backends import onnx_attention
+
+    right = onnx_attention.lower_attention
+
+    def off_by_one_percent(q, *rest):
+        return op.Mul(right(q, *rest), op.CastLike(op.Constant(value_float=1.01), q))
+
+    monkeypatch.setattr(onnx_attention, "lower_attention", off_by_one_percent)
+    with pytest.raises(VerificationError, match="onnxruntime backend's program disagrees with the verified program"):
+        compiler.compile(Causal(), ARGS, "fused", "onnxruntime")
+
+
+def test_a_broken_pass_under_onnxruntime_is_left_out(monkeypatch):
+    # The onnxruntime program fails its end-to-end check, and so does the torch program it was
+    # exported from: compile() starts again checking the torch program first, which leaves the pass out.
+    import passes.layout
+    from test_soundness import QuantizedProjection, _double_output, _qkv
+
+    monkeypatch.setattr(passes.layout, "layout_cleanup", _double_output)
+    m, args = QuantizedProjection(), _qkv()
+    cm = compiler.compile(m, args, "fused", "onnxruntime", backend_options={"intra_op_num_threads": 1})
+    (cleanup,) = [p for p in cm.report.passes if p.name == "layout_cleanup"]
+    assert "left_out" in cleanup.details
+    assert [s.status for s in cm.report.sites] == ["rewritten"]
+    assert cm.report.lowering["checked_against"] == "the torch program" and cm.report.lowering["matches_torch"]
+    with torch.no_grad():
+        assert (m(*args) - cm(*args)).abs().max() <= 1e-5
+
+
+def test_an_exact_onnx_program_is_checked_end_to_end_against_the_original():
+    cm = compiler.compile(Causal(), ARGS, "fused", "onnxruntime", backend_options={"intra_op_num_threads": 1})
+    low, fid = cm.report.lowering, cm.report.fidelity
+    assert low["checked_against"] == "the original" and low["max_abs_error_vs_torch"] is None
+    assert fid.passed is True and fid.checked_inputs[0] == "example inputs (onnxruntime program)"
+    assert fid.max_abs_error == (Causal()(*ARGS) - cm(*ARGS)).abs().max().item()

@@ -254,7 +254,9 @@ def test_compile_with_onnxruntime_reports_lowering_and_saves(tmp_path):
                           backend_options={"intra_op_num_threads": 1}, show_progress=False)
     low = cm.report.lowering
     assert low["format"] == "onnx" and low["opset"] == 23
-    assert low["max_abs_error_vs_torch"] < TOL
+    # Checked end to end as onnxruntime runs it, against the original model.
+    assert low["checked_against"] == "the original" and cm.report.fidelity.max_abs_error < TOL
+    assert cm.report.fidelity.checked_inputs[0] == "example inputs (onnxruntime program)"
     assert all(s.lowering in ("attention", "gqa", "mha") for s in cm.report.sites)
     assert "lowered to onnx" in str(cm.report)
     path = cm.save(tmp_path / "llama.onnx")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
@@ -182,6 +182,14 @@ class ConeEvaluator:
     def __init__(self, ep: ExportedProgram):
         self.ep = ep
         self.env: dict[fx.Node, Any] = {}
+        self._derived: dict[Any, Any] = {}
+
+    def derived(self, key, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per ``key``: a fact about evaluated values (a mask's pattern) that
+        every site sharing those values asks for."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def __call__(self, node: fx.Node) -> Any:
         if node in self.env:

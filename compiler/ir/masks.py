@@ -82,20 +82,55 @@ def conjuncts(node: fx.Node) -> list[fx.Node]:
     return _leaves(node, ANDS)
 
 
-def _pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
-    """"causal" / "all" / None for a bool tensor broadcastable to [..., sq, sk]."""
+def keep_pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
+    """"causal" / "all" / None for a bool keep-mask broadcastable to [..., sq, sk]."""
     if v.dim() < 2:
         v = v.reshape(*([1] * (2 - v.dim())), *v.shape)
     try:
         full = v.expand(*v.shape[:-2], sq, sk)
     except RuntimeError:
         return None
-    if bool(full.all()):
+    if bool(v.all()):  # broadcasting repeats values: v itself answers, without the expanded copy
         return "all"
-    tril = torch.ones(sq, sk, dtype=torch.bool, device=v.device).tril()
-    if torch.equal(full, tril.expand_as(full)):
-        return "causal"
-    return None
+    # The triangle a block of rows at a time: no [sq, sk] copy, and a mask that is not causal is
+    # usually told apart by its first rows.
+    rows = max(1, (1 << 24) // max(sk, 1))
+    keys = torch.arange(sk, device=v.device)
+    for a in range(0, sq, rows):
+        block = full[..., a:a + rows, :]
+        queries = torch.arange(a, a + block.shape[-2], device=v.device)
+        if not torch.equal(block, (keys <= queries[:, None]).expand_as(block)):
+            return None
+    return "causal"
+
+
+def additive_pattern(v: torch.Tensor, sq: int, sk: int) -> Optional[str]:
+    """``keep_pattern`` of a float bias that is 0 where kept and acts as -inf elsewhere; None
+    for any other bias."""
+    if not v.is_floating_point():
+        return None
+    kept = v == 0
+    if not bool((kept | (v <= neg_inf_threshold(v.dtype))).all()):
+        return None
+    return keep_pattern(kept, sq, sk)
+
+
+def mask_pattern(mask: torch.Tensor, sq: int, sk: int) -> Optional[str]:
+    """What an attention op's ``attn_mask`` value is: "causal" when it keeps exactly the top-left
+    triangle ``is_causal`` means, "all" when it keeps every key, else None."""
+    return keep_pattern(mask, sq, sk) if mask.dtype == torch.bool else additive_pattern(mask, sq, sk)
+
+
+def _pattern_of(evaluator: ConeEvaluator, leaf: fx.Node, sq: int, sk: int, negate: bool = False) -> Optional[str]:
+    """The keep pattern of ``leaf``'s evaluated value (negated: ``leaf`` marks masked positions),
+    once per leaf: the sites of a model usually share one mask, and each check is O(sq * sk)."""
+    def compute():
+        value = evaluator(leaf)
+        if not isinstance(value, torch.Tensor):
+            return None
+        return keep_pattern(~value if negate else value, sq, sk)
+
+    return evaluator.derived(("keep pattern", leaf, sq, sk, negate), compute)
 
 
 def disjuncts(node: fx.Node) -> list[fx.Node]:
@@ -119,10 +154,9 @@ def split_causal_masked(masked: fx.Node, evaluator, user_inputs, sq: int, sk: in
             continue
         if dtype(leaf) == torch.bool and not depends_on_user_values(leaf, user_inputs):
             try:
-                value = evaluator(leaf)
+                kind = _pattern_of(evaluator, leaf, sq, sk, negate=True)
             except Exception:
-                value = None
-            kind = _pattern(~value, sq, sk) if isinstance(value, torch.Tensor) else None
+                kind = None
             if kind == "causal":
                 out.causal = True
                 continue
@@ -139,12 +173,11 @@ def split_causal(keep: fx.Node, evaluator: ConeEvaluator, user_inputs: set[str],
             out.residual.append(leaf)
             continue
         try:
-            value = evaluator(leaf)
+            kind = _pattern_of(evaluator, leaf, sq, sk)
         except Exception as e:  # a cone we cannot run: keep the conjunct as a mask
             out.notes.append(f"mask part {leaf.name} not evaluated: {type(e).__name__}")
             out.residual.append(leaf)
             continue
-        kind = _pattern(value, sq, sk) if isinstance(value, torch.Tensor) else None
         if kind == "causal":
             out.causal = True
         elif kind != "all":
@@ -173,10 +206,4 @@ def constant_additive_pattern(node: fx.Node, evaluator: ConeEvaluator, user_inpu
         v = evaluator(node)
     except Exception:
         return None
-    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-        return None
-    kept = v == 0
-    if not bool(((v == 0) | (v <= neg_inf_threshold(v.dtype))).all()):
-        return None
-    return _pattern(kept, sq, sk)
-
+    return additive_pattern(v, sq, sk) if isinstance(v, torch.Tensor) else None

@@ -220,9 +220,10 @@ def _plan(r) -> str:
     if low.get("format"):
         err = low.get("max_abs_error_vs_torch")
         against = "the reference ops" if low["format"] == "torch" else "the torch backend"
-        lowered = (f"<p>Lowered to <code>{wrap(low['format'])}</code>"
-                   + (f"; max abs error vs {against} {num_cell(err)}{esc(lowering_verdict(low))}"
-                      if err is not None else "") + ".</p>")
+        checked = ("; checked end to end against the original (the fidelity above)"
+                   if low.get("checked_against") == "the original" else
+                   f"; max abs error vs {against} {num_cell(err)}{esc(lowering_verdict(low))}" if err is not None else "")
+        lowered = f"<p>Lowered to <code>{wrap(low['format'])}</code>{checked}.</p>"
     return (f"<p class=legend>How the {esc(r.plan.get('backend', r.backend))} backend runs the program: segments "
             "by backend, the transitions between them, and memory planned against export order.</p>"
             f"<pre class=plan>{esc(chr(10).join(plan_lines(r.plan)))}</pre>{lowered}")

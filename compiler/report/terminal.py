@@ -80,8 +80,9 @@ def render(report, console: Console | None = None) -> None:
         else:
             where = (f"{low.get('format')} (opset {low.get('opset')}, {', '.join(low.get('providers', []))}) "
                      f"in {low.get('export_seconds', 0.0):.2f}s")
-        console.print(f"lowered to {where}; sites: {per_site or '-'}; max abs error vs {against} "
-                      f"{_fmt_err(err)}{lowering_verdict(low)}")
+        checked = (f"checked end to end against {low['checked_against']}" if low.get("checked_against") == "the original"
+                   else f"max abs error vs {against} {_fmt_err(err)}{lowering_verdict(low)}")
+        console.print(f"lowered to {where}; sites: {per_site or '-'}; {checked}")
     if report.plan:
         for line in plan_lines(report.plan):
             console.print(line)
