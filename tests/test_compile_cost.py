@@ -199,3 +199,28 @@ def test_mask_patterns_read_the_values():
     assert mask_pattern(big, 5000, 5000) == "causal"
     big[4000, 4500] = True
     assert mask_pattern(big, 5000, 5000) is None
+
+
+def _whole_compare(r, n):
+    """The oracle: each measure over the whole tensor at once, in float64."""
+    r, n = r.double(), n.double()
+    p, q = torch.log_softmax(r, -1), torch.log_softmax(n, -1)
+    return {"max_abs_error": float((r - n).abs().max()),
+            "kl_divergence": float((p.exp() * (p - q)).sum(-1).mean()),
+            "cosine_similarity": float(F.cosine_similarity(r.flatten(), n.flatten(), dim=0))}
+
+
+@pytest.mark.parametrize("shape", [(3, 700, 33), (1, 300, 4096)])
+def test_compare_measures_in_slices_as_if_at_once(monkeypatch, shape):
+    from compiler.driver import verify
+
+    monkeypatch.setattr(verify, "_SLICE", 5000)  # several slices of whole rows
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(shape, generator=g)
+    n = r + 1e-3 * torch.randn(shape, generator=g)
+    got, want = verify.compare(r, n), _whole_compare(r, n)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+    n[-1, -1, -1] = float("nan")  # one NaN anywhere: no match, and no KL from a leaf that is not finite
+    got = verify.compare(r, n)
+    assert got["max_abs_error"] == float("inf") and got["passed"] is False and got["kl_divergence"] == 0.0
