@@ -287,22 +287,26 @@ LOWERED = "the backend's program"
 CLEANUP_PASSES = frozenset({"constant_folding", "common_subexpression_elimination", "layout_cleanup"})
 
 
-def _approximate_only(ctx: PassContext, pol: Policy) -> bool:
-    """Every rewritten site gets an approximate variant (known before calibration): the exact
-    program is never returned, only its sites' agreement with the original matters."""
-    if pol.auto or not ctx.fusion.rewritten:
-        return False
+def _exact_variants(ctx: PassContext, pol: Policy) -> list[bool]:
+    """Whether each rewritten site's variant is exact, known before calibration (none under
+    ``auto``, whose variants calibration chooses)."""
+    if pol.auto:
+        return []
     sites = {m.site.id: m.site for m in ctx.discovery.matches}
-    return all(not pol.variant_for(sites[sid]).exact for sid in ctx.fusion.rewritten)
+    return [pol.variant_for(sites[sid]).exact for sid in ctx.fusion.rewritten]
+
+
+def _approximate_only(ctx: PassContext, pol: Policy) -> bool:
+    """Every rewritten site gets an approximate variant: the exact program is never returned,
+    only its sites' agreement with the original matters."""
+    exact = _exact_variants(ctx, pol)
+    return bool(exact) and not any(exact)
 
 
 def _exact_only(ctx: PassContext, pol: Policy) -> bool:
-    """Every rewritten site keeps exact attention (known before calibration): the exact program,
-    lowered, is the one returned."""
-    if pol.auto or not ctx.fusion.rewritten:
-        return False
-    sites = {m.site.id: m.site for m in ctx.discovery.matches}
-    return all(pol.variant_for(sites[sid]).exact for sid in ctx.fusion.rewritten)
+    """Every rewritten site keeps exact attention: the exact program, lowered, is the one returned."""
+    exact = _exact_variants(ctx, pol)
+    return bool(exact) and all(exact)
 
 
 def _fuse_exact(ep: ExportedProgram, pol: Policy, args: tuple, kwargs: dict, originals: verify.OriginalRuns,
@@ -654,7 +658,8 @@ def _check_lowered(cm: CompiledModel, program: ExportedProgram, reference, args:
         if not verify.compare(reference, torch_out)["passed"]:
             raise _TorchProgramDiffers()
         raise _lowering_differs(cm.backend, verify.compare(torch_out, ours))
-    cm.report.fidelity = _fidelity(cmp, False, budget, [f"example inputs ({cm.backend} program)", *per_site])
+    example = f"example inputs ({cm.backend} program)" if summary is not None else "example inputs"
+    cm.report.fidelity = _fidelity(cmp, False, budget, [example, *per_site])
     if summary is not None:
         _lowering_record(cm, summary)["checked_against"] = "the original"  # no torch run to compare with
 
