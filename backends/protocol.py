@@ -27,9 +27,11 @@ class LoweringSummary:
     def report(self) -> dict:
         """The report's ``lowering`` section before the driver checks the program: against the
         original end to end, or against the rewritten torch program (``checked_against``; only
-        then are the ``*_vs_torch`` numbers measured)."""
+        then are the ``*_vs_torch`` numbers measured); ``rounding_of_original``: the backend's
+        own error on the original program, measured only where the exact tolerance was exceeded
+        (the tolerance then allows twice it)."""
         return {"format": self.format, **self.facts, "checked_against": None, "max_abs_error_vs_torch": None,
-                "tolerance_vs_torch": None, "matches_torch": None}
+                "tolerance_vs_torch": None, "matches_torch": None, "rounding_of_original": None}
 
 
 @runtime_checkable

@@ -44,6 +44,7 @@ class CompiledModel:
         self.backend = backend
         # Keyword arguments fixed at capture (use_cache=False for Hugging Face models).
         self.default_kwargs = dict(default_kwargs or {})
+        self.backend_options = backend_options
         self._run = backends.load(backend, exported_program, backend_options, plan)
         self.plan: Plan = self._run.plan
         report.plan = self.plan.summary()
@@ -582,11 +583,11 @@ def _compile_checked(req: _Request, originals: verify.OriginalRuns, checks: list
         rec.subgraph_before = ctx.subgraphs.get(rec.id)
     cm = CompiledModel(ctx.ep, report, req.backend, backend_options=req.backend_options)
     if lowered:
-        _check_lowered(cm, ctx.ep, reference, example_inputs, kwargs, budget, per_site)
+        _check_lowered(cm, ep, ctx.ep, reference, example_inputs, kwargs, budget, per_site)
         _check_other_size(ep, ctx.ep, example_inputs, kwargs, report.fidelity, exact=True, budget=budget,
                           checks=checks)
     else:
-        _record_lowering(cm, example_inputs, kwargs, final if verify_outputs else None)
+        _record_lowering(cm, example_inputs, kwargs, final if verify_outputs else None, ep, reference)
     return cm
 
 
@@ -601,11 +602,13 @@ def _fidelity(cmp: dict, approximate: bool, budget: Optional[Fidelity], checked:
     return FidelityRecord(**cmp, checked_inputs=checked)
 
 
-def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verified: Optional[Any]) -> None:
+def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verified: Optional[Any],
+                     original: Optional[ExportedProgram] = None, reference: Any = None) -> None:
     """What the backend made of each site; and, where it lowered anything, its outputs on the
     example inputs against ``verified`` (the outputs of the program it lowered, already checked
-    against the original). A backend that disagrees with that program has a lowering bug, and
-    compile() fails in one line rather than return a program nothing verified."""
+    against the original ``reference``). A backend that disagrees with that program by more than
+    its own rounding of the ``original`` (``_backend_rounding``) has a lowering bug, and compile()
+    fails in one line rather than return a program nothing verified."""
     summary = cm._run.lowering_summary()
     if summary is None:
         return  # the backend runs the verified program's own ops
@@ -618,11 +621,12 @@ def _record_lowering(cm: CompiledModel, args: tuple, kwargs: dict, verified: Opt
     if ours is None:
         return
     cmp = verify.compare(verified, ours)
+    if not cmp["passed"]:
+        _within_rounding(cm, cmp, original, reference, args, kwargs)
     low["checked_against"] = "the torch program"
     low["max_abs_error_vs_torch"] = cmp["max_abs_error"]
     low["tolerance_vs_torch"], low["matches_torch"] = cmp["tolerance"], cmp["passed"]
-    if not cmp["passed"]:
-        raise _lowering_differs(cm.backend, cmp)
+    low["rounding_of_original"] = cmp.get("rounding_of_original")
 
 
 def _lowering_record(cm: CompiledModel, summary) -> dict:
@@ -634,34 +638,62 @@ def _lowering_record(cm: CompiledModel, summary) -> dict:
     return low
 
 
-def _lowering_differs(backend: str, cmp: dict) -> VerificationError:
-    return VerificationError(f"the {backend} backend's program disagrees with the verified program on the example "
-                             f"inputs (max abs error {cmp['max_abs_error']:.2e} over the {cmp['tolerance']:.0e} "
-                             "tolerance); this is an attnforge bug, please report it; backend='torch' runs the "
-                             "verified ops")
+def _backend_rounding(cm: CompiledModel, original: Optional[ExportedProgram], reference, args: tuple,
+                      kwargs: dict) -> Optional[float]:
+    """How far the backend's run of the *original* program is from the original's ``reference``:
+    the backend's own rounding on this model, which no rewrite caused. onnxruntime's kernels
+    accumulate in other orders than PyTorch's: all-MiniLM-L6-v2, not rewritten at all, differs by
+    6-9e-5 on outputs up to 5.7, over the exact 1e-5 relative tolerance. None when the original
+    cannot run there."""
+    if original is None or reference is None:
+        return None
+    try:
+        run = backends.load(cm.backend, original, cm.backend_options)
+        with torch.no_grad():
+            return verify.compare(reference, run(*args, **kwargs))["max_abs_error"]
+    except Exception:  # noqa: BLE001 - no estimate; the caller reports the disagreement as it is
+        return None
 
 
-def _check_lowered(cm: CompiledModel, program: ExportedProgram, reference, args: tuple, kwargs: dict,
-                   budget: Optional[Fidelity], per_site: list) -> None:
+def _within_rounding(cm: CompiledModel, cmp: dict, original, reference, args: tuple, kwargs: dict) -> None:
+    """``cmp`` (the backend's program against a verified program) failed the exact tolerance.
+    Within that tolerance plus twice the backend's own rounding of the original program it is
+    the backend's arithmetic, and ``cmp`` is updated to say so (the widened tolerance, the
+    rounding); beyond it, the lowering is wrong: ``VerificationError``."""
+    rounding = _backend_rounding(cm, original, reference, args, kwargs)
+    if rounding is None or not cmp["max_abs_error"] <= cmp["tolerance"] + 2 * rounding:
+        raise VerificationError(
+            f"the {cm.backend} backend's program disagrees with the verified program on the example inputs (max abs "
+            f"error {cmp['max_abs_error']:.2e} over the {cmp['tolerance']:.0e} tolerance"
+            + (f" and {cm.backend}'s own rounding of the original model, {rounding:.1e}" if rounding is not None else "")
+            + "); this is an attnforge bug, please report it; backend='torch' runs the verified ops")
+    cmp.update(tolerance=cmp["tolerance"] + 2 * rounding, passed=True, rounding_of_original=rounding)
+
+
+def _check_lowered(cm: CompiledModel, original: ExportedProgram, program: ExportedProgram, reference, args: tuple,
+                   kwargs: dict, budget: Optional[Fidelity], per_site: list) -> None:
     """An exact rewrite checked end to end as the backend runs it: its outputs on the example
     against the original's, the report's fidelity (``_fuse_exact`` checked each site and left
     the whole to this). Where they differ, the rewritten torch ``program`` runs to say whose
     fault it is: its own (``_TorchProgramDiffers``: compile again, checking it first, which rolls
-    back what broke it) or the lowering's (an attnforge bug, one line)."""
+    back what broke it) or the backend's: its rounding (``_within_rounding``) or its lowering (an
+    attnforge bug, one line)."""
     summary = cm._run.lowering_summary()
     ours = cm(*args, **kwargs) if summary is not None else verify.run(program, args, kwargs)
     cmp = verify.compare(reference, ours)
     if not cmp["passed"]:
         if summary is None:
             raise _TorchProgramDiffers()
-        torch_out = verify.run(program, args, kwargs)
-        if not verify.compare(reference, torch_out)["passed"]:
+        if not verify.compare(reference, verify.run(program, args, kwargs))["passed"]:
             raise _TorchProgramDiffers()
-        raise _lowering_differs(cm.backend, verify.compare(torch_out, ours))
+        _within_rounding(cm, cmp, original, reference, args, kwargs)
+    rounding = cmp.pop("rounding_of_original", None)
     example = f"example inputs ({cm.backend} program)" if summary is not None else "example inputs"
     cm.report.fidelity = _fidelity(cmp, False, budget, [example, *per_site])
     if summary is not None:
-        _lowering_record(cm, summary)["checked_against"] = "the original"  # no torch run to compare with
+        low = _lowering_record(cm, summary)
+        low["checked_against"] = "the original"  # no torch run to compare with
+        low["rounding_of_original"] = rounding
 
 
 @quiet_dependencies()

@@ -63,9 +63,10 @@ def test_the_report_lowering_keeps_its_schema(compiled):
     _, _, cm = compiled
     low = cm.report.lowering
     assert list(low) == ["format", "opset", "providers", "export_seconds", "onnx_segments", "checked_against",
-                         "max_abs_error_vs_torch", "tolerance_vs_torch", "matches_torch"]
+                         "max_abs_error_vs_torch", "tolerance_vs_torch", "matches_torch", "rounding_of_original"]
     assert low["format"] == "onnx" and low["onnx_segments"] == 1
     # An exact rewrite on onnxruntime is checked end to end as onnxruntime runs it, against the original.
     assert low["checked_against"] == "the original" and low["max_abs_error_vs_torch"] is None
+    assert low["rounding_of_original"] is None  # within the exact tolerance: not measured
     assert cm.report.fidelity.passed is True and cm.report.fidelity.checked_inputs[0] == "example inputs (onnxruntime program)"
     assert all(site.lowering for site in cm.report.sites)

@@ -80,7 +80,8 @@ def render(report, console: Console | None = None) -> None:
         else:
             where = (f"{low.get('format')} (opset {low.get('opset')}, {', '.join(low.get('providers', []))}) "
                      f"in {low.get('export_seconds', 0.0):.2f}s")
-        checked = (f"checked end to end against {low['checked_against']}" if low.get("checked_against") == "the original"
+        checked = (f"checked end to end against the original{lowering_verdict(low)}"
+                   if low.get("checked_against") == "the original"
                    else f"max abs error vs {against} {_fmt_err(err)}{lowering_verdict(low)}")
         console.print(f"lowered to {where}; sites: {per_site or '-'}; {checked}")
     if report.plan:
@@ -105,7 +106,11 @@ def render(report, console: Console | None = None) -> None:
 
 
 def lowering_verdict(low: dict) -> str:
-    """Whether the backend's outputs agree with the torch backend's, within the exact tolerance."""
+    """Whether the backend's outputs agree with the torch backend's, within the exact tolerance,
+    or within it plus the backend's own rounding of the original model."""
+    rounding = low.get("rounding_of_original")
+    if rounding is not None:
+        return f" (within twice the backend's own rounding of the original model, {rounding:.1e})"
     tol, ok = low.get("tolerance_vs_torch"), low.get("matches_torch")
     if tol is None or ok is None:
         return ""
