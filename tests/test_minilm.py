@@ -41,7 +41,7 @@ def test_demo_prints_report():
     assert "sites found 6, rewritten 6" in r.stdout
 
 
-def test_onnxruntime_rounding_is_told_apart_from_a_wrong_lowering(mini):
+def test_onnxruntime_rounding_is_told_apart_from_a_wrong_lowering(mini, monkeypatch):
     # onnxruntime's kernels round this 6-layer model beyond the exact 1e-5 relative tolerance even
     # unrewritten; compile() measures that rounding on the original program and allows twice it.
     inputs = mini.encode_inputs(SENTENCES)
@@ -57,3 +57,12 @@ def test_onnxruntime_rounding_is_told_apart_from_a_wrong_lowering(mini):
     rounding = low["rounding_of_original"]
     assert rounding is not None and exact < rounding < 1e-3
     assert err <= fid.tolerance == pytest.approx(exact + 2 * rounding, rel=1e-6)
+    # Where the original's dense attention would not fit the probe's budget, the rounding is not
+    # measured, and the difference is reported as it is: one line, nothing returned.
+    from compiler import api
+    from compiler.ir.errors import VerificationError
+
+    monkeypatch.setattr(api, "ROUNDING_PROBE_BYTES", 0)
+    with pytest.raises(VerificationError, match="own rounding of the original model could not be measured"):
+        compiler.compile(mini.model, (), "fused", "onnxruntime", example_kwargs=inputs,
+                         backend_options={"intra_op_num_threads": 1})

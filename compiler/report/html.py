@@ -220,7 +220,7 @@ def _plan(r) -> str:
     if low.get("format"):
         err = low.get("max_abs_error_vs_torch")
         against = "the reference ops" if low["format"] == "torch" else "the torch backend"
-        checked = ("; checked end to end against the original (the fidelity above)"
+        checked = (f"; checked end to end against the original (the fidelity above){esc(lowering_verdict(low))}"
                    if low.get("checked_against") == "the original" else
                    f"; max abs error vs {against} {num_cell(err)}{esc(lowering_verdict(low))}" if err is not None else "")
         lowered = f"<p>Lowered to <code>{wrap(low['format'])}</code>{checked}.</p>"
