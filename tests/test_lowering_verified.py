@@ -102,3 +102,14 @@ def test_an_exact_onnx_program_is_checked_end_to_end_against_the_original():
     assert low["checked_against"] == "the original" and low["max_abs_error_vs_torch"] is None
     assert fid.passed is True and fid.checked_inputs[0] == "example inputs (onnxruntime program)"
     assert fid.max_abs_error == (Causal()(*ARGS) - cm(*ARGS)).abs().max().item()
+
+
+def test_attention_maps_on_onnxruntime_come_from_the_torch_program():
+    # The maps need each site's inputs, recorded in a run of the torch program; the onnxruntime
+    # program is then checked against that program (it crashed with a KeyError before).
+    cm = compiler.compile(Causal(), ARGS, "fused", "onnxruntime", attention_maps=True,
+                          backend_options={"intra_op_num_threads": 1})
+    (site,) = cm.report.sites
+    assert site.attention_map is not None and cm.report.lowering["checked_against"] == "the torch program"
+    assert cm.report.lowering["matches_torch"] is True
+    assert (Causal()(*ARGS) - cm(*ARGS)).abs().max() <= 1e-5
