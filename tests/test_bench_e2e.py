@@ -23,3 +23,17 @@ def test_bench_e2e_quick():
     model = [r for r in rows if re.match(r"\| \d+ \| (original|compile)", r)]
     assert any("compile window" in r and "2/2 sites" in r for r in model), model
     assert any("compile fused" in r and "2/2 sites" in r for r in model), model
+
+
+def test_compile_steps_accounts_for_compile():
+    # Fused on onnxruntime: no run of the torch program end to end, one check of the ONNX program
+    # against the original; the steps never add up to more than the whole.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "tools/compile_steps.py", "--tiny", "--seq", "64", "--threads", "1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {cells[1]: cells[2:] for cells in
+            ([c.strip() for c in line.split("|")] for line in out.stdout.splitlines() if line.startswith("| "))}
+    assert rows["backend's program checked vs the original"][0] == "1"
+    assert "└ torch program end to end" not in rows
+    assert float(rows["rest"][1]) >= -0.01 and float(rows["compile() in all"][1]) > 0
