@@ -155,6 +155,52 @@ def test_favor_matches_its_random_feature_quadratic_form(chunk, causal, mask):
     check(got, quadratic(q, k, v, m, scale, causal, "favor", features=32, seed=3))
 
 
+@pytest.mark.parametrize("name", ["elu", "relu", "taylor", "favor"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,mask", [((4, 4), None), ((4, 2), "bool"), ((6, 2), "additive-heads"), ((4, 1), "additive")])
+@pytest.mark.parametrize("slab", [1, 4000, 9000])
+def test_cpu_slabs_match_quadratic_form(monkeypatch, name, causal, heads, mask, slab):
+    """On CPU the op works a slab of heads, and on causal sites a slab of rows, at a time (a few
+    MiB each at scale; a few bytes here): the key sums carried between row slabs, each slab's GQA
+    heads and mask rows, a last short slab, must give the whole quadratic form."""
+    from compiler.reference import linear_ops
+
+    calls = {"rows": 0, "slabs": 0}
+    rows, whole = linear_ops._causal_rows, linear_ops._linear_attention
+    monkeypatch.setattr(linear_ops, "SLAB_BYTES", slab)
+    monkeypatch.setattr(linear_ops, "_causal_rows", lambda *a: (calls.__setitem__("rows", calls["rows"] + 1), rows(*a))[1])
+    monkeypatch.setattr(linear_ops, "_linear_attention",
+                        lambda *a: (calls.__setitem__("slabs", calls["slabs"] + 1), whole(*a))[1])
+    q, k, v, m = problem(4, 2, *heads, 45, 45, 8, 8, mask)
+    scale = 1 / math.sqrt(8)
+    text = f"linear:{name},chunk=4" + (",features=16,seed=1" if name == "favor" else "")
+    got = linear_attention_reference(q, k, v, m, scale, causal, spec(text))
+    kw = {"features": 16, "seed": 1} if name == "favor" else {}
+    check(got, quadratic(q, k, v, m, scale, causal, name, **kw))
+    if slab == 1:  # one head a slab; rows split wherever the math allows (no shared key offset)
+        rowwise = causal and name != "favor"
+        assert calls["rows"] == (2 * heads[0] if rowwise else 0)
+        assert calls["slabs"] == (0 if rowwise else 2 * heads[0])
+    assert calls["rows"] + calls["slabs"] >= 2  # batch 2: never the whole problem at once
+
+
+@pytest.mark.parametrize("split,chunk", [(8, 4), (12, 5), (3, 64)])
+def test_causal_sums_carried_across_row_slabs(split, chunk):
+    """The chunked causal sums of rows [0, split) and then [split, S) with the first part's key
+    sums carried, for several (batch, head) pairs at once, equal the quadratic form."""
+    from compiler.reference.linear_ops import _causal_terms
+
+    g = torch.Generator().manual_seed(5)
+    fq, fk = torch.rand(2, 3, 21, 6, generator=g), torch.rand(2, 3, 21, 6, generator=g)
+    v = torch.randn(2, 3, 21, 5, generator=g)
+    a = (fq.double() @ fk.double().transpose(-1, -2)).tril()
+    n1, d1, carry = _causal_terms(fq[:, :, :split], fk[:, :, :split], v[:, :, :split], chunk, want_carry=True)
+    n2, d2, _ = _causal_terms(fq[:, :, split:], fk[:, :, split:], v[:, :, split:], chunk, carry)
+    num, den = torch.cat([n1, n2], 2), torch.cat([d1, d2], 2)
+    check(num.double(), a @ v.double())
+    check(den.double(), a.sum(-1, keepdim=True))
+
+
 def test_orthogonal_features_blocks_are_orthogonal():
     w = orthogonal_features(20, 8, 0).double()
     assert w.shape == (20, 8)

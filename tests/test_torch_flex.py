@@ -71,6 +71,8 @@ def _check(p, text, softcap=0.0):
     for standalone in (True, False):  # eager's mask_mod, and the compiled kernel's (no block lookup)
         bm, _ = block_mask(layout, b, hq, sq, sk, causal, m, q.device, standalone=standalone)
         assert torch.equal(_kernel_pairs(bm, b, hq, sq, sk), want), (text, standalone)
+        # Inference builds no q-side lists (a backward pass's; sorting them was 45% of a top-k call at 32k).
+        assert bm.q_num_blocks is None and bm.full_q_num_blocks is None
     # Eager FlexAttention evaluates the mask_mod on every pair: standalone, it is the layout.
     assert torch.equal(_standalone_pairs(layout, b, hq, sq, sk, causal, m), want), text
     with warnings.catch_warnings():

@@ -100,6 +100,17 @@ def _linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) -
         kv = fk.transpose(-1, -2) @ v
         z = fk.sum(-2, keepdim=True)
         return fq @ kv, (fq * z).sum(-1, keepdim=True)
+    num, den, _ = _causal_terms(fq, fk, v, chunk)
+    return num, den
+
+
+def _causal_terms(fq: Tensor, fk: Tensor, v: Tensor, chunk: int, carry: Optional[Tensor] = None,
+                  want_carry: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The causal sums in chunks: exact inside a chunk, a running state between chunks.
+
+    ``carry`` [B*H, F, Dv + 1]: ``phi(k)^T [v, 1]`` of keys before these rows, which every row
+    reads (rows taken a slab at a time); with ``want_carry`` the same sums including these rows
+    come back as the third value."""
     sq, sk = fq.shape[2], fk.shape[2]
     s = max(sq, sk)
     chunk = min(chunk, s)
@@ -117,18 +128,28 @@ def _linear_terms(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int) -
     v1[:, :, :sk, :dv] = v
     v1[:, :, :sk, dv] = 1.0
     cq, ck, cv = blocks(fq, sq), blocks(fk, sk), v1.view(-1, chunk, dv + 1)
+    f = ck.shape[-1]
     intra = torch.bmm(cq, ck.transpose(-1, -2)).tril_()  # causal within the chunk
     out = torch.bmm(intra, cv)  # [B*H*n, C, Dv + 1]
-    if n > 1:
+    after = None
+    if n > 1 or carry is not None or want_carry:
         # Chunk c reads the keys of chunks < c: the inclusive prefix of the chunk summaries, one
         # chunk behind. Shifting by one in the flat [B*H*n] order pairs every chunk with its
         # predecessor's prefix without a copy; each head's last prefix is read only by the next
-        # head's first chunk, so it is zeroed.
-        state = torch.bmm(ck.transpose(-1, -2), cv).view(-1, n, ck.shape[-1], dv + 1).cumsum_(1)
+        # head's first chunk, so it is replaced by what that chunk reads: the next head's carry.
+        state = torch.bmm(ck.transpose(-1, -2), cv).view(-1, n, f, dv + 1)
+        if carry is not None:
+            state[:, 0] += carry
+        state.cumsum_(1)
+        if want_carry:
+            after = state[:, -1].clone()
         state[:, -1] = 0.0
-        out[1:].baddbmm_(cq[1:], state.view(-1, ck.shape[-1], dv + 1)[:-1])
+        if carry is not None:
+            state[:-1, -1] = carry[1:]
+            out[0].addmm_(cq[0], carry[0])
+        out[1:].baddbmm_(cq[1:], state.view(-1, f, dv + 1)[:-1])
     out = out.view(*fq.shape[:2], pad, dv + 1)[:, :, :sq]
-    return out[..., :dv], out[..., dv:]
+    return out[..., :dv], out[..., dv:], after
 
 
 def _expand_kv(x: Tensor, hq: int) -> Tensor:
@@ -142,11 +163,75 @@ def _hybrid_window(p: Hybrid, causal: bool) -> Window:
 extend(Hybrid, exact_window=_hybrid_window)
 
 
+SLAB_BYTES = 4 << 20  # most bytes of one [heads, rows, features] fp32 operand a CPU slab works on
+
+
 def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: float = 1.0,
                                is_causal: bool = False, spec: str = "", terms=None) -> Tensor:
     """``terms(fq, fk, v, causal, chunk) -> (num, den)`` computes the linear sums; the Triton
-    backend passes its kernels, everything around them stays this one definition."""
-    terms = terms or _linear_terms
+    backend passes its kernels, everything around them stays this one definition.
+
+    On CPU the work is taken a slab of heads at a time, and a causal site's long rows a slab of
+    rows at a time with the key sums carried between them (every term is per (batch, head) and
+    a running sum over rows, so the math is the same). Why: each op of the whole [B, H, S, D]
+    problem allocated a fresh buffer of tens of MiB, which the C allocator maps anew and returns
+    at every call, and on CPU the page faults cost more than the arithmetic (16k tokens, 8 heads:
+    124 ms whole, 68 ms in slabs; 63 ms whole under an allocator that keeps its pages). A slab's
+    operands stay under ``SLAB_BYTES`` and are reused from the heap call after call."""
+    if terms is not None or q.device.type != "cpu":
+        return _linear_attention(q, k, v, mask, scale, is_causal, spec, terms or _linear_terms)
+    p = parse_variant(spec).pattern
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    group = hq // k.shape[1]
+    row = 4 * max(feature_dim(p, d), d, v.shape[-1] + 1)
+    heads = max(1, SLAB_BYTES // (row * max(sq, sk)))
+    # A slab holds whole KV groups, or a divisor of one: its query heads share the KV heads it slices.
+    heads = heads - heads % group if heads >= group else math.gcd(heads, group)
+    rows = sq
+    if heads == 1 and is_causal and sq == sk and p.map != "favor" and feature(p, "exact_window") is None:
+        # favor's key features share one offset over all keys and the hybrid's window crosses
+        # slabs: those keep whole rows.
+        slabs = -(-sq * row // SLAB_BYTES)
+        rows = -(-sq // slabs // p.chunk) * p.chunk
+    if heads >= hq and b == 1 and rows >= sq:
+        return _linear_attention(q, k, v, mask, scale, is_causal, spec, _linear_terms)
+    if mask is not None:
+        mask = mask.reshape(*[1] * (4 - mask.dim()), *mask.shape)
+    out = q.new_empty(b, hq, sq, v.shape[-1], dtype=v.dtype)
+    for bi in range(b):
+        for h0 in range(0, hq, heads):
+            hs = slice(h0, min(hq, h0 + heads))
+            ks = slice(h0 // group, (hs.stop - 1) // group + 1)
+            ms = None if mask is None else mask[bi if mask.shape[0] > 1 else 0, hs if mask.shape[1] > 1 else slice(0, 1)]
+            args = (q[bi:bi + 1, hs], k[bi:bi + 1, ks], v[bi:bi + 1, ks], None if ms is None else ms.unsqueeze(0))
+            if rows < sq:
+                _causal_rows(*args, scale, p, rows, out[bi:bi + 1, hs])
+            else:
+                out[bi, hs] = _linear_attention(*args, scale, is_causal, spec, _linear_terms)[0]
+    return out
+
+
+def _causal_rows(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, p, rows: int,
+                 out: Tensor) -> None:
+    """Causal linear attention (a map with no offset, no window) into ``out``, ``rows`` at a time."""
+    hq = q.shape[1]
+    k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    w = key_weights(mask, *q.shape[:2], k.shape[2])
+    carry = None
+    for r0 in range(0, q.shape[2], rows):
+        r = slice(r0, r0 + rows)
+        fq, _ = features(q[:, :, r], p, scale, "row")
+        fk, _ = features(k[:, :, r], p, scale, "all")
+        if w is not None:
+            fk = fk * w[:, :, r]
+        num, den, carry = _causal_terms(fq, fk, v[:, :, r].float(), p.chunk, carry,
+                                        want_carry=r0 + rows < q.shape[2])
+        out[:, :, r] = num / den.clamp_min(_EPS)
+
+
+def _linear_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+                      spec: str, terms) -> Tensor:
     p = parse_variant(spec).pattern
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
