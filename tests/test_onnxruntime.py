@@ -3,6 +3,8 @@ the torch backend, dynamic shapes, saving, and the bad-input messages."""
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -182,6 +184,26 @@ def test_sparse_lowering(spec, causal, mask):
 
 def test_sparse_softcap():
     _check_lengths(OneOp("sparse", 0.3, True, softcap=2.0, spec="window:8,block=8"), "key-float")
+
+
+@pytest.mark.parametrize("spec,causal,mask", covering(SPARSE, [False, True], MASKS))
+@pytest.mark.parametrize("seq", [40, 23])
+def test_sparse_lowering_in_query_block_groups(monkeypatch, spec, causal, mask, seq):
+    """Exported at a known length, a static layout runs its query blocks in groups (scores that
+    stay in cache); here one block a group: the same numbers (content-selected layouts: one group)."""
+    import backends.onnx_sparse as onnx_sparse
+
+    monkeypatch.setattr(onnx_sparse, "GROUP_SCORE_BYTES", 1)
+    mod = OneOp("sparse", 0.3, causal, softcap=2.0 if mask == "key-float" else 0.0, spec=spec)
+    x = _inputs(seq, mask, seed=3)
+    model = export_onnx(torch.export.export(mod, x)).model
+    sess = _session(model)
+    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+    if spec.startswith(("window", "blocksparse", "heads[0]=fused")):  # static layouts
+        block = int(re.search(r"block=(\d+)", spec).group(1)) if "block=" in spec else 64
+        assert softmaxes == -(-seq // block), "not one group per query block"
 
 
 def test_neighborhood_lowering_static_grid():
