@@ -184,6 +184,18 @@ def test_cpu_slabs_match_quadratic_form(monkeypatch, name, causal, heads, mask, 
     assert calls["rows"] + calls["slabs"] >= 2  # batch 2: never the whole problem at once
 
 
+def test_cpu_row_slabs_take_a_mask_broadcast_over_keys(monkeypatch):
+    """A key mask of one value for every key ([B, 1, 1, 1]) is not sliced with the rows (it
+    failed with a shape error)."""
+    from compiler.reference import linear_ops
+
+    monkeypatch.setattr(linear_ops, "SLAB_BYTES", 1)
+    q, k, v, _ = problem(6, 2, 4, 2, 30, 30, 8, 8)
+    m = torch.tensor([0.5, -1.0]).view(2, 1, 1, 1)
+    got = linear_attention_reference(q, k, v, m, 0.3, True, spec("linear:elu,chunk=4"))
+    check(got, quadratic(q, k, v, m, 0.3, True, "elu"))
+
+
 @pytest.mark.parametrize("split,chunk", [(8, 4), (12, 5), (3, 64)])
 def test_causal_sums_carried_across_row_slabs(split, chunk):
     """The chunked causal sums of rows [0, split) and then [split, S) with the first part's key

@@ -224,7 +224,7 @@ def _causal_rows(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale:
         fq, _ = features(q[:, :, r], p, scale, "row")
         fk, _ = features(k[:, :, r], p, scale, "all")
         if w is not None:
-            fk = fk * w[:, :, r]
+            fk = fk * (w[:, :, r] if w.shape[2] > 1 else w)  # a mask broadcast over keys: as is
         num, den, carry = _causal_terms(fq, fk, v[:, :, r].float(), p.chunk, carry,
                                         want_carry=r0 + rows < q.shape[2])
         out[:, :, r] = num / den.clamp_min(_EPS)
