@@ -37,3 +37,7 @@ def test_compile_steps_accounts_for_compile():
     assert rows["backend's program checked vs the original"][0] == "1"
     assert "└ torch program end to end" not in rows
     assert float(rows["rest"][1]) >= -0.01 and float(rows["compile() in all"][1]) > 0
+    # One export, optimized once by our optimizer (not the exporter's), inside the backend's load.
+    export, optimizer = rows["└ torch.onnx.export"], rows["└ the exported graph's optimizer"]
+    assert export[0] == optimizer[0] == "1"
+    assert float(export[1]) + float(optimizer[1]) <= float(rows["backend load (export, session)"][1]) + 0.01

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import backends  # noqa: E402
 import compiler  # noqa: E402
 import compiler.api as api  # noqa: E402
+from backends import onnx_export  # noqa: E402
 from bench_e2e import llama  # noqa: E402
 from benchlib import markdown_table  # noqa: E402
 from compiler.driver import verify  # noqa: E402
@@ -40,6 +41,8 @@ STEPS = (
     (api, "record_site_run", "approximate program's run (site inputs)", True),
     (api, "site_effect", "site measurement", True),
     (backends, "load", "backend load (export, session)", True),
+    (torch.onnx, "export", "└ torch.onnx.export", False),
+    (onnx_export, "optimize", "└ the exported graph's optimizer", False),
     (api, "_check_lowered", "backend's program checked vs the original", True),
     (api, "_record_lowering", "backend's program checked vs the torch program", True),
     (verify, "compare", "└ output comparisons", False),
