@@ -60,8 +60,9 @@ def _key_weights(mask):
     return op.Transpose(w, perm=[0, 1, 3, 2])
 
 
-def _terms(fq, fk, v, causal: bool, chunk: int):
-    """(numerator [B,H,Sq,Dv], denominator [B,H,Sq,1]) of sum_j phi(q_i).phi(k_j) v_j."""
+def _terms(fq, fk, v, causal: bool, chunk: int, sizes: tuple = (None, None)):
+    """(numerator [B,H,Sq,Dv], denominator [B,H,Sq,1]) of sum_j phi(q_i).phi(k_j) v_j; ``sizes``:
+    (Sq, Sk) where the export knows them as numbers, else None."""
     if not causal:
         kv = op.MatMul(op.Transpose(fk, perm=[0, 1, 3, 2]), v)
         z = op.ReduceSum(fk, ints(-2), keepdims=1)
@@ -69,22 +70,26 @@ def _terms(fq, fk, v, causal: bool, chunk: int):
     sq, sk = dim(fq, 2), dim(fk, 2)
     n = ceil_div(op.Max(sq, sk), chunk)
     length = op.Mul(n, ints(chunk))
+    # Equal lengths known at export to fill whole chunks need no Pad (a copy of each operand).
+    whole = None not in sizes and sizes[0] == sizes[1] and sizes[0] % chunk == 0
 
     def chunks(x, s):  # padded rows have zero features, so they add nothing
-        return op.Reshape(pad_axis(x, 2, op.Sub(length, s), 4), op.Concat(ints(0, 0, -1, chunk), dim(x, 3), axis=0))
+        x = x if whole else pad_axis(x, 2, op.Sub(length, s), 4)
+        return op.Reshape(x, op.Concat(ints(0, 0, -1, chunk), dim(x, 3), axis=0))
 
-    cq, ck, cv = chunks(fq, sq), chunks(fk, sk), chunks(v, sk)
-    kv = op.MatMul(op.Transpose(ck, perm=[0, 1, 2, 4, 3]), cv)  # [B, H, n, F, Dv]
+    # A ones column on v carries the normalizer through the same products (its sums are the
+    # denominator): no separate row sums of the [C, C] chunk scores or of q times the key sums.
+    dv = dim(v, 3)
+    ones = op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(v, end=-1), ints(1), axis=0))
+    cq, ck, cv = chunks(fq, sq), chunks(fk, sk), chunks(op.Concat(v, ones, axis=-1), sk)
+    kv = op.MatMul(op.Transpose(ck, perm=[0, 1, 2, 4, 3]), cv)  # [B, H, n, F, Dv + 1]
     state = op.CumSum(kv, ints(2), exclusive=1)  # what earlier chunks contribute
-    zstate = op.Unsqueeze(op.CumSum(op.ReduceSum(ck, ints(3), keepdims=0), ints(2), exclusive=1), ints(3))
     intra = op.Trilu(op.MatMul(cq, op.Transpose(ck, perm=[0, 1, 2, 4, 3])), upper=0)  # causal inside a chunk
-    num = op.Add(op.MatMul(intra, cv), op.MatMul(cq, state))
-    den = op.Add(op.ReduceSum(intra, ints(-1), keepdims=1), op.ReduceSum(op.Mul(cq, zstate), ints(-1), keepdims=1))
-
-    def rows(x):
-        return op.Slice(op.Reshape(x, op.Concat(ints(0, 0, -1), dim(x, 4), axis=0)), ints(0), sq, ints(2))
-
-    return rows(num), rows(den)
+    out = op.Add(op.MatMul(intra, cv), op.MatMul(cq, state))  # [B, H, n, C, Dv + 1]
+    out = op.Reshape(out, op.Concat(ints(0, 0, -1), op.Add(dv, ints(1)), axis=0))
+    if not whole:
+        out = op.Slice(out, ints(0), sq, ints(2))
+    return op.Slice(out, ints(0), dv, ints(3)), op.Slice(out, dv, op.Add(dv, ints(1)), ints(3))
 
 
 def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
@@ -93,6 +98,7 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
     hq, hkv = static_dim(q, 1), static_dim(k, 1)
     if hq is None or hkv is None:
         raise BackendError("linear attention needs a fixed number of heads to export")
+    sizes = static_dim(q, 2), static_dim(k, 2)
     if hkv != hq:
         kv_map = ints(*[h // (hq // hkv) for h in range(hq)])
         k, v = op.Gather(k, kv_map, axis=1), op.Gather(v, kv_map, axis=1)
@@ -102,17 +108,17 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
     if mask is not None:
         fk = op.Mul(fk, _key_weights(mask))
     vf = to_float32(v)
-    num, den = _terms(fq, fk, vf, is_causal, p.chunk)
+    num, den = _terms(fq, fk, vf, is_causal, p.chunk, sizes)
     if feature(p, "exact_window") is not None:
-        num, den = _hybrid(p, q, k, vf, mask, fq, oq, fk, ok, num, den, scale, is_causal)
+        num, den = _hybrid(p, q, k, vf, mask, fq, oq, fk, ok, num, den, scale, is_causal, sizes)
     return op.CastLike(op.Div(num, op.Max(den, op.Constant(value_float=_EPS))), v)
 
 
-def _hybrid(p: Hybrid, q, k, vf, mask, fq, oq, fkw, ok, lin_num, lin_den, scale: float, causal: bool):
+def _hybrid(p: Hybrid, q, k, vf, mask, fq, oq, fkw, ok, lin_num, lin_den, scale: float, causal: bool, sizes: tuple):
     """Exact softmax inside the window, the linear estimate outside it, one normalizer, as
     ``compiler.reference.linear_ops._hybrid``: everything is divided by ``exp(m_i)``, the row max of the
     window's scores, and the linear part is rescaled by ``exp(offset_q + offset_k - m_i)``."""
-    g = gather_layout(q, k, vf, mask, _hybrid_window(p, causal), scale, causal, (None, None))
+    g = gather_layout(q, k, vf, mask, _hybrid_window(p, causal), scale, causal, sizes)
     zero, ninf = op.Constant(value_float=0.0), op.Constant(value_float=float("-inf"))
     scores = op.MatMul(op.Mul(to_float32(g.q5), op.Constant(value_float=scale)),
                        op.Transpose(to_float32(g.kg), perm=[0, 1, 2, 4, 3]))  # [B, H, nqb, bs, K*bs]

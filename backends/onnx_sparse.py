@@ -27,7 +27,7 @@ from onnxscript import opset23 as op
 from backends.onnx_attention import lower_attention
 from backends.onnx_build import (NEG_INF, additive, arange, at_rank4, ceil_div, dim, ints, mask_dims4, nan_to_zero, pad_axis,
                                  scalar_int, scalar_like, static_dim, to_float32)
-from compiler.variants.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of, static_layout
+from compiler.variants.block_layout import _blocks_from_pairs, _neighborhood_keep, grid_of, static_layout, topk_width
 from compiler.variants.dilated import Dilated
 from compiler.ir.errors import BackendError
 from compiler.variants.registry import spec_of
@@ -300,7 +300,8 @@ class Gathered:
     bias: object  # the float mask at the gathered pairs, or None
     idx: object  # the kept-block lists [Bl, Hl, nqb, K]
     blocks: object  # [B, H, Sk, F] -> [B, H, nkb, bs, F]
-    take: object  # (blocks [B, H, nkb, bs, F], a static layout's lists [n, K] or None for idx) -> [B, H, n, K*bs, F]
+    take: object  # (blocks [B, H, nkb, bs, F], one of parts(n), or None for idx) -> [B, H, n, K*bs, F]
+    parts: object  # n -> the kept-block lists cut into n groups of query blocks
     rows: object  # [B, H, Sq, F] -> [B, H, nqb, bs, F]
     flat: object  # [B, H, nqb, bs, F] -> [B, H, Sq, F]
 
@@ -361,11 +362,17 @@ def gather_layout(q, k, v, mask, pattern, scale: float, causal: bool, sizes: tup
     def take(x5, lists=None):
         f = static_dim(x5, 4)
         shape = ints(0, 0, 0, -1, f) if f is not None else op.Concat(ints(0, 0, 0, -1), dim(x5, 4), axis=0)
-        if lists is None:
-            gathered = _gather_blocks(x5, idx, per_head, b, h)
-        else:  # a static layout's lists of some query blocks, [n, K]
+        if lists is not None and not per_head:  # a static layout's lists of some query blocks, [n, K]
             gathered = op.Gather(x5, lists, axis=2)
+        else:
+            gathered = _gather_blocks(x5, idx if lists is None else lists, per_head, b, h)
         return op.Reshape(gathered, shape)
+
+    def parts(n: int) -> list:
+        # One Split for every group (the export pays per node); a static layout's lists squeezed once.
+        if per_head:
+            return op.Split(idx, axis=2, num_outputs=n)
+        return op.Split(op.Squeeze(idx, ints(0, 1)), axis=0, num_outputs=n)
 
     def flat(x):
         return op.Slice(op.Reshape(x, op.Concat(ints(0, 0, -1), op.Shape(x, start=4), axis=0)), ints(0), sq, ints(2))
@@ -387,7 +394,7 @@ def gather_layout(q, k, v, mask, pattern, scale: float, causal: bool, sizes: tup
             keep = op.And(keep, m)
         else:
             bias = to_float32(m)
-    return Gathered(q5, k, v, keep, bias, idx, blocks, take, rows, flat)
+    return Gathered(q5, k, v, keep, bias, idx, blocks, take, parts, rows, flat)
 
 
 GROUP_SCORE_BYTES = 4 << 20  # scores of one group of query blocks: a few MiB stay in cache
@@ -400,7 +407,8 @@ def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softca
     about ``GROUP_SCORE_BYTES``: ORT runs each op over the whole tensor before the next, so whole
     [B, H, nqb, bs, K*bs] scores went to memory and back between the product, the mask, the
     softmax and the second product (the mask's Add alone was 20% of a window's run at 8k); a
-    group's stay in cache. One group when the length is not known or the layout is content-selected."""
+    group's stay in cache. A content-selected layout is cut the same way where the number of blocks
+    it keeps is known (a fixed top-k); one group when that or the length is not known."""
     g = gather_layout(q, k, v, mask, pattern, scale, causal, sizes)
     nqb, per = _groups(pattern, q, causal, sizes)
     if per >= nqb:
@@ -420,7 +428,7 @@ def blocked_attention(q, k, v, mask, pattern, scale: float, causal: bool, softca
 
         k5, v5 = g.blocks(g.k), g.blocks(g.v)
         qs = split(to_float32(op.Mul(g.q5, scalar_like(scale, g.q5))))
-        lists = op.Split(op.Squeeze(g.idx, ints(0, 1)), axis=0, num_outputs=n)  # a static layout's [nqb, K]
+        lists = g.parts(n)
         outs = [_attend(qg, g.take(k5, ig), g.take(v5, ig), None, ag, 1.0, softcap, v)
                 for qg, ig, ag in zip(qs, lists, split(add))]
         out = op.Concat(*outs, axis=2)
@@ -451,17 +459,18 @@ def _attend(q5, kg, vg, keep, bias, scale: float, softcap: float, like):
 
 def _groups(pattern, q, causal: bool, sizes: tuple) -> tuple:
     """(query blocks, query blocks a group): one group where the length is unknown at export or
-    the layout is chosen per call."""
+    how many blocks a query block keeps is known only per call (top-k by mass, vertical-slash)."""
     sq, sk = sizes
     bs = pattern.block
     if sq is None or sk is None:
         return 1, 1
     nqb = -(-sq // bs)
-    if not spec_of(pattern).static:
-        # Content-selected layouts gather per head (GatherND, its index built per group): in
-        # groups, top-k at 32k ran 10% faster and took 50% longer to compile (26 s -> 40 s).
+    if spec_of(pattern).static:
+        width = static_layout(pattern, sq, sk, causal).kv_blocks.shape[-1]
+    elif isinstance(pattern, TopK) and pattern.mass <= 0:
+        width = topk_width(pattern, sk, causal)
+    else:
         return nqb, nqb
-    width = static_layout(pattern, sq, sk, causal).kv_blocks.shape[-1]
     heads = (static_dim(q, 0) or 1) * (static_dim(q, 1) or 1)
     per_block = heads * bs * width * bs * 4
     return nqb, max(1, GROUP_SCORE_BYTES // per_block)

@@ -189,8 +189,9 @@ def test_sparse_softcap():
 @pytest.mark.parametrize("spec,causal,mask", covering(SPARSE, [False, True], MASKS))
 @pytest.mark.parametrize("seq", [40, 23])
 def test_sparse_lowering_in_query_block_groups(monkeypatch, spec, causal, mask, seq):
-    """Exported at a known length, a static layout runs its query blocks in groups (scores that
-    stay in cache); here one block a group: the same numbers (content-selected layouts: one group)."""
+    """Exported at a known length, a static layout or a fixed top-k runs its query blocks in groups
+    (scores that stay in cache); here one block a group: the same numbers (top-k by mass and
+    vertical-slash keep a number of blocks known only per call: one group)."""
     import backends.onnx_sparse as onnx_sparse
 
     monkeypatch.setattr(onnx_sparse, "GROUP_SCORE_BYTES", 1)
@@ -201,7 +202,7 @@ def test_sparse_lowering_in_query_block_groups(monkeypatch, spec, causal, mask, 
     got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
     assert (got - mod.reference(*x)).abs().max().item() < TOL
     softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
-    if spec.startswith(("window", "blocksparse", "heads[0]=fused")):  # static layouts
+    if spec.startswith(("window", "blocksparse", "heads[0]=fused", "topk:blocks")):  # known widths
         block = int(re.search(r"block=(\d+)", spec).group(1)) if "block=" in spec else 64
         assert softmaxes == -(-seq // block), "not one group per query block"
 
@@ -233,6 +234,24 @@ LINEAR = ["linear:elu,chunk=16", "linear:relu,chunk=16", "linear:favor,features=
 @pytest.mark.parametrize("spec,causal,mask", covering(LINEAR, [False, True], [None, "key-bool", "key-float"]))
 def test_linear_lowering(spec, causal, mask):
     assert _check_lengths(OneOp("linear", 0.3, causal, spec=spec), mask) == "feature-map"
+
+
+@pytest.mark.parametrize("spec,mask", covering(LINEAR, [None, "key-bool", "key-float"]))
+@pytest.mark.parametrize("seq", [48, 40])
+def test_causal_linear_lowering_at_a_known_length(spec, mask, seq):
+    """Exported at a known length: whole chunks (48 = 3 x 16) take no Pad, a short last chunk
+    (40) keeps it; the numerator and denominator share the products (a ones column on v): one
+    prefix sum."""
+    mod = OneOp("linear", 0.3, True, spec=spec)
+    x = _inputs(seq, mask, seed=5)
+    model = export_onnx(torch.export.export(mod, x)).model
+    sess = _session(model)
+    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    ops = [n.op_type for n in model.graph.node]
+    if spec.startswith("linear"):  # (a hybrid's window pads the user's mask into blocks)
+        assert ("Pad" in ops) == (seq % 16 != 0)
+    assert ops.count("CumSum") == 1  # one prefix sum carries numerator and denominator
 
 
 def _zoo_cases():
