@@ -24,6 +24,11 @@ from compiler.variants.registry import feature
 from compiler.variants.language import Hybrid, parse_variant
 
 
+def _ones_column(x):
+    """Ones of x's shape with a last axis of 1: [..., F] -> [..., 1]."""
+    return op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(x, end=-1), ints(1), axis=0))
+
+
 def _features(x, p, scale: float, stabilize: str, head_dim):
     """(phi, log_offset or None), as ``compiler.reference.linear_ops.features``."""
     x = op.Mul(to_float32(x), op.Constant(value_float=math.sqrt(scale)))
@@ -32,7 +37,7 @@ def _features(x, p, scale: float, stabilize: str, head_dim):
     if p.map == "relu":
         return op.Relu(x), None
     if p.map == "taylor":
-        ones = op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(x, end=-1), ints(1), axis=0))
+        ones = _ones_column(x)
         outer = op.Mul(op.Unsqueeze(x, ints(-1)), op.Unsqueeze(x, ints(-2)))
         second = op.Div(op.Reshape(outer, ints(0, 0, 0, -1)), op.Constant(value_float=math.sqrt(2.0)))
         return op.Concat(ones, x, second, axis=-1), None
@@ -68,10 +73,9 @@ def _terms(fq, fk, v, causal: bool, chunk: int, sizes: tuple = (None, None)):
         z = op.ReduceSum(fk, ints(-2), keepdims=1)
         return op.MatMul(fq, kv), op.ReduceSum(op.Mul(fq, z), ints(-1), keepdims=1)
     sq, sk = dim(fq, 2), dim(fk, 2)
-    n = ceil_div(op.Max(sq, sk), chunk)
-    length = op.Mul(n, ints(chunk))
     # Equal lengths known at export to fill whole chunks need no Pad (a copy of each operand).
     whole = None not in sizes and sizes[0] == sizes[1] and sizes[0] % chunk == 0
+    length = None if whole else op.Mul(ceil_div(op.Max(sq, sk), chunk), ints(chunk))
 
     def chunks(x, s):  # padded rows have zero features, so they add nothing
         x = x if whole else pad_axis(x, 2, op.Sub(length, s), 4)
@@ -80,8 +84,7 @@ def _terms(fq, fk, v, causal: bool, chunk: int, sizes: tuple = (None, None)):
     # A ones column on v carries the normalizer through the same products (its sums are the
     # denominator): no separate row sums of the [C, C] chunk scores or of q times the key sums.
     dv = dim(v, 3)
-    ones = op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(v, end=-1), ints(1), axis=0))
-    cq, ck, cv = chunks(fq, sq), chunks(fk, sk), chunks(op.Concat(v, ones, axis=-1), sk)
+    cq, ck, cv = chunks(fq, sq), chunks(fk, sk), chunks(op.Concat(v, _ones_column(v), axis=-1), sk)
     kv = op.MatMul(op.Transpose(ck, perm=[0, 1, 2, 4, 3]), cv)  # [B, H, n, F, Dv + 1]
     state = op.CumSum(kv, ints(2), exclusive=1)  # what earlier chunks contribute
     intra = op.Trilu(op.MatMul(cq, op.Transpose(ck, perm=[0, 1, 2, 4, 3])), upper=0)  # causal inside a chunk
