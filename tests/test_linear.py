@@ -184,6 +184,46 @@ def test_cpu_slabs_match_quadratic_form(monkeypatch, name, causal, heads, mask, 
     assert calls["rows"] + calls["slabs"] >= 2  # batch 2: never the whole problem at once
 
 
+@pytest.mark.parametrize("name", ["elu", "relu", "taylor"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("slab", [1, 4000])
+def test_cpu_slabs_reuse_scratch_holding_nan(monkeypatch, name, causal, slab):
+    """The slab loop reuses its buffers: every buffer is NaN when first made, and each slab
+    finds the last slab's values in it. Only what the op writes before reading may count, and
+    the last, shorter slab and the GQA / mask slices must still give the quadratic form."""
+    from compiler.reference import linear_ops
+
+    made = []
+    take = linear_ops.Scratch.take
+
+    def poisoned(self, *a, **kw):
+        buf, fresh = take(self, *a, **kw)
+        if fresh:
+            made.append(buf.fill_(float("nan")))
+        return buf, fresh
+
+    monkeypatch.setattr(linear_ops, "SLAB_BYTES", slab)
+    monkeypatch.setattr(linear_ops.Scratch, "take", poisoned)
+    q, k, v, m = problem(7, 2, 6, 2, 45, 45, 8, 8, "bool")
+    got = linear_attention_reference(q, k, v, m, 0.3, causal, spec(f"linear:{name},chunk=4"))
+    check(got, quadratic(q, k, v, m, 0.3, causal, name))
+    assert made  # the loop ran on scratch buffers
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.125, 1.0, 7.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elu_features_in_one_pass(scale, dtype):
+    """The elu map takes sqrt(scale) through elu's own scales: elu(c x) + 1 from plain math."""
+    from compiler.reference.linear_ops import features
+
+    x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)) * 6).to(dtype)
+    got, offset = features(x, parse_variant("linear:elu").pattern, scale, "row")
+    xc = x.double() * math.sqrt(scale)
+    want = torch.where(xc > 0, xc + 1, torch.exp(xc))
+    assert got.dtype == torch.float32 and float(offset) == 0.0
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+
+
 def test_cpu_row_slabs_take_a_mask_broadcast_over_keys(monkeypatch):
     """A key mask of one value for every key ([B, 1, 1, 1]) is not sliced with the rows (it
     failed with a shape error)."""

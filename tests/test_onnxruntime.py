@@ -254,6 +254,33 @@ def test_causal_linear_lowering_at_a_known_length(spec, mask, seq):
     assert ops.count("CumSum") == 1  # one prefix sum carries numerator and denominator
 
 
+@pytest.mark.parametrize("spec", [s for s in LINEAR if s.startswith("linear")])
+@pytest.mark.parametrize("mask", [None, "key-bool", "key-heads"])
+@pytest.mark.parametrize("hkv,per", [(2, 1), (4, 2), (1, 4)])
+@pytest.mark.parametrize("seq", [48, 40])
+def test_causal_linear_in_head_groups(monkeypatch, spec, mask, hkv, per, seq):
+    """A causal site runs its heads in groups of ``per`` (a chain of nodes each), with each
+    group's KV heads (GQA) and mask heads, and equals the reference op."""
+    from backends import onnx_linear
+
+    monkeypatch.setattr(onnx_linear, "GROUP_BYTES", per * seq * 17 * 4)  # per heads of [seq, Dv + 1]
+    q, k, v, *m = _inputs(seq, None if mask == "key-heads" else mask, hkv=hkv, seed=6)
+    if mask == "key-heads":  # a different key mask for every query head
+        m = [torch.randn(2, 4, 1, seq, generator=torch.Generator().manual_seed(1))]
+        m[0][1, 2, :, :7] = float("-inf")
+    mod = OneOp("linear", 0.3, True, spec=spec)
+    x = (q, k, v, *m)
+    model = export_onnx(torch.export.export(mod, x)).model
+    sess = _session(model)
+    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    # Groups reading the same KV heads under the same key weights share one prefix sum (the
+    # optimizer's CSE); a mask per head gives each group its own.
+    kv_sets = {tuple(h // (4 // hkv) for h in range(g, g + per)) for g in range(0, 4, per)}
+    sums = 4 // per if mask == "key-heads" else len(kv_sets)
+    assert [n.op_type for n in model.graph.node].count("CumSum") == sums
+
+
 def _zoo_cases():
     variants = {
         "gpt2": ["window:3,block=2", "linear:elu"],
