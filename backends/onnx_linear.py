@@ -107,7 +107,7 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
     sizes = static_dim(q, 2), static_dim(k, 2)
     head_dim = static_dim(q, 3)
     w = None if mask is None else _key_weights(mask)
-    n = _head_groups(p, hq, sizes, static_dim(v, 3), is_causal, mask)
+    n = _head_groups(p, hq, sizes, static_dim(v, 3), is_causal, mask, static_dim(q, 0) or 1)
     per = hq // n
 
     def kv_heads(x, first: int):  # the KV heads of query heads [first, first + per), in order
@@ -128,24 +128,25 @@ def linear_translation(q, k, v, mask=None, scale=1.0, is_causal=False, spec=""):
     return op.Concat(*outs, axis=1)
 
 
-GROUP_BYTES = 4 << 20  # one head's [S, Dv + 1] fp32 sums at 16k tokens: a few MiB stay in cache
+GROUP_BYTES = 4 << 20  # a group's [B, heads, S, Dv + 1] fp32 sums: a few MiB stay in cache
 
 
-def _head_groups(p, hq: int, sizes: tuple, dv, causal: bool, mask) -> int:
+def _head_groups(p, hq: int, sizes: tuple, dv, causal: bool, mask, batch: int) -> int:
     """How many groups of heads a causal site's chunked sums run in, each its own chain of nodes.
 
     ORT runs each node over the whole tensor before the next, so every [B, H, S, F] intermediate
     of the chunk products (a dozen of them, 34 MB each at 16k tokens, 8 heads) went to memory
     and back; per head they stay in cache and the MatMuls run twice as fast (16k tokens, 8
     heads: 61 -> 48 ms a call). Groups hold whole heads, equal in number (one Split), with
-    about ``GROUP_BYTES`` each; one group where a length, the value size or the mask's heads are
-    not known at export, on bidirectional sites (their sums are one [F, Dv] summary a head)
-    and on the hybrid (its exact window runs on the whole gathered layout)."""
+    about ``GROUP_BYTES`` each (a batch of unknown size counted as 1). One group where a length,
+    the value size or the mask's heads are not known at export, on bidirectional sites (their
+    sums are one [F, Dv] summary a head) and on the hybrid (its exact window runs on the whole
+    gathered layout)."""
     s = max(sizes) if None not in sizes else None
     mask_heads = 1 if mask is None else mask_dims4(mask)[1]
     if not causal or s is None or dv is None or mask_heads is None or feature(p, "exact_window") is not None:
         return 1
-    per = max(1, GROUP_BYTES // (s * (dv + 1) * 4))
+    per = max(1, GROUP_BYTES // (batch * s * (dv + 1) * 4))
     return hq // max(d for d in range(1, hq + 1) if hq % d == 0 and d <= per)
 
 

@@ -263,7 +263,7 @@ def test_causal_linear_in_head_groups(monkeypatch, spec, mask, hkv, per, seq):
     group's KV heads (GQA) and mask heads, and equals the reference op."""
     from backends import onnx_linear
 
-    monkeypatch.setattr(onnx_linear, "GROUP_BYTES", per * seq * 17 * 4)  # per heads of [seq, Dv + 1]
+    monkeypatch.setattr(onnx_linear, "GROUP_BYTES", per * 2 * seq * 17 * 4)  # per heads of [B=2, seq, Dv + 1]
     q, k, v, *m = _inputs(seq, None if mask == "key-heads" else mask, hkv=hkv, seed=6)
     if mask == "key-heads":  # a different key mask for every query head
         m = [torch.randn(2, 4, 1, seq, generator=torch.Generator().manual_seed(1))]
