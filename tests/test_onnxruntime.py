@@ -100,6 +100,15 @@ def _check_lengths(mod: OneOp, mask: str | None, lengths=(40, 23, 70), fused_low
     return lowering
 
 
+def _check_static(mod: OneOp, x: tuple) -> onnx.ModelProto:
+    """Export at the shapes of ``x``, run ``x``, compare with the reference op; the model exported."""
+    model = export_onnx(torch.export.export(mod, x)).model
+    sess = _session(model)
+    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
+    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    return model
+
+
 MASKS = [None, "key-bool", "key-float", "full-bool"]
 
 
@@ -117,12 +126,7 @@ def test_fused_gqa_takes_masks_as_bias(mask):
 
 
 def test_fused_softcap_and_cross_lengths():
-    mod = OneOp("fused", 0.25, True, softcap=3.0)
-    ep = torch.export.export(mod, _inputs(9, "full-bool", sk=13))
-    sess = _session(export_onnx(ep).model)
-    x = _inputs(9, "full-bool", sk=13)
-    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
-    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    _check_static(OneOp("fused", 0.25, True, softcap=3.0), _inputs(9, "full-bool", sk=13))
 
 
 @pytest.mark.parametrize("lowering,causal,gqa", [("gqa", True, True), ("gqa", True, False), ("mha", False, False)])
@@ -196,11 +200,7 @@ def test_sparse_lowering_in_query_block_groups(monkeypatch, spec, causal, mask, 
 
     monkeypatch.setattr(onnx_sparse, "GROUP_SCORE_BYTES", 1)
     mod = OneOp("sparse", 0.3, causal, softcap=2.0 if mask == "key-float" else 0.0, spec=spec)
-    x = _inputs(seq, mask, seed=3)
-    model = export_onnx(torch.export.export(mod, x)).model
-    sess = _session(model)
-    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
-    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    model = _check_static(mod, _inputs(seq, mask, seed=3))
     softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
     if spec.startswith(("window", "blocksparse", "heads[0]=fused", "topk:blocks")):  # known widths
         block = int(re.search(r"block=(\d+)", spec).group(1)) if "block=" in spec else 64
@@ -209,10 +209,7 @@ def test_sparse_lowering_in_query_block_groups(monkeypatch, spec, causal, mask, 
 
 def test_neighborhood_lowering_static_grid():
     mod = OneOp("sparse", 0.3, False, spec="neighborhood:3x3,block=8")
-    x = _inputs(37, "key-bool")  # a CLS token and a 6x6 grid
-    sess = _session(export_onnx(torch.export.export(mod, x)).model)
-    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
-    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    _check_static(mod, _inputs(37, "key-bool"))  # a CLS token and a 6x6 grid
 
 
 def test_sparse_lowering_does_only_the_kept_work():
@@ -243,11 +240,7 @@ def test_causal_linear_lowering_at_a_known_length(spec, mask, seq):
     (40) keeps it; the numerator and denominator share the products (a ones column on v): one
     prefix sum."""
     mod = OneOp("linear", 0.3, True, spec=spec)
-    x = _inputs(seq, mask, seed=5)
-    model = export_onnx(torch.export.export(mod, x)).model
-    sess = _session(model)
-    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
-    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    model = _check_static(mod, _inputs(seq, mask, seed=5))
     ops = [n.op_type for n in model.graph.node]
     if spec.startswith("linear"):  # (a hybrid's window pads the user's mask into blocks)
         assert ("Pad" in ops) == (seq % 16 != 0)
@@ -268,12 +261,7 @@ def test_causal_linear_in_head_groups(monkeypatch, spec, mask, hkv, per, seq):
     if mask == "key-heads":  # a different key mask for every query head
         m = [torch.randn(2, 4, 1, seq, generator=torch.Generator().manual_seed(1))]
         m[0][1, 2, :, :7] = float("-inf")
-    mod = OneOp("linear", 0.3, True, spec=spec)
-    x = (q, k, v, *m)
-    model = export_onnx(torch.export.export(mod, x)).model
-    sess = _session(model)
-    got = torch.from_numpy(sess.run(None, {a.name: t.numpy() for a, t in zip(sess.get_inputs(), x)})[0])
-    assert (got - mod.reference(*x)).abs().max().item() < TOL
+    model = _check_static(OneOp("linear", 0.3, True, spec=spec), (q, k, v, *m))
     # Groups reading the same KV heads under the same key weights share one prefix sum (the
     # optimizer's CSE); a mask per head gives each group its own.
     kv_sets = {tuple(h // (4 // hkv) for h in range(g, g + per)) for g in range(0, 4, per)}
